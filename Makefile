@@ -1,0 +1,43 @@
+# Every target runs inside .venv, which is created and installed on first use (and again when
+# setup.cfg or pyproject.toml change). `make help` lists the targets.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+.PHONY: help install train test test-slow test-gpu test-all model-info clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## create .venv and install the project with its dev extras
+
+train: $(STAMP)  ## train the built-in default (tokenizer, shards, small LLaMA, validation, offline wandb); ARGS='k=v ...' overrides
+	$(PY) -m trainer.train $(ARGS)
+
+test: $(STAMP)  ## the default test suite: fast, CPU only (what CI runs)
+	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)  ## the slow suite (multi-node, fault injection, long runs)
+	$(PY) -m pytest -m "slow" $(PYTEST_ARGS)
+
+test-gpu: $(STAMP)  ## tests that need a CUDA device (and flash-attn where marked)
+	$(PY) -m pytest -m "gpu" $(PYTEST_ARGS)
+
+test-all: $(STAMP)  ## every test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+model-info: $(STAMP)  ## parameter counts and FLOPs of a preset: make model-info ARGS=model=llama1_7b
+	$(PY) -m model.info $(ARGS)
+
+clean:  ## remove run outputs and the data cache (keeps .venv)
+	rm -rf outputs multirun cache wandb .pytest_cache

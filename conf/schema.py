@@ -1,0 +1,59 @@
+"""The root config: one typed sub-config per component. Hydra's YAML groups compose on top of it.
+
+Each component receives only its own sub-config (``cfg.model`` for the model, ``cfg.data`` for the data
+pipeline, ...); only the entry point sees the root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import ConfigKeyError
+
+from data.config import DataConfig
+from model.config import ModelArgs
+from trainer.config import LoggingConfig, OptimConfig, TrainerConfig
+
+
+@dataclass
+class Config:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def register_schema() -> None:
+    """Make the schema available to ``conf/config.yaml``'s defaults list as ``schema``."""
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Turn a composed DictConfig into dataclasses, running each one's ``__post_init__`` validation.
+
+    Hydra's ``+key=value`` adds a key even where the schema has none, and ``to_object`` would then drop
+    it without a word; such keys are refused here instead, naming the key.
+    """
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)  # present only when composed with return_hydra_config
+    _reject_unknown_keys(cfg, prefix="")
+    return OmegaConf.to_object(cfg)
+
+
+def _reject_unknown_keys(node: DictConfig, *, prefix: str) -> None:
+    """Every key of a dataclass-typed node must be one of the dataclass's fields (dict nodes, such as
+    ``data.sources``, take any key)."""
+    node_type = OmegaConf.get_type(node)
+    known = {f.name for f in dataclasses.fields(node_type)} if dataclasses.is_dataclass(node_type) else None
+    for key in node:
+        path = f"{prefix}{key}"
+        if known is not None and key not in known:
+            raise ConfigKeyError(f"Key '{key}' not in '{node_type.__name__}' (full_key: {path})")
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none():
+            _reject_unknown_keys(child, prefix=f"{path}.")

@@ -1,0 +1,188 @@
+"""LLaMA (Touvron et al. 2023): pre-norm RMSNorm, SwiGLU, rotary embeddings, no biases, untied output.
+
+Architecture only: no process groups, meshes, devices or checkpoint wrappers. Parallelism, activation
+checkpointing and FSDP are applied from ``trainer/``. Parameter names follow Meta's reference code
+(``layers.0.attention.wq.weight``, ...) so checkpoints convert without a renaming table.
+
+Shape legend: B batch, T sequence, d model dim, H query heads, Hkv kv heads, D head dim, F SwiGLU hidden,
+V vocabulary.
+
+Build on the meta device, parallelise, then ``to_empty(device=...)`` and ``init_weights()``: every
+parameter and buffer is (re)filled there, so nothing depends on what the constructor allocated.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention import causal_attention
+from model.config import ModelArgs
+
+
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * g, computed in at least fp32 and cast back (a bf16 mean-square loses bits)."""
+
+    def __init__(self, dim: int, *, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(_at_least_fp32(x.dtype))
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_table(*, head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
+    """cos/sin of the rotation angles t * theta^(-2i/D): (max_seq_len, D/2, 2), fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float64), inv_freq)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of each head by the angles in ``table``.
+
+    Meta's interleaved-pair convention (the reference code views pairs as complex numbers; real arithmetic
+    here keeps DTensor and torch.compile away from complex dtypes).
+
+    Args:
+        x: (B, T, H, D); table: (T, D/2, 2) as from ``rope_table``, already cut to T.
+    """
+    xp = x.to(_at_least_fp32(x.dtype)).unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
+    x0, x1 = xp[..., 0], xp[..., 1]
+    cos = table[:, None, :, 0]  # (T, 1, D/2): broadcast over B and H
+    sin = table[:, None, :, 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.num_kv_heads
+        self.head_dim = args.head_dim
+        self.backend = args.attn_backend
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        # Head counts come from the projection's output width, not from self.n_heads: under tensor
+        # parallelism each rank holds n_heads / tp of them.
+        q = self.wq(x).unflatten(-1, (-1, self.head_dim))  # (B, T, H, D)
+        k = self.wk(x).unflatten(-1, (-1, self.head_dim))  # (B, T, Hkv, D)
+        v = self.wv(x).unflatten(-1, (-1, self.head_dim))
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        out = causal_attention(q, k, v, backend=self.backend)  # (B, T, H, D)
+        return self.wo(out.flatten(-2))
+
+    def init_weights(self, *, std: float, out_std: float) -> None:
+        for lin in (self.wq, self.wk, self.wv):
+            nn.init.trunc_normal_(lin.weight, std=std, a=-3 * std, b=3 * std)
+        nn.init.trunc_normal_(self.wo.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), hidden F = ``ModelArgs.ffn_hidden_dim``."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hidden = args.ffn_hidden_dim
+        self.w1 = nn.Linear(args.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def init_weights(self, *, std: float, out_std: float) -> None:
+        for lin in (self.w1, self.w3):
+            nn.init.trunc_normal_(lin.weight, std=std, a=-3 * std, b=3 * std)
+        nn.init.trunc_normal_(self.w2.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def init_weights(self, *, std: float, out_std: float) -> None:
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attention.init_weights(std=std, out_std=out_std)
+        self.feed_forward.init_weights(std=std, out_std=out_std)
+
+
+class Transformer(nn.Module):
+    """tokens (B, T) -> logits (B, T, V)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # A ModuleDict keyed by layer index (as torchtitan does) keeps fully-qualified names stable when
+        # a later stage removes layers, e.g. for pipeline parallelism.
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # Derived from args, so not saved in checkpoints (persistent=False); refilled by init_weights.
+        self.register_buffer("rope", self._rope_table(device=None), persistent=False)
+
+    def _rope_table(self, *, device) -> torch.Tensor:
+        return rope_table(
+            head_dim=self.args.head_dim, max_seq_len=self.args.max_seq_len, theta=self.args.rope_theta, device=device
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        seq_len = tokens.shape[1]
+        if seq_len > self.args.max_seq_len:
+            raise ValueError(f"sequence length {seq_len} exceeds model.max_seq_len={self.args.max_seq_len}")
+        h = self.tok_embeddings(tokens)  # (B, T, d)
+        rope = self.rope[:seq_len]
+        for layer in self.layers.values():
+            h = layer(h, rope)
+        return self.output(self.norm(h))  # (B, T, V)
+
+    @torch.no_grad()
+    def init_weights(self, *, buffer_device: Optional[torch.device] = None) -> None:
+        """Fill every parameter and buffer; the caller seeds the RNG (same seed -> same weights).
+
+        Input projections and embeddings: N(0, init_std) truncated at 3 sigma. Projections that write into
+        the residual stream (wo, w2) are scaled by 1/sqrt(2 * n_layers) (GPT-2's rule) so the residual's
+        variance does not grow with depth. The output head uses std d^-1/2 so initial logits are O(1)
+        and the first loss is close to ln(V).
+        """
+        device = buffer_device if buffer_device is not None else self.rope.device
+        self.rope = self._rope_table(device=device)
+        std = self.args.init_std
+        out_std = std / math.sqrt(2 * self.args.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        for layer in self.layers.values():
+            layer.init_weights(std=std, out_std=out_std)
+        self.norm.reset_parameters()
+        head_std = self.args.dim**-0.5
+        nn.init.trunc_normal_(self.output.weight, std=head_std, a=-3 * head_std, b=3 * head_std)

@@ -1,0 +1,139 @@
+"""RMSNorm, RoPE, SwiGLU and attention against straightforward reference formulas."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.attention import causal_attention, flash_attn_available
+from model.config import AttnBackend, ModelArgs
+from model.llama import FeedForward, RMSNorm, Transformer, apply_rope, rope_table
+
+
+def test_rmsnorm_matches_formula():
+    torch.manual_seed(0)
+    norm = RMSNorm(16, eps=1e-5).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16))
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    expected = x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    torch.testing.assert_close(norm(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def reference_rope(x, *, theta):
+    """Meta's reference: pairs as complex numbers multiplied by exp(i * t * theta^(-2j/D))."""
+    b, t, h, d = x.shape
+    freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angles = torch.outer(torch.arange(t, dtype=torch.float64), freqs)
+    rot = torch.polar(torch.ones_like(angles), angles)  # (T, D/2)
+    xc = torch.view_as_complex(x.double().reshape(b, t, h, d // 2, 2))
+    return torch.view_as_real(xc * rot[None, :, None, :]).flatten(-2)
+
+
+def test_rope_matches_complex_reference():
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 3, 8, dtype=torch.float64)
+    table = rope_table(head_dim=8, max_seq_len=16, theta=500.0)[:7]
+    # The table is stored in fp32, hence the fp32-level tolerance.
+    torch.testing.assert_close(apply_rope(x, table), reference_rope(x, theta=500.0), rtol=1e-6, atol=1e-6)
+
+
+def test_rope_scores_depend_on_relative_position_only():
+    torch.manual_seed(0)
+    d = 16
+    table = rope_table(head_dim=d, max_seq_len=32, theta=10000.0)
+    q, k = torch.randn(d), torch.randn(d)
+
+    def score(m, n):
+        qm = apply_rope(q.expand(1, 32, 1, d).clone(), table)[0, m, 0]
+        kn = apply_rope(k.expand(1, 32, 1, d).clone(), table)[0, n, 0]
+        return (qm @ kn).item()
+
+    assert score(5, 2) == pytest.approx(score(20, 17), rel=1e-4)
+    assert score(5, 2) != pytest.approx(score(5, 4), rel=1e-2)
+
+
+def test_swiglu_matches_formula():
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, multiple_of=16)
+    ffn = FeedForward(args).double()
+    x = torch.randn(4, 32, dtype=torch.float64)
+    a = x @ ffn.w1.weight.T
+    silu = a * torch.sigmoid(a)
+    expected = (silu * (x @ ffn.w3.weight.T)) @ ffn.w2.weight.T
+    torch.testing.assert_close(ffn(x), expected)
+    assert ffn.w1.weight.shape == (args.ffn_hidden_dim, 32)
+    assert args.ffn_hidden_dim == 16 * math.ceil(2 / 3 * 4 * 32 / 16)
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sdpa_backend_matches_math(n_kv_heads, dtype):
+    torch.manual_seed(0)
+    q = torch.randn(2, 9, 4, 8, dtype=dtype)
+    k = torch.randn(2, 9, n_kv_heads, 8, dtype=dtype)
+    v = torch.randn(2, 9, n_kv_heads, 8, dtype=dtype)
+    out_sdpa = causal_attention(q, k, v, backend=AttnBackend.sdpa)
+    out_math = causal_attention(q, k, v, backend=AttnBackend.math)
+    # fp32: the fused kernel sums in another order; 1e-5 covers a few ulps of O(1) outputs.
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out_sdpa, out_math, rtol=tol, atol=tol)
+    assert out_sdpa.shape == q.shape
+    # Causality: the first position attends only to itself.
+    torch.testing.assert_close(out_sdpa[:, 0], v[:, 0].repeat_interleave(4 // n_kv_heads, dim=1), rtol=tol, atol=tol)
+
+
+def test_flash_backend_refused_where_it_cannot_run():
+    q = torch.randn(1, 4, 2, 8)
+    if flash_attn_available() and torch.cuda.is_available():
+        pytest.skip("flash-attn can run here; covered by test_flash_matches_sdpa")
+    with pytest.raises(ValueError, match="model.attn_backend=flash"):
+        causal_attention(q, q, q, backend=AttnBackend.flash)
+    # auto falls back to SDPA on this device and agrees with it exactly.
+    torch.testing.assert_close(
+        causal_attention(q, q, q, backend=AttnBackend.auto), causal_attention(q, q, q, backend=AttnBackend.sdpa)
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and flash_attn_available()), reason="needs CUDA and flash-attn")
+def test_flash_matches_sdpa():
+    torch.manual_seed(0)
+    q = torch.randn(2, 128, 8, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 128, 2, 64, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(2, 128, 2, 64, device="cuda", dtype=torch.bfloat16)
+    out_flash = causal_attention(q, k, v, backend=AttnBackend.flash)
+    out_ref = causal_attention(q.double(), k.double(), v.double(), backend=AttnBackend.math)
+    torch.testing.assert_close(out_flash.double(), out_ref, rtol=2e-2, atol=2e-2)  # bf16 has 8 mantissa bits
+
+
+def test_model_backends_agree_end_to_end():
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 64, (2, 12))
+    outs = {}
+    for backend in (AttnBackend.sdpa, AttnBackend.math):
+        args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16,
+                         attn_backend=backend)  # fmt: skip
+        model = Transformer(args)
+        torch.manual_seed(1)
+        model.init_weights()
+        outs[backend] = model(tokens)
+    torch.testing.assert_close(outs[AttnBackend.sdpa], outs[AttnBackend.math], rtol=1e-5, atol=1e-5)
+
+
+def test_causal_model_ignores_future_tokens():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(vocab_size=64, max_seq_len=16))
+    model.init_weights()
+    a = torch.randint(0, 64, (1, 10))
+    b = a.clone()
+    b[0, 6:] = (b[0, 6:] + 1) % 64
+    torch.testing.assert_close(model(a)[:, :6], model(b)[:, :6])
+    assert not torch.allclose(model(a)[:, 6:], model(b)[:, 6:])
+
+
+def test_sequence_longer_than_context_is_refused():
+    model = Transformer(ModelArgs(vocab_size=64, max_seq_len=8))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 9, dtype=torch.long))

@@ -1,0 +1,115 @@
+"""Typed configs of the trainer's components: optimizer, training loop, logging.
+
+Modes are ``str`` enums whose names equal their values (OmegaConf 2.3 rejects ``typing.Literal``): YAML
+and the command line use plain strings, and a wrong one fails at start-up naming the key.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Optional
+
+
+class Device(str, enum.Enum):
+    auto = "auto"  # CUDA when available, else CPU
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(str, enum.Enum):
+    auto = "auto"  # bf16 on CUDA; fp32 on CPU, where bf16 matmuls are ~50x slower (shared/ENVIRONMENT.md)
+    fp32 = "fp32"
+    bf16 = "bf16"  # bf16 compute (autocast), fp32 master weights and optimizer state
+
+
+class WandbMode(str, enum.Enum):
+    offline = "offline"  # writes the run locally; needs no network or key; `wandb sync` uploads it later
+    online = "online"
+    disabled = "disabled"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay. Defaults are the LLaMA paper's recipe (section 2.2)."""
+
+    lr: float = 3e-4
+    """Peak learning rate (LLaMA: 3e-4 for 7B/13B, 1.5e-4 for 33B/65B)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices only (linear and embedding weights), not RMSNorm gains."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
+    warmup_steps: int = 2000
+    """Linear warm-up from lr/warmup_steps to lr over this many optimizer steps."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio (LLaMA: 10% of peak)."""
+    decay_steps: Optional[int] = None
+    """Step at which the cosine reaches its floor; None means trainer.max_steps."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop: length, batch, device, precision, evaluation."""
+
+    max_steps: int = 1000
+    """Optimizer steps to run."""
+    micro_batch_size: int = 8
+    """Sequences per micro-batch on each data-parallel rank."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    seed: int = 0
+    """Seeds weight initialisation and the data order."""
+    device: Device = Device.auto
+    """auto | cpu | cuda."""
+    precision: Precision = Precision.auto
+    """auto | fp32 | bf16."""
+    eval_every: int = 100
+    """Run validation every this many steps (and after the last); 0 disables it."""
+    eval_steps: int = 10
+    """Validation batches per evaluation (the same batches every time)."""
+    peak_flops: Optional[float] = None
+    """Device peak FLOP/s for MFU; None measures it on CPU and looks it up on known GPUs."""
+
+    def __post_init__(self) -> None:
+        self.device = Device(self.device)
+        self.precision = Precision(self.precision)
+        for key in ("max_steps", "micro_batch_size", "grad_accum_steps"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"trainer.{key} must be positive, got {getattr(self, key)}")
+        if self.eval_every < 0 or self.eval_steps < 0:
+            raise ValueError("trainer.eval_every and trainer.eval_steps must be >= 0")
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go: console, a JSONL file in the run directory, wandb."""
+
+    log_every: int = 10
+    """Log training metrics every this many steps (and at the first and last)."""
+    wandb_mode: WandbMode = WandbMode.offline
+    """offline | online | disabled. Offline needs no network or API key."""
+    project: str = "llama-pretrain"
+    """wandb project."""
+    entity: Optional[str] = None
+    """wandb entity (team); None is the key's default."""
+    run_name: Optional[str] = None
+    """wandb run name; None uses the run directory's name."""
+
+    def __post_init__(self) -> None:
+        self.wandb_mode = WandbMode(self.wandb_mode)
+        if self.log_every <= 0:
+            raise ValueError(f"logging.log_every must be positive, got {self.log_every}")

@@ -1,0 +1,78 @@
+"""Device, precision, peak FLOP/s and memory readings."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import psutil
+import torch
+
+from trainer.config import Device, Precision
+
+# Dense bf16 tensor-core peaks (no sparsity) from the vendors' data sheets, by a substring of
+# torch.cuda.get_device_name(). Order matters: the first match wins ("H100 PCIe" before "H100").
+_GPU_PEAK_BF16 = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("A10G", 125e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+)
+
+
+def resolve_device(device: Device) -> torch.device:
+    if device == Device.auto:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == Device.cuda and not torch.cuda.is_available():
+        raise ValueError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
+    return torch.device(device.value)
+
+
+def resolve_dtype(precision: Precision, *, device: torch.device) -> torch.dtype:
+    """Compute dtype: bf16 on CUDA, fp32 on CPU unless set (bf16 matmul is ~50x slower on AVX2 CPUs)."""
+    if precision == Precision.auto:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if precision == Precision.bf16 else torch.float32
+
+
+def measure_cpu_matmul_flops(*, n: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Best-of-``repeats`` FLOP/s of an n x n x n matmul on the CPU, with the current thread count.
+
+    On a CPU there is no data-sheet peak that the BLAS reaches, so MFU is taken against this measured
+    figure: "what fraction of a large, well-shaped matmul's speed does training reach".
+    """
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up: thread pool start, page faults
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def peak_flops(*, device: torch.device, dtype: torch.dtype, override: Optional[float]) -> float:
+    """Peak FLOP/s that MFU divides by: the override, a GPU's data sheet, or the CPU measured now."""
+    if override is not None:
+        return override
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in _GPU_PEAK_BF16:
+            if key in name:
+                # fp32 runs on TF32 tensor cores at half the bf16 rate.
+                return flops if dtype == torch.bfloat16 else flops / 2
+        raise ValueError(f"unknown GPU '{name}': set trainer.peak_flops to its peak FLOP/s for MFU")
+    return measure_cpu_matmul_flops(dtype=dtype)
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """GiB in use: the process RSS always; on CUDA also the allocator's peak since the last reset."""
+    stats = {"rss_gib": psutil.Process().memory_info().rss / 2**30}
+    if device.type == "cuda":
+        stats["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+    return stats
