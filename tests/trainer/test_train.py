@@ -1,0 +1,112 @@
+"""The training loop end to end on the debug model and a tiny real corpus (CPU, fp32)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conf.schema import to_config
+from model.config import ModelArgs
+from tests.conftest import compose_config
+from trainer.config import OptimConfig
+from trainer.optim import build_lr_scheduler, build_optimizer
+from trainer.step import autocast_context, train_step
+from trainer.train import build_model, train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_cfg(overrides, *extra):
+    return to_config(compose_config([*overrides, *extra]))
+
+
+def test_training_reduces_loss_and_writes_the_run_directory(tiny_overrides, tmp_path):
+    result = train(make_cfg(tiny_overrides), run_dir=tmp_path / "run")
+    losses = result.losses
+    assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
+    # The head's init gives logits of unit variance: about ln(V) + 1/2 nats, far from a collapsed model.
+    assert math.log(512) < losses[0] < math.log(512) + 1
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.0
+    assert set(result.val_losses) == {15, 30} and result.val_losses[30] < result.val_losses[15]
+
+    run = tmp_path / "run"
+    saved = (run / "config.yaml").read_text()
+    assert "vocab_size: 512" in saved and "wandb_mode: offline" in saved
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in records if "train[" in next(k for k in r if k != "step")]
+    assert train_steps == [1, 5, 10, 15, 20, 25, 30]
+    logged = records[-2]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "step_time_s", "rss_gib", "data_wait_frac"):
+        assert f"train[30/30]/{key}" in logged, key
+    val = [r for r in records if "val/loss" in r]
+    assert val[-1]["val/perplexity"] == pytest.approx(math.exp(val[-1]["val/loss"]))
+    assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert json.loads((run / "summary.json").read_text())["losses"] == losses
+
+
+def test_same_seed_same_losses_bitwise(tiny_overrides, tmp_path):
+    cfg = make_cfg(tiny_overrides, "trainer.max_steps=4", "trainer.eval_every=0", "logging.wandb_mode=disabled")
+    a = train(cfg, run_dir=tmp_path / "a").losses
+    b = train(cfg, run_dir=tmp_path / "b").losses
+    assert a == b
+
+
+def test_gradient_accumulation_matches_one_large_batch(tiny_overrides, tmp_path):
+    common = ("trainer.max_steps=3", "trainer.eval_every=0", "logging.wandb_mode=disabled")
+    big = train(make_cfg(tiny_overrides, *common, "trainer.micro_batch_size=8"), run_dir=tmp_path / "big")
+    acc = train(make_cfg(tiny_overrides, *common, "trainer.micro_batch_size=4", "trainer.grad_accum_steps=2"),
+                run_dir=tmp_path / "acc")  # fmt: skip
+    # Same samples, same mean over tokens; only the summation order differs (fp32 rounding).
+    torch.testing.assert_close(torch.tensor(acc.losses), torch.tensor(big.losses), rtol=1e-5, atol=0)
+
+
+def test_nan_stops_before_the_optimizer_step():
+    model = build_model(ModelArgs(vocab_size=64, max_seq_len=16), device=torch.device("cpu"), seed=0)
+    opt = build_optimizer(model, OptimConfig(warmup_steps=1))
+    sched = build_lr_scheduler(opt, OptimConfig(warmup_steps=1), max_steps=10)
+    with torch.no_grad():
+        model.layers["0"].feed_forward.w1.weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = {"inputs": torch.randint(0, 64, (2, 8)), "labels": torch.randint(0, 64, (2, 8))}
+    with pytest.raises(FloatingPointError, match="step 7: loss=nan.*before the optimizer step"):
+        train_step(model, opt, sched, [batch], grad_clip=1.0, autocast=autocast_context(
+            device=torch.device("cpu"), dtype=torch.float32), step=7)  # fmt: skip
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]) or torch.isnan(value).any(), key
+    assert not opt.state  # no Adam moments were created: the step never ran
+
+
+def test_vocab_mismatch_is_refused_with_the_fix(tiny_overrides, tmp_path):
+    cfg = make_cfg(tiny_overrides, "model.vocab_size=1000")
+    with pytest.raises(ValueError, match=r"model.vocab_size=1000 does not match .* 512.*Set model.vocab_size=512"):
+        train(cfg, run_dir=tmp_path)
+
+
+def test_empty_corpus_is_refused_naming_the_source(tiny_overrides, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = make_cfg(tiny_overrides, f"data.sources.tiny.paths=[{empty}]", f"data.cache_dir={tmp_path / 'c'}")
+    with pytest.raises(ValueError, match="data.sources.tiny"):
+        train(cfg, run_dir=tmp_path / "run")
+
+
+def test_command_line_entry_point_with_multirun(tiny_overrides, tmp_path):
+    """`python -m trainer.train --multirun a=1,2` runs one job per value, each in its own run directory."""
+    overrides = [o for o in tiny_overrides if not o.startswith("trainer.max_steps")]
+    cmd = [sys.executable, "-m", "trainer.train", "--multirun", *overrides, "trainer.max_steps=2",
+           "trainer.eval_every=0", "logging.wandb_mode=disabled", "optim.lr=1e-3,2e-3", "optim.warmup_steps=1",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job in ("0", "1"):
+        run = tmp_path / "sweep" / job
+        assert (run / "config.yaml").exists() and (run / "metrics.jsonl").exists()
+        assert (run / ".hydra" / "overrides.yaml").exists()
+    lrs = [(tmp_path / "sweep" / j / "config.yaml").read_text() for j in ("0", "1")]
+    assert "lr: 0.001" in lrs[0] and "lr: 0.002" in lrs[1]
