@@ -38,7 +38,7 @@ def resolve_dtype(precision: Precision, *, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if precision == Precision.bf16 else torch.float32
 
 
-def measure_cpu_matmul_flops(*, n: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+def measure_cpu_matmul_flops(*, n: int = 2048, repeats: int = 3, dtype: torch.dtype = torch.float32) -> float:
     """Best-of-``repeats`` FLOP/s of an n x n x n matmul on the CPU, with the current thread count.
 
     On a CPU there is no data-sheet peak that the BLAS reaches, so MFU is taken against this measured
