@@ -1,0 +1,112 @@
+"""Typed configs for the data pipeline (OmegaConf structured configs).
+
+OmegaConf 2.3 cannot type a field as ``typing.Literal``, so modes are ``str`` enums whose
+names equal their values; YAML then reads ``format: jsonl`` naturally.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class SourceFormat(str, enum.Enum):
+    """How a source's files are read."""
+
+    auto = "auto"
+    text = "text"
+    jsonl = "jsonl"
+    parquet = "parquet"
+
+
+@dataclass
+class TokenizerConfig:
+    """Which tokenizer to use, or how to train one (LLaMA's sentencepiece BPE settings)."""
+
+    path: Optional[str] = None
+    """An existing sentencepiece ``tokenizer.model``; None trains one from the train split into cache_dir."""
+    vocab_size: int = 8192
+    """Vocabulary size of a trained tokenizer (ignored when ``path`` is given)."""
+    character_coverage: float = 0.99995
+    """Fraction of characters covered by pieces; the rest go through byte fallback."""
+    max_sentences: int = 200_000
+    """Cap on training lines fed to sentencepiece, split across sources by weight; keeps training fast."""
+    max_sentence_length: int = 4192
+    """Lines longer than this many bytes are skipped during tokenizer training."""
+    num_threads: int = 2
+    """Threads sentencepiece uses while training."""
+
+
+@dataclass
+class SourceConfig:
+    """One corpus in the mixture."""
+
+    paths: list[str] = field(default_factory=list)
+    """Files, directories (recursive) or globs; the entry ``stdlib`` means the interpreter's stdlib *.py files."""
+    format: SourceFormat = SourceFormat.auto
+    """auto picks by extension: .jsonl/.ndjson -> jsonl, .parquet -> parquet, anything else -> text."""
+    text_field: str = "text"
+    """JSONL key / Parquet column that holds a document's text."""
+    weight: float = 1.0
+    """Sampling weight in the mixture; weights are normalised, so they need not sum to 1."""
+    max_files: Optional[int] = None
+    """Keep only the first N files in sorted order (a deterministic cap for quick runs)."""
+
+
+@dataclass
+class DataConfig:
+    """The data pipeline: sources, tokenizer, cache and packing."""
+
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    """Named corpora and their mixture weights."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """Tokenizer to load or train."""
+    cache_dir: str = "cache"
+    """Where the trained tokenizer and token shards go (relative to the working directory)."""
+    seq_len: int = 256
+    """Tokens per training sequence; a sample is a window of seq_len + 1 tokens."""
+    val_fraction: float = 0.02
+    """Probability that a document (decided by a stable hash of its id) goes to the val split."""
+    num_proc: int = 2
+    """Worker processes for tokenization."""
+    shard_bytes: int = 64 * 2**20
+    """Input bytes per shard: consecutive files are grouped until this size (one file is never split)."""
+    progress: bool = True
+    """Show a tqdm progress bar on stderr while tokenizing."""
+
+
+def _fail(key: str, problem: str, fix: str) -> ValueError:
+    return ValueError(f"{key}: {problem}; {fix}")
+
+
+def validate_data_config(cfg: Any) -> None:
+    """Checks values a user can get wrong, naming the key and the fix (accepts a dataclass or DictConfig)."""
+    if not cfg.sources:
+        raise _fail("data.sources", "no sources configured", "add at least one source, e.g. data=stdlib")
+    for name, src in cfg.sources.items():
+        weight = float(src.weight)
+        if not math.isfinite(weight) or weight <= 0:
+            raise _fail(f"data.sources.{name}.weight", f"got {src.weight}", "use a weight > 0 or remove the source")
+        if not src.paths:
+            raise _fail(f"data.sources.{name}.paths", "is empty", "list files, directories, globs or 'stdlib'")
+        if src.max_files is not None and src.max_files < 1:
+            raise _fail(f"data.sources.{name}.max_files", f"got {src.max_files}", "use null or a count >= 1")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise _fail("data.val_fraction", f"got {cfg.val_fraction}", "use a value in [0, 1)")
+    if cfg.seq_len < 1:
+        raise _fail("data.seq_len", f"got {cfg.seq_len}", "use a positive sequence length")
+    if cfg.num_proc < 1:
+        raise _fail("data.num_proc", f"got {cfg.num_proc}", "use 1 or more worker processes")
+    if cfg.shard_bytes < 1:
+        raise _fail("data.shard_bytes", f"got {cfg.shard_bytes}", "use a positive byte count")
+    if cfg.tokenizer.path is None and cfg.tokenizer.vocab_size < 260:
+        # 256 byte-fallback pieces + unk/bos/eos must fit before any merge is learned.
+        raise _fail("data.tokenizer.vocab_size", f"got {cfg.tokenizer.vocab_size}", "use at least 260")
+
+
+def normalized_weights(cfg: Any) -> dict[str, float]:
+    """Mixture weights scaled to sum to 1, in config order."""
+    total = sum(float(src.weight) for src in cfg.sources.values())
+    return {name: float(src.weight) / total for name, src in cfg.sources.items()}

@@ -1,0 +1,232 @@
+"""``prepare_data``: get a tokenizer, tokenize every source into shards, return where they are.
+
+Idempotent: a second call (or a call on another rank after rank 0 finished) resolves the same
+files, finds the cached tokenizer and finished shards, and only returns their paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from tqdm import tqdm
+
+from data.config import normalized_weights, validate_data_config
+from data.shards import SPLITS, ShardTask, is_finished, read_sidecar, tokenize_shard
+from data.sources import SourceFile, is_val, iter_documents, resolve_source_files
+from data.tokenizer import LLAMA_TRAINER_SETTINGS, Tokenizer, train_tokenizer
+
+logger = logging.getLogger(__name__)
+_TOKENIZER_CACHE_VERSION = 1
+
+
+@dataclass
+class PreparedData:
+    """Where a prepared dataset lives; everything the loader and trainer need."""
+
+    tokenizer_path: str
+    """The sentencepiece model used for every shard."""
+    tokenizer_sha256: str
+    """Identity of that model."""
+    vocab_size: int
+    """Number of ids the model can produce."""
+    bos_id: int
+    """Id that starts every document."""
+    eos_id: int
+    """Id that ends every document."""
+    shards: dict[str, dict[str, list[str]]]
+    """split ("train"/"val") -> source name -> non-empty .bin paths, in shard order."""
+    num_tokens: dict[str, dict[str, int]]
+    """split -> source name -> tokens in that split."""
+    weights: dict[str, float]
+    """Normalised mixture weights by source name."""
+
+
+def prepare_data(cfg: Any) -> PreparedData:
+    """Trains or loads the tokenizer and tokenizes every source, skipping finished shards.
+
+    With ``num_proc > 1`` tokenization runs in spawned worker processes, so a script that calls
+    this at import time must do so under ``if __name__ == "__main__":`` (as the trainer does).
+
+    Args:
+        cfg: a ``DataConfig`` (dataclass or OmegaConf DictConfig).
+    """
+    validate_data_config(cfg)
+    files = {name: resolve_source_files(name=name, src=src) for name, src in cfg.sources.items()}
+    for name, src in cfg.sources.items():
+        _check_has_text(name=name, src=src, files=files[name])
+    tokenizer = _get_tokenizer(cfg, files=files)
+    out_dir = Path(cfg.cache_dir) / "shards" / tokenizer.sha256[:12]
+    tasks = [
+        task
+        for name, src in cfg.sources.items()
+        for task in _plan_tasks(cfg, name=name, src=src, files=files[name], tokenizer=tokenizer, out_dir=out_dir)
+    ]
+    todo = [task for task in tasks if not is_finished(task)]
+    logger.info("data: %d of %d shard groups already tokenized", len(tasks) - len(todo), len(tasks))
+    _run_tasks(todo, num_proc=cfg.num_proc, progress=cfg.progress)
+    return _collect(cfg, tasks=tasks, tokenizer=tokenizer)
+
+
+def _check_has_text(*, name: str, src: Any, files: list[SourceFile]) -> None:
+    """Rejects a source whose files hold no document, before any training or tokenizing.
+
+    Cheap for real sources: reading stops at the first non-blank document.
+    """
+    if not any(next(iter_documents(file, source=name, text_field=src.text_field), None) for file in files):
+        raise ValueError(
+            f"data.sources.{name}: paths {list(src.paths)} contain no text "
+            "(every file is empty or blank); point the source at files with text or remove it"
+        )
+
+
+def _get_tokenizer(cfg: Any, *, files: dict[str, list[SourceFile]]) -> Tokenizer:
+    if cfg.tokenizer.path is not None:
+        tokenizer = Tokenizer(cfg.tokenizer.path)  # raises ValueError naming data.tokenizer.path
+        if tokenizer.vocab_size != cfg.tokenizer.vocab_size:
+            logger.warning(
+                "data.tokenizer.vocab_size=%d has no effect with data.tokenizer.path set; %s has %d pieces",
+                cfg.tokenizer.vocab_size, tokenizer.path, tokenizer.vocab_size,
+            )  # fmt: skip
+        return tokenizer
+    key = _tokenizer_key(cfg, files=files)
+    path = Path(cfg.cache_dir) / "tokenizer" / key[:16] / "tokenizer.model"
+    if not path.is_file():
+        logger.info("data: training a %d-piece tokenizer into %s", cfg.tokenizer.vocab_size, path)
+        train_tokenizer(lines=_training_lines(cfg, files=files), out_path=path, tok_cfg=cfg.tokenizer)
+    return Tokenizer(path)
+
+
+def _tokenizer_key(cfg: Any, *, files: dict[str, list[SourceFile]]) -> str:
+    """Hash of everything that decides a trained tokenizer, so configs never share one by mistake."""
+    tok = cfg.tokenizer
+    recipe = {
+        "version": _TOKENIZER_CACHE_VERSION,
+        "settings": LLAMA_TRAINER_SETTINGS,
+        "vocab_size": tok.vocab_size,
+        "character_coverage": tok.character_coverage,
+        "max_sentences": tok.max_sentences,
+        "max_sentence_length": tok.max_sentence_length,
+        "val_fraction": cfg.val_fraction,
+        "sources": {
+            name: {
+                "weight": float(src.weight),
+                "text_field": src.text_field,
+                # doc_id + size, not absolute paths: moving a corpus keeps its tokenizer.
+                "files": [(file.doc_id, file.size, file.format.value) for file in files[name]],
+            }
+            for name, src in cfg.sources.items()
+        },
+    }
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _training_lines(cfg: Any, *, files: dict[str, list[SourceFile]]) -> Iterator[str]:
+    """Non-blank lines of train documents, at most ``max_sentences`` split across sources by weight.
+
+    Files are visited in a hash-shuffled (but fixed) order so a capped source still contributes
+    lines from across the corpus, not only its alphabetically first files.
+    """
+    for name, weight in normalized_weights(cfg).items():
+        budget = math.ceil(cfg.tokenizer.max_sentences * weight)
+        ordered = sorted(files[name], key=lambda f: hashlib.blake2b(f.doc_id.encode(), digest_size=8).digest())
+        yield from _take(_train_lines(ordered, cfg=cfg, source=name), budget)
+
+
+def _train_lines(files: Iterable[SourceFile], *, cfg: Any, source: str) -> Iterator[str]:
+    text_field = cfg.sources[source].text_field
+    for file in files:
+        for doc_id, text in iter_documents(file, source=source, text_field=text_field):
+            if not is_val(doc_id, val_fraction=cfg.val_fraction):
+                yield from (line for line in text.splitlines() if line.strip())
+
+
+def _take(items: Iterator[str], count: int) -> Iterator[str]:
+    for index, item in enumerate(items):
+        if index >= count:
+            return
+        yield item
+
+
+def _group_files(files: list[SourceFile], *, shard_bytes: int) -> list[tuple[SourceFile, ...]]:
+    """Consecutive files packed into groups of about ``shard_bytes`` input bytes (a file is never split)."""
+    groups: list[tuple[SourceFile, ...]] = []
+    current: list[SourceFile] = []
+    size = 0
+    for file in files:
+        if current and size + file.size > shard_bytes:
+            groups.append(tuple(current))
+            current, size = [], 0
+        current.append(file)
+        size += file.size
+    if current:
+        groups.append(tuple(current))
+    return groups
+
+
+def _plan_tasks(
+    cfg: Any, *, name: str, src: Any, files: list[SourceFile], tokenizer: Tokenizer, out_dir: Path
+) -> list[ShardTask]:
+    return [
+        ShardTask(
+            source=name,
+            index=index,
+            files=group,
+            text_field=src.text_field,
+            val_fraction=float(cfg.val_fraction),
+            tokenizer_path=tokenizer.path,
+            tokenizer_sha256=tokenizer.sha256,
+            vocab_size=tokenizer.vocab_size,
+            out_dir=str(out_dir),
+        )
+        for index, group in enumerate(_group_files(files, shard_bytes=cfg.shard_bytes))
+    ]
+
+
+def _run_tasks(tasks: list[ShardTask], *, num_proc: int, progress: bool) -> None:
+    if not tasks:
+        return
+    # Biggest groups first so the last worker is not left alone with a large file.
+    tasks = sorted(tasks, key=lambda task: -task.input_bytes)
+    bar = tqdm(total=sum(t.input_bytes for t in tasks), unit="B", unit_scale=True, desc="tokenizing",
+               file=sys.stderr, disable=not progress)
+    with bar:
+        if num_proc == 1 or len(tasks) == 1:
+            for task in tasks:
+                tokenize_shard(task)
+                bar.update(task.input_bytes)
+            return
+        # spawn, not fork: the caller may already hold threads (torch, NCCL) that fork would copy mid-lock.
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(processes=min(num_proc, len(tasks))) as pool:
+            for sidecars in pool.imap_unordered(tokenize_shard, tasks):
+                bar.update(sum(entry["size"] for entry in sidecars["train"]["inputs"]))
+
+
+def _collect(cfg: Any, *, tasks: list[ShardTask], tokenizer: Tokenizer) -> PreparedData:
+    """Reads the sidecars back into paths and token counts."""
+    shards: dict[str, dict[str, list[str]]] = {split: {name: [] for name in cfg.sources} for split in SPLITS}
+    num_tokens = {split: {name: 0 for name in cfg.sources} for split in SPLITS}
+    for task in tasks:
+        for split in SPLITS:
+            sidecar = read_sidecar(task.bin_path(split))
+            num_tokens[split][task.source] += sidecar["num_tokens"]
+            if sidecar["num_tokens"] > 0:
+                shards[split][task.source].append(str(task.bin_path(split)))
+    return PreparedData(
+        tokenizer_path=tokenizer.path,
+        tokenizer_sha256=tokenizer.sha256,
+        vocab_size=tokenizer.vocab_size,
+        bos_id=tokenizer.bos_id,
+        eos_id=tokenizer.eos_id,
+        shards=shards,
+        num_tokens=num_tokens,
+        weights=normalized_weights(cfg),
+    )

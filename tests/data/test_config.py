@@ -1,0 +1,49 @@
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from data import DataConfig, PackedLoader, SourceConfig, prepare_data
+from data.config import SourceFormat
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "data"
+
+
+def _compose(name: str):
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(CONF_DIR / f"{name}.yaml"))
+
+
+def test_stdlib_config_is_the_builtin_corpus():
+    cfg = OmegaConf.to_object(_compose("stdlib"))
+    assert isinstance(cfg, DataConfig)
+    assert list(cfg.sources) == ["python_stdlib"]
+    assert cfg.sources["python_stdlib"] == SourceConfig(paths=["stdlib"], format=SourceFormat.text, weight=1.0)
+    assert cfg.tokenizer.path is None and cfg.tokenizer.vocab_size == 8192
+
+
+def test_llama_mixture_config_has_the_paper_proportions(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA_DATA_ROOT", str(tmp_path))
+    cfg = _compose("llama_mixture")
+    weights = {name: src.weight for name, src in cfg.sources.items()}
+    assert weights == {"common_crawl": 67.0, "c4": 15.0, "github": 4.5, "wikipedia": 4.5, "books": 4.5,
+                       "arxiv": 2.5, "stack_exchange": 2.0}  # fmt: skip
+    assert all(p.startswith(str(tmp_path)) for src in cfg.sources.values() for p in src.paths)
+    with pytest.raises(ValueError, match=r"data\.sources\.common_crawl: paths .*common_crawl/\*\.jsonl"):
+        prepare_data(cfg)  # no corpus under the temporary root
+
+
+def test_stdlib_end_to_end_from_a_dictconfig(tmp_path):
+    """The built-in corpus, capped to a few files, through tokenizer training, shards and loader."""
+    cfg = _compose("stdlib")
+    cfg.cache_dir = str(tmp_path / "cache")
+    cfg.sources.python_stdlib.max_files = 40
+    cfg.tokenizer.vocab_size = 1000
+    cfg.val_fraction = 0.2
+    cfg.num_proc = 1
+    cfg.progress = False
+    prepared = prepare_data(cfg)
+    assert prepared.vocab_size == 1000 and prepared.weights == {"python_stdlib": 1.0}
+    assert Path(prepared.tokenizer_path).is_relative_to(tmp_path / "cache" / "tokenizer")
+    assert all(prepared.num_tokens[split]["python_stdlib"] > 1000 for split in ("train", "val"))
+    batch = next(PackedLoader(prepared, split="val", seq_len=64, batch_size=2))
+    assert batch["inputs"].shape == (2, 64)
