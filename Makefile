@@ -7,22 +7,24 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
+NPROC ?= 2
 PYTEST_ARGS ?=
+NPROC ?= 2
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
-.PHONY: help install train test test-slow test-gpu test-all model-info clean
+.PHONY: help install train test test-slow test-gpu test-all loss-compare model-info clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 
 install: $(STAMP)  ## create .venv and install the project with its dev extras
 
-train: $(STAMP)  ## train the built-in default (tokenizer, shards, small LLaMA, validation, offline wandb); ARGS='k=v ...' overrides
-	$(PY) -m trainer.train $(ARGS)
+train: $(STAMP)  ## train the built-in default on NPROC=2 processes with FSDP (tokenizer, shards, small LLaMA, validation, offline wandb); ARGS='k=v ...'
+	$(PY) -m launch.local --nproc $(NPROC) $(ARGS)
 
 test: $(STAMP)  ## the default test suite: fast, CPU only (what CI runs)
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
@@ -35,6 +37,9 @@ test-gpu: $(STAMP)  ## tests that need a CUDA device (and flash-attn where marke
 
 test-all: $(STAMP)  ## every test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+loss-compare: $(STAMP)  ## train the debug model under every parallel layout (1-4 processes) and compare losses/weights
+	$(PY) -m launch.loss_compare $(ARGS)
 
 model-info: $(STAMP)  ## parameter counts and FLOPs of a preset: make model-info ARGS=model=llama1_7b
 	$(PY) -m model.info $(ARGS)

@@ -15,7 +15,7 @@ from omegaconf.errors import ConfigKeyError
 
 from data.config import DataConfig
 from model.config import ModelArgs
-from trainer.config import LoggingConfig, OptimConfig, TrainerConfig
+from trainer.config import LoggingConfig, OptimConfig, ParallelConfig, TrainerConfig
 
 
 @dataclass
@@ -25,6 +25,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def register_schema() -> None:

@@ -83,6 +83,8 @@ class TrainerConfig:
     """Validation batches per evaluation (the same batches every time)."""
     peak_flops: Optional[float] = None
     """Device peak FLOP/s for MFU; None measures it on CPU and looks it up on known GPUs."""
+    save_final_model: bool = False
+    """Write the consolidated final weights to ``<run_dir>/final_model.pt`` (for layout comparisons)."""
 
     def __post_init__(self) -> None:
         self.device = Device(self.device)
@@ -92,6 +94,51 @@ class TrainerConfig:
                 raise ValueError(f"trainer.{key} must be positive, got {getattr(self, key)}")
         if self.eval_every < 0 or self.eval_steps < 0:
             raise ValueError("trainer.eval_every and trainer.eval_steps must be >= 0")
+
+
+class ReduceDtype(str, enum.Enum):
+    fp32 = "fp32"  # gradients reduced in fp32 even when computed in bf16 (the default: no precision lost in sums)
+    bf16 = "bf16"  # half the communication volume, at the cost of rounding in the reduction
+
+
+class WeightInit(str, enum.Enum):
+    rank0 = "rank0"  # rank 0 initialises the full model under the seed and broadcasts it: the same weights
+    #                  for every layout (needs the full model in rank 0's host memory: 4 bytes/parameter)
+    sharded = "sharded"  # each rank initialises only its shards (DTensor RNG): for models too big for one host;
+    #                      deterministic for a given layout, but the values differ between layouts
+
+
+@dataclass
+class ParallelConfig:
+    """How the processes split the work: data-parallel replicate x data-parallel shard x tensor parallel.
+
+    The three degrees multiply to the world size; ``dp_shard=-1`` takes whatever the other two leave.
+    HSDP: ``dp_replicate`` > 1 replicates across groups (e.g. nodes) and shards within each.
+    """
+
+    dp_replicate: int = 1
+    """Replicas of the sharded model (HSDP's replicate degree); gradients are all-reduced across them."""
+    dp_shard: int = -1
+    """FSDP degree: parameters, gradients and optimizer state are sharded over this many ranks; -1 = the rest."""
+    tp: int = 1
+    """Tensor (+ sequence) parallel degree, Megatron layout; must divide heads, kv heads and the vocabulary."""
+    reshard_after_forward: bool = True
+    """FSDP frees gathered parameters after each block's forward (ZeRO-3); False keeps them until backward."""
+    reduce_dtype: ReduceDtype = ReduceDtype.fp32
+    """Dtype of the gradient reduce-scatter/all-reduce when computing in bf16."""
+    defer_grad_sync: bool = True
+    """With gradient accumulation, reduce gradients only after the last micro-batch, not after each."""
+    weight_init: WeightInit = WeightInit.rank0
+    """rank0 (identical weights for any layout) | sharded (no full copy anywhere; for the largest models)."""
+
+    def __post_init__(self) -> None:
+        self.reduce_dtype = ReduceDtype(self.reduce_dtype)
+        self.weight_init = WeightInit(self.weight_init)
+        for key in ("dp_replicate", "tp"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"parallel.{key} must be >= 1, got {getattr(self, key)}")
+        if self.dp_shard < 1 and self.dp_shard != -1:
+            raise ValueError(f"parallel.dp_shard must be >= 1 or -1 (the rest of the world), got {self.dp_shard}")
 
 
 @dataclass

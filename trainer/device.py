@@ -23,12 +23,14 @@ _GPU_PEAK_BF16 = (
 )
 
 
-def resolve_device(device: Device) -> torch.device:
-    if device == Device.auto:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(device: Device, *, local_rank: int = 0) -> torch.device:
+    """The device of this process: on CUDA, the GPU of its local rank (and made current)."""
     if device == Device.cuda and not torch.cuda.is_available():
         raise ValueError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
-    return torch.device(device.value)
+    if device == Device.cpu or not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
 
 
 def resolve_dtype(precision: Precision, *, device: torch.device) -> torch.dtype:

@@ -1,8 +1,9 @@
-"""One optimizer step and one evaluation pass.
+"""One optimizer step and one evaluation pass, for any parallel layout.
 
-The loss of a step is the mean cross-entropy over every valid label of the step's whole batch (all
-micro-batches): each micro-batch contributes its *sum* divided by the step's total count of valid
-labels, so gradient accumulation gives the same gradient as one big batch.
+The loss of a step is the mean cross-entropy over every valid label of the step's *global* batch (all
+micro-batches on all data-parallel ranks). Each micro-batch backpropagates its loss *sum* divided by the
+global count of valid labels (one all-reduce per step), so gradient accumulation and data parallelism
+give the gradient of one big batch, and the loss is the same number for every layout.
 """
 
 from __future__ import annotations
@@ -10,13 +11,45 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from trainer.distributed import clip_grad_norm_, dp_sum
 
 IGNORE_INDEX = -100
 """Labels equal to this contribute neither loss nor token count (padding, masked spans)."""
+
+
+@dataclass(frozen=True)
+class ComputeContext:
+    """How this process computes: device, precision, and the parallel layout's effect on the loss."""
+
+    device: torch.device
+    dtype: torch.dtype
+    mesh: Optional[DeviceMesh] = None
+    """The world mesh; None for one process."""
+    dp: int = 1
+    """Data-parallel degree (dp_replicate x dp_shard)."""
+    tp_enabled: bool = False
+    """Logits are vocabulary-sharded DTensors: use the vocabulary-parallel cross-entropy."""
+    fsdp_mixed_precision: bool = False
+    """FSDP casts parameters to ``dtype`` itself; autocast would only add casts."""
+
+    def autocast(self):
+        if self.dtype == torch.float32 or self.fsdp_mixed_precision:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def loss_context(self):
+        """Wraps forward *and* backward: the vocabulary-parallel loss has its own backward."""
+        return loss_parallel() if self.tp_enabled else contextlib.nullcontext()
 
 
 @dataclass
@@ -25,22 +58,25 @@ class StepResult:
     grad_norm: float
     lr: float
     tokens: int
+    """Valid labels in the global batch."""
 
 
-def autocast_context(*, device: torch.device, dtype: torch.dtype):
-    """bf16 compute with fp32 weights when dtype is bf16; nothing to do in fp32."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], *, autocast) -> torch.Tensor:
-    """Sum of cross-entropy over the valid labels of one micro-batch, in fp32."""
-    with autocast:
-        logits = model(batch["inputs"])  # (B, T, V)
+def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], *, ctx: ComputeContext) -> torch.Tensor:
+    """Sum of cross-entropy over the valid labels of one local micro-batch, in fp32."""
+    with ctx.autocast():
+        logits = model(batch["inputs"])  # (B, T, V), or a DTensor sharded over V under TP
     return F.cross_entropy(
         logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+
+def global_token_count(micro_batches: list[dict[str, torch.Tensor]], *, ctx: ComputeContext) -> int:
+    local = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches)
+    return int(dp_sum(torch.as_tensor(local, dtype=torch.int64, device=ctx.device), mesh=ctx.mesh).item())
 
 
 def train_step(
@@ -49,26 +85,35 @@ def train_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     micro_batches: list[dict[str, torch.Tensor]],
     *,
+    ctx: ComputeContext,
     grad_clip: float,
-    autocast,
+    defer_grad_sync: bool = True,
     step: int,
 ) -> StepResult:
-    """Forward/backward over the micro-batches, clip, check for NaN/inf, then update."""
+    """Forward/backward over the micro-batches, clip by the global norm, check for NaN/inf, then update."""
     lr = scheduler.get_last_lr()[0]
-    num_tokens = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches)
+    num_tokens = global_token_count(micro_batches, ctx=ctx)
     if num_tokens == 0:
         raise ValueError(f"step {step}: the batch has no valid labels (all equal {IGNORE_INDEX})")
-    loss = torch.zeros((), device=micro_batches[0]["inputs"].device)
-    for mb in micro_batches:
-        mb_loss = token_loss_sum(model, mb, autocast=autocast) / num_tokens
-        mb_loss.backward()
-        loss += mb_loss.detach()
+    # FSDP averages gradients over the dp ranks; scaling by dp turns that average into the sum that the
+    # global mean needs.
+    scale = ctx.dp / num_tokens
+    loss_sum = torch.zeros((), device=ctx.device)
+    for index, mb in enumerate(micro_batches):
+        if isinstance(model, FSDPModule) and defer_grad_sync:
+            # Reduce-scatter only after the last micro-batch; earlier ones accumulate unsharded gradients.
+            model.set_requires_gradient_sync(index == len(micro_batches) - 1)
+        with ctx.loss_context():
+            mb_sum = token_loss_sum(model, mb, ctx=ctx)
+            (mb_sum * scale).backward()
+        loss_sum += _plain(mb_sum.detach())
+    loss = dp_sum(loss_sum, mesh=ctx.mesh) / num_tokens
     # max_norm=inf still returns the norm (for logging and the NaN check) but scales nothing.
-    max_norm = grad_clip if grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=max_norm, foreach=True)
+    grad_norm = clip_grad_norm_(model.parameters(), max_norm=grad_clip if grad_clip > 0 else math.inf)
     loss_value, norm_value = loss.item(), grad_norm.item()
     if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-        # Raised before optimizer.step(): the weights (and any checkpoint of them) stay finite.
+        # Raised before optimizer.step() on every rank alike (both values are global): the weights, and
+        # any checkpoint of them, stay finite.
         raise FloatingPointError(
             f"step {step}: loss={loss_value}, grad_norm={norm_value} is not finite; stopped before the "
             f"optimizer step (lr was {lr:.3e}). Lower optim.lr, raise optim.warmup_steps, or check the data."
@@ -80,16 +125,18 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, *, autocast) -> float:
-    """Mean loss per valid label over ``batches`` (an iterable of micro-batches)."""
+def evaluate(model: nn.Module, batches, *, ctx: ComputeContext) -> float:
+    """Mean loss per valid label over ``batches`` (this rank's micro-batches), across all dp ranks."""
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    count = 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    count = torch.zeros((), dtype=torch.int64, device=ctx.device)
     for batch in batches:
-        loss_sum += token_loss_sum(model, batch, autocast=autocast).double().cpu()
-        count += int((batch["labels"] != IGNORE_INDEX).sum())
+        with ctx.loss_context():
+            loss_sum += _plain(token_loss_sum(model, batch, ctx=ctx)).double()
+        count += (batch["labels"] != IGNORE_INDEX).sum()
     model.train(was_training)
-    if count == 0:
+    loss_sum, count = dp_sum(loss_sum, mesh=ctx.mesh), dp_sum(count, mesh=ctx.mesh)
+    if count.item() == 0:
         raise ValueError("evaluation saw no valid labels: raise trainer.eval_steps or the validation data")
     return (loss_sum / count).item()

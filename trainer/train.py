@@ -1,13 +1,13 @@
-"""Training entry point.
+"""Training entry point, for one process or many (under torchrun).
 
-    python -m trainer.train                        # the built-in default (experiment=quickstart)
-    python -m trainer.train model=debug trainer.max_steps=20
-    python -m trainer.train --multirun optim.lr=1e-3,3e-3
+    python -m trainer.train                                   # one process
+    torchrun --nproc-per-node 2 -m trainer.train parallel.tp=2
+    python -m launch.local --nproc 4 parallel.dp_replicate=2  # see launch/
 
 ``main`` is the only Hydra-decorated function; tests call ``train(cfg, run_dir=...)`` directly.
 
-Order of construction (the seams later stages plug into): data -> model on the meta device ->
-(parallelise) -> materialise with ``to_empty`` -> ``init_weights`` under the seed -> optimizer.
+Order of construction: process group -> mesh -> data (rank 0 first) -> model on the meta device ->
+parallelise (TP, FSDP) -> materialise with ``to_empty`` -> initialise -> optimizer.
 """
 
 from __future__ import annotations
@@ -19,21 +19,27 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import hydra
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 from conf.schema import Config, to_config
-from data import PackedLoader, PreparedData, prepare_data
+from data import DataConfig, PackedLoader, PreparedData, prepare_data
 from model.config import ModelArgs
 from model.flops import flops_per_token, param_counts
 from model.llama import Transformer
+from trainer.config import ParallelConfig, WeightInit
 from trainer.device import memory_stats, peak_flops, resolve_device, resolve_dtype
+from trainer.distributed import DistEnv, init_distributed, shutdown_distributed
 from trainer.metrics import MetricLogger
 from trainer.optim import build_lr_scheduler, build_optimizer
-from trainer.step import autocast_context, evaluate, train_step
+from trainer.parallel_dims import ParallelDims
+from trainer.parallelize import parallelize_llama
+from trainer.step import ComputeContext, evaluate, train_step
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +49,15 @@ class TrainResult:
     """What a finished run reports (also written to ``summary.json`` in the run directory)."""
 
     losses: list[float] = field(default_factory=list)
-    """Training loss of every step."""
+    """Training loss of every step (the global batch's mean)."""
     val_losses: dict[int, float] = field(default_factory=dict)
     """Validation loss by step."""
     tokens: int = 0
-    """Training tokens consumed."""
+    """Training tokens consumed, all ranks together."""
     tokens_per_sec: float = 0.0
-    """Throughput over the whole run, evaluation excluded."""
+    """Global throughput over the whole run, evaluation excluded."""
     wall_time_s: float = 0.0
+    world_size: int = 1
 
 
 def check_data_fits_model(*, model: ModelArgs, prepared: PreparedData, seq_len: int) -> None:
@@ -67,15 +74,54 @@ def check_data_fits_model(*, model: ModelArgs, prepared: PreparedData, seq_len: 
         )
 
 
-def build_model(args: ModelArgs, *, device: torch.device, seed: int) -> Transformer:
-    """Build on meta (no memory), materialise on ``device``, then initialise under ``seed``."""
+def prepare_data_rank0_first(cfg: DataConfig, *, env: DistEnv) -> PreparedData:
+    """Rank 0 trains the tokenizer and writes the shards; the others then find them finished and load them."""
+    if env.is_rank0:
+        prepared = prepare_data(cfg)
+    if env.world_size > 1:
+        dist.barrier()
+    if not env.is_rank0:
+        prepared = prepare_data(cfg)
+    return prepared
+
+
+def build_model(
+    args: ModelArgs,
+    *,
+    device: torch.device,
+    seed: int,
+    mesh=None,
+    dims: Optional[ParallelDims] = None,
+    parallel: Optional[ParallelConfig] = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Transformer:
+    """Build on meta (no memory), parallelise, materialise on ``device``, then initialise under ``seed``."""
     with torch.device("meta"):
         model = Transformer(args)
-    # Parallelisation (TP/SP, activation checkpointing, FSDP) is applied here, on the meta model.
+    if mesh is not None:
+        parallelize_llama(model, mesh=mesh, dims=dims, cfg=parallel, compute_dtype=compute_dtype)
     model.to_empty(device=device)
     torch.manual_seed(seed)
-    model.init_weights(buffer_device=device)
+    model.init_weights(buffer_device=device)  # fills the RoPE buffer; parameters too unless replaced below
+    if mesh is not None and parallel.weight_init == WeightInit.rank0:
+        _broadcast_full_init(model, args=args, seed=seed)
     return model
+
+
+def _broadcast_full_init(model: Transformer, *, args: ModelArgs, seed: int) -> None:
+    """Replace the sharded init by rank 0's full, single-process init, so every layout starts identical.
+
+    Initialising DTensor shards draws other random numbers than initialising the full tensors would, so
+    without this the weights (and every loss after) would depend on the layout.
+    """
+    full = {}
+    if dist.get_rank() == 0:
+        reference = Transformer(args)
+        torch.manual_seed(seed)
+        reference.init_weights()
+        full = reference.state_dict()
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full, options=options)
 
 
 def batches_to(device: torch.device, loader: Iterator[dict]) -> Iterator[dict[str, torch.Tensor]]:
@@ -84,58 +130,85 @@ def batches_to(device: torch.device, loader: Iterator[dict]) -> Iterator[dict[st
 
 
 def train(cfg: Config, *, run_dir: Path) -> TrainResult:
-    """Run training as configured, writing config, metrics and wandb files under ``run_dir``."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    device = resolve_device(cfg.trainer.device)
-    dtype = resolve_dtype(cfg.trainer.precision, device=device)
-    autocast = autocast_context(device=device, dtype=dtype)
+    """Run training as configured, writing config, metrics and wandb files under ``run_dir`` (rank 0)."""
+    env = DistEnv.from_environ()
+    device = resolve_device(cfg.trainer.device, local_rank=env.local_rank)
+    init_distributed(env, device=device)
+    try:
+        return _train(cfg, run_dir=Path(run_dir), env=env, device=device)
+    finally:
+        shutdown_distributed()
 
-    prepared = prepare_data(cfg.data)
+
+def _train(cfg: Config, *, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResult:
+    started = time.perf_counter()
+    dims = ParallelDims.from_config(cfg.parallel, world_size=env.world_size)
+    dims.check_model(cfg.model)
+    mesh = dims.build_mesh(device_type=device.type)
+    dtype = resolve_dtype(cfg.trainer.precision, device=device)
+    ctx = ComputeContext(device=device, dtype=dtype, mesh=mesh, dp=dims.dp, tp_enabled=dims.tp_enabled,
+                         fsdp_mixed_precision=dims.fsdp_enabled)  # fmt: skip
+
+    prepared = prepare_data_rank0_first(cfg.data, env=env)
     check_data_fits_model(model=cfg.model, prepared=prepared, seq_len=cfg.data.seq_len)
-    model = build_model(cfg.model, device=device, seed=cfg.trainer.seed)
+    model = build_model(cfg.model, device=device, seed=cfg.trainer.seed, mesh=mesh, dims=dims,
+                        parallel=cfg.parallel, compute_dtype=dtype)  # fmt: skip
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_lr_scheduler(optimizer, cfg.optim, max_steps=cfg.trainer.max_steps)
+    dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
     train_loader = PackedLoader(
         prepared, split="train", seq_len=cfg.data.seq_len, batch_size=cfg.trainer.micro_batch_size,
-        dp_rank=0, dp_size=1, seed=cfg.trainer.seed,
+        dp_rank=dp_rank, dp_size=dims.dp, seed=cfg.trainer.seed,
     )  # fmt: skip
 
     run_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(run_config))
-    metrics = MetricLogger(cfg.logging, run_dir=run_dir, run_config=run_config)
+    if env.is_rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(run_config))
+    metrics = MetricLogger(cfg.logging, run_dir=run_dir, run_config=run_config, enabled=env.is_rank0)
     counts = param_counts(cfg.model)
     flops_tok = flops_per_token(cfg.model, seq_len=cfg.data.seq_len)
-    peak = peak_flops(device=device, dtype=dtype, override=cfg.trainer.peak_flops)
+    peak = peak_flops(device=device, dtype=dtype, override=cfg.trainer.peak_flops) * env.world_size
     logger.info(
-        "model: %s parameters (%s non-embedding), %.3g training FLOPs/token; device %s, %s, peak %.3g FLOP/s; "
-        "run dir %s", f"{counts.total:,}", f"{counts.non_embedding:,}", flops_tok, device, dtype, peak, run_dir,
+        "model: %s parameters (%s non-embedding), %.3g training FLOPs/token; layout dp_replicate=%d dp_shard=%d "
+        "tp=%d on %d processes; %s %s; peak %.3g FLOP/s (all processes); run dir %s", f"{counts.total:,}",
+        f"{counts.non_embedding:,}", flops_tok, dims.dp_replicate, dims.dp_shard, dims.tp, env.world_size,
+        device.type, dtype, peak, run_dir,
     )  # fmt: skip
 
-    result = TrainResult()
+    result = TrainResult(world_size=env.world_size)
     try:
         _loop(cfg, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
-              prepared=prepared, metrics=metrics, result=result, autocast=autocast, device=device,
+              prepared=prepared, metrics=metrics, result=result, ctx=ctx, dp_rank=dp_rank,
               flops_per_token=flops_tok, peak=peak)  # fmt: skip
     finally:
         metrics.close()
     result.wall_time_s = time.perf_counter() - started
-    (run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=1))
+    if cfg.trainer.save_final_model:
+        _save_full_model(model, path=run_dir / "final_model.pt", is_rank0=env.is_rank0)
+    if env.is_rank0:
+        (run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=1))
     return result
 
 
-def _loop(cfg: Config, *, model, optimizer, scheduler, train_loader, prepared, metrics, result, autocast, device,
+def _save_full_model(model: torch.nn.Module, *, path: Path, is_rank0: bool) -> None:
+    """Consolidated fp32 weights on rank 0 (a collective: every rank must call it)."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if is_rank0:
+        torch.save(state, path)
+
+
+def _loop(cfg: Config, *, model, optimizer, scheduler, train_loader, prepared, metrics, result, ctx, dp_rank,
           flops_per_token: int, peak: float) -> None:  # fmt: skip
     tcfg = cfg.trainer
-    batches = batches_to(device, train_loader)
+    batches = batches_to(ctx.device, train_loader)
     window_start, window_steps, window_tokens, window_data_s, train_s = time.perf_counter(), 0, 0, 0.0, 0.0
     for step in range(1, tcfg.max_steps + 1):
         t0 = time.perf_counter()
         micro_batches = list(itertools.islice(batches, tcfg.grad_accum_steps))
         data_s = time.perf_counter() - t0
-        out = train_step(model, optimizer, scheduler, micro_batches, grad_clip=cfg.optim.grad_clip,
-                         autocast=autocast, step=step)  # fmt: skip
+        out = train_step(model, optimizer, scheduler, micro_batches, ctx=ctx, grad_clip=cfg.optim.grad_clip,
+                         defer_grad_sync=cfg.parallel.defer_grad_sync, step=step)  # fmt: skip
         result.losses.append(out.loss)
         result.tokens += out.tokens
         window_steps += 1
@@ -148,39 +221,49 @@ def _loop(cfg: Config, *, model, optimizer, scheduler, train_loader, prepared, m
             metrics.log(
                 {"loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm, "tokens_per_sec": tps,
                  "mfu": tps * flops_per_token / peak, "step_time_s": elapsed / window_steps,
-                 "data_wait_frac": window_data_s / elapsed, "tokens": result.tokens, **memory_stats(device)},
+                 "data_wait_frac": window_data_s / elapsed, "tokens": result.tokens, **memory_stats(ctx.device)},
                 step=step, prefix=f"train[{step}/{tcfg.max_steps}]",
             )  # fmt: skip
             window_steps, window_tokens, window_data_s = 0, 0, 0.0
             window_start = time.perf_counter()
         if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.max_steps):
-            val_loss = _validate(cfg, model=model, prepared=prepared, autocast=autocast, device=device)
+            val_loss = _validate(cfg, model=model, prepared=prepared, ctx=ctx, dp_rank=dp_rank)
             result.val_losses[step] = val_loss
             metrics.log({"loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))}, step=step, prefix="val")
             window_start = time.perf_counter()  # evaluation time is not training throughput
     result.tokens_per_sec = result.tokens / max(train_s, 1e-9)
 
 
-def _validate(cfg: Config, *, model, prepared, autocast, device) -> float:
+def _validate(cfg: Config, *, model, prepared, ctx: ComputeContext, dp_rank: int) -> float:
     # A fresh loader with a fixed seed: every evaluation scores exactly the same sequences.
     loader = PackedLoader(
         prepared, split="val", seq_len=cfg.data.seq_len, batch_size=cfg.trainer.micro_batch_size,
-        dp_rank=0, dp_size=1, seed=0,
+        dp_rank=dp_rank, dp_size=ctx.dp, seed=0,
     )  # fmt: skip
-    return evaluate(model, itertools.islice(batches_to(device, loader), cfg.trainer.eval_steps), autocast=autocast)
+    return evaluate(model, itertools.islice(batches_to(ctx.device, loader), cfg.trainer.eval_steps), ctx=ctx)
+
+
+def _prefix_logs_with_rank(rank: int) -> None:
+    """Every log line says which rank wrote it (Hydra has already installed the handlers)."""
+    fmt = logging.Formatter(f"[%(asctime)s][rank{rank}][%(name)s][%(levelname)s] - %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(fmt)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    env = DistEnv.from_environ()
+    _prefix_logs_with_rank(env.rank)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     result = train(to_config(cfg), run_dir=run_dir)
-    first, last = result.losses[0], result.losses[-1]
-    logger.info(
-        "done: loss %.4f -> %.4f over %d steps, %d tokens at %.0f tokens/s, %.1f s; run dir %s",
-        first, last, len(result.losses), result.tokens, result.tokens_per_sec, result.wall_time_s, run_dir,
-    )  # fmt: skip
+    if env.is_rank0:
+        logger.info(
+            "done: loss %.4f -> %.4f over %d steps, %d tokens at %.0f tokens/s on %d processes, %.1f s; run dir %s",
+            result.losses[0], result.losses[-1], len(result.losses), result.tokens, result.tokens_per_sec,
+            result.world_size, result.wall_time_s, run_dir,
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from model.config import ModelArgs
 from tests.conftest import compose_config
 from trainer.config import OptimConfig
 from trainer.optim import build_lr_scheduler, build_optimizer
-from trainer.step import autocast_context, train_step
+from trainer.step import ComputeContext, train_step
 from trainer.train import build_model, train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,8 +74,8 @@ def test_nan_stops_before_the_optimizer_step():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batch = {"inputs": torch.randint(0, 64, (2, 8)), "labels": torch.randint(0, 64, (2, 8))}
     with pytest.raises(FloatingPointError, match="step 7: loss=nan.*before the optimizer step"):
-        train_step(model, opt, sched, [batch], grad_clip=1.0, autocast=autocast_context(
-            device=torch.device("cpu"), dtype=torch.float32), step=7)  # fmt: skip
+        ctx = ComputeContext(device=torch.device("cpu"), dtype=torch.float32)
+        train_step(model, opt, sched, [batch], ctx=ctx, grad_clip=1.0, step=7)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]) or torch.isnan(value).any(), key
     assert not opt.state  # no Adam moments were created: the step never ran

@@ -1,0 +1,143 @@
+"""Parallel layouts: validation, TP layers against an unsharded reference, and every layout's loss and
+weights against one process (the loss-compare tool, gloo on CPU, fp32, fixed seed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from launch.local import build_command
+from launch.loss_compare import LAYOUTS, compare, run_layout
+from model.config import ModelArgs
+from tests.distributed import run_workers
+from trainer.config import ParallelConfig
+from trainer.parallel_dims import ParallelDims
+
+
+def test_dp_shard_takes_the_rest_of_the_world():
+    dims = ParallelDims.from_config(ParallelConfig(dp_replicate=2, tp=2), world_size=16)
+    assert (dims.dp_replicate, dims.dp_shard, dims.tp, dims.dp) == (2, 4, 2, 8)
+
+
+def test_degrees_must_multiply_to_the_world_size():
+    with pytest.raises(ValueError, match=r"parallel.dp_replicate=1 x parallel.dp_shard=2 x parallel.tp=2 = 4, but the world size is 8"):
+        ParallelDims.from_config(ParallelConfig(dp_shard=2, tp=2), world_size=8)
+    with pytest.raises(ValueError, match="does not divide the world size 6"):
+        ParallelDims.from_config(ParallelConfig(tp=4), world_size=6)
+
+
+def test_tp_must_divide_heads_kv_heads_and_vocab():
+    dims = ParallelDims.from_config(ParallelConfig(tp=4), world_size=4)
+    with pytest.raises(ValueError, match="model.n_kv_heads=2 is not divisible by parallel.tp=4"):
+        dims.check_model(ModelArgs(dim=64, n_heads=4, n_kv_heads=2, vocab_size=512))
+    with pytest.raises(ValueError, match="model.vocab_size=510 is not divisible by parallel.tp=4"):
+        dims.check_model(ModelArgs(dim=64, n_heads=4, vocab_size=510))
+
+
+def test_local_launcher_commands():
+    one = build_command(nproc=1, overrides=["model=debug"], python="py")
+    assert one[:3] == ["py", "-m", "trainer.train"] and one[3] == "model=debug"
+    assert one[4].startswith("hydra.run.dir=outputs/")
+    two = build_command(nproc=2, overrides=["hydra.run.dir=/x"], python="py")
+    assert two == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "trainer.train",
+                   "hydra.run.dir=/x"]  # fmt: skip
+
+
+class _Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(16, 32, bias=False)
+        self.down = nn.Linear(32, 16, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def _tp_linear_worker(rank: int, world_size: int) -> None:
+    """Column-parallel then row-parallel linear, with sequence parallelism, vs the unsharded module."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    torch.manual_seed(0)
+    reference = _Mlp().double()
+    x = torch.randn(2, 8, 16, dtype=torch.float64)  # (B, T, d), the same on every rank
+    grad_out = torch.randn(2, 8, 16, dtype=torch.float64)
+    mesh = init_device_mesh("cpu", (world_size,))
+    sharded = parallelize_module(
+        _Mlp().double(), mesh,
+        {"up": ColwiseParallel(input_layouts=Shard(1)), "down": RowwiseParallel(output_layouts=Shard(1))},
+    )  # fmt: skip
+    with torch.no_grad():
+        for name, param in sharded.named_parameters():
+            full = dict(reference.named_parameters())[name]
+            local = param.to_local()
+            placement = param.placements[0]
+            local.copy_(full.chunk(world_size, dim=placement.dim)[rank])
+    seq = slice(rank * 8 // world_size, (rank + 1) * 8 // world_size)
+    x_local = x[:, seq].clone().requires_grad_(True)  # SP: each rank holds a sequence shard
+    out_local = sharded(x_local)
+    out_local = out_local.to_local() if hasattr(out_local, "to_local") else out_local
+    x_ref = x.clone().requires_grad_(True)
+    out_ref = reference(x_ref)
+    torch.testing.assert_close(out_local, out_ref[:, seq], rtol=1e-12, atol=1e-12)
+    out_local.backward(grad_out[:, seq])
+    out_ref.backward(grad_out)
+    torch.testing.assert_close(x_local.grad, x_ref.grad[:, seq], rtol=1e-12, atol=1e-12)
+    for name, param in sharded.named_parameters():
+        full_grad = param.grad.full_tensor()
+        ref_grad = dict(reference.named_parameters())[name].grad
+        assert ref_grad.abs().max() > 1e-3  # a real gradient, not one that passes by being ~0
+        torch.testing.assert_close(full_grad, ref_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_tp_linear_forward_backward_match_unsharded_reference():
+    run_workers(_tp_linear_worker, world_size=2)
+
+
+def _grad_sync_worker(rank: int, world_size: int) -> None:
+    """With sync off, backward leaves the sharded .grad unset (no reduce-scatter ran); with sync on, set."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = _Mlp()
+    fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
+    x = torch.randn(4, 16)
+    model.set_requires_gradient_sync(False)
+    model(x).sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    model.set_requires_gradient_sync(True)
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    dist.barrier()
+
+
+def test_deferred_grad_sync_skips_the_reduce_scatter():
+    run_workers(_grad_sync_worker, world_size=2)
+
+
+@pytest.fixture(scope="module")
+def layout_runs(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("layouts")
+    names = ("single", "fsdp2", "tp2", "fsdp2_tp2", "hsdp2x2", "fsdp2_accum2", "fsdp2_accum2_sync_each")
+    return {name: run_layout(LAYOUTS[name], workdir=workdir, steps=10) for name in names}
+
+
+def test_every_layout_matches_one_process(layout_runs):
+    table, ok = compare(layout_runs)
+    print(table)
+    assert ok, table
+    assert table.count("OK") == len(layout_runs) - 1
+
+
+def test_only_rank0_writes_metrics_and_every_rank_logs_with_its_rank(layout_runs):
+    run = layout_runs["fsdp2_tp2"]
+    assert (run / "metrics.jsonl").exists() and (run / "summary.json").exists()
+    for rank in range(4):
+        log = (run / f"train_rank{rank}.log").read_text()
+        assert f"[rank{rank}]" in log
+    assert "train[10/10]" in (run / "train_rank0.log").read_text()
+    assert "train[10/10]" not in (run / "train_rank1.log").read_text()

@@ -1,0 +1,82 @@
+"""Process-group set-up from torchrun's environment, and the few collectives the loop needs."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job, read once from torchrun's environment variables."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environ(cls) -> DistEnv:
+        return cls(
+            rank=int(os.environ.get("RANK", 0)),
+            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+            world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        )
+
+
+def init_distributed(env: DistEnv, *, device: torch.device, timeout_s: int = 600) -> None:
+    """Join the process group (NCCL on CUDA, gloo on CPU) when there is more than one process."""
+    if env.world_size == 1 or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    # device_id binds NCCL's communicator to this GPU eagerly (no lazy init on the first collective).
+    device_id = device if device.type == "cuda" else None
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), device_id=device_id)
+    logger.info("joined %s process group: rank %d of %d", backend, env.rank, env.world_size)
+
+
+def shutdown_distributed() -> None:
+    # Destroy explicitly: an implicit teardown at interpreter exit sometimes aborts gloo
+    # ("terminate called without an active exception", shared/ENVIRONMENT.md).
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def dp_sum(value: torch.Tensor, *, mesh: Optional[DeviceMesh]) -> torch.Tensor:
+    """Sum ``value`` over the data-parallel ranks (those that see different data); identity for one process."""
+    if mesh is None:
+        return value
+    out = value.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=mesh["dp"].get_group())
+    return out
+
+
+def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], *, max_norm: float) -> torch.Tensor:
+    """Clip to ``max_norm`` by the true global L2 norm over every shard; returns the norm before clipping.
+
+    With FSDP and TP the gradients are DTensors whose local pieces are shards; the norm of the stacked
+    per-tensor norms is itself a DTensor whose full value (``full_tensor``) reduces the sharded axes and
+    leaves the replicated ones alone. ``max_norm=inf`` only measures.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in params]
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    if math.isfinite(max_norm):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm=max_norm, total_norm=total, foreach=True)
+    return total

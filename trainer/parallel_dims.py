@@ -1,0 +1,81 @@
+"""The parallel layout, validated once, and the device mesh built from it.
+
+Mesh axes (names used everywhere else):
+- ``dp_replicate``: HSDP replicas; gradients all-reduced across it.
+- ``dp_shard``: FSDP; parameters, gradients and optimizer state sharded across it.
+- ``tp``: tensor + sequence parallelism (Megatron layout); innermost, so a TP group is made of
+  consecutive ranks, i.e. on one node when tp <= GPUs per node.
+- ``dp`` (flattened ``dp_replicate`` x ``dp_shard``): ranks that see different data; the data loader and
+  the global token count use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from model.config import ModelArgs
+from trainer.config import ParallelConfig
+
+AXES = ("dp_replicate", "dp_shard", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    world_size: int
+
+    @classmethod
+    def from_config(cls, cfg: ParallelConfig, *, world_size: int) -> ParallelDims:
+        """Resolve ``dp_shard=-1`` and check that the degrees multiply to ``world_size``."""
+        dp_shard = cfg.dp_shard
+        if dp_shard == -1:
+            rest, remainder = divmod(world_size, cfg.dp_replicate * cfg.tp)
+            if remainder or rest < 1:
+                raise ValueError(
+                    f"parallel.dp_replicate={cfg.dp_replicate} x parallel.tp={cfg.tp} does not divide the world "
+                    f"size {world_size}: choose degrees whose product divides the number of processes"
+                )
+            dp_shard = rest
+        if cfg.dp_replicate * dp_shard * cfg.tp != world_size:
+            raise ValueError(
+                f"parallel.dp_replicate={cfg.dp_replicate} x parallel.dp_shard={dp_shard} x parallel.tp={cfg.tp} = "
+                f"{cfg.dp_replicate * dp_shard * cfg.tp}, but the world size is {world_size}: make the product equal "
+                "the number of processes (or set parallel.dp_shard=-1)"
+            )
+        return cls(dp_replicate=cfg.dp_replicate, dp_shard=dp_shard, tp=cfg.tp, world_size=world_size)
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: ranks that see different data."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        return self.dp > 1
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    def check_model(self, args: ModelArgs) -> None:
+        """TP splits heads, kv heads and the vocabulary evenly across the ``tp`` ranks."""
+        for key, value in (("n_heads", args.n_heads), ("n_kv_heads", args.num_kv_heads),
+                           ("vocab_size", args.vocab_size)):  # fmt: skip
+            if value % self.tp:
+                raise ValueError(
+                    f"model.{key}={value} is not divisible by parallel.tp={self.tp}: tensor parallelism splits it "
+                    f"evenly across ranks; choose a tp that divides it"
+                )
+
+    def build_mesh(self, *, device_type: str) -> Optional[DeviceMesh]:
+        """The 3-D mesh (dp_replicate, dp_shard, tp) plus the flattened ``dp`` axis; None for one process."""
+        if self.world_size == 1:
+            return None
+        mesh = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.tp), mesh_dim_names=AXES)
+        mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        return mesh
