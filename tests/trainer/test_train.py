@@ -50,14 +50,15 @@ def test_training_reduces_loss_and_writes_the_run_directory(tiny_overrides, tmp_
 
 
 def test_same_seed_same_losses_bitwise(tiny_overrides, tmp_path):
-    cfg = make_cfg(tiny_overrides, "trainer.max_steps=4", "trainer.eval_every=0", "logging.wandb_mode=disabled")
+    cfg = make_cfg(tiny_overrides, "trainer.max_steps=4", "optim.warmup_steps=2", "trainer.eval_every=0",
+                   "logging.wandb_mode=disabled")
     a = train(cfg, run_dir=tmp_path / "a").losses
     b = train(cfg, run_dir=tmp_path / "b").losses
     assert a == b
 
 
 def test_gradient_accumulation_matches_one_large_batch(tiny_overrides, tmp_path):
-    common = ("trainer.max_steps=3", "trainer.eval_every=0", "logging.wandb_mode=disabled")
+    common = ("trainer.max_steps=3", "optim.warmup_steps=2", "trainer.eval_every=0", "logging.wandb_mode=disabled")
     big = train(make_cfg(tiny_overrides, *common, "trainer.micro_batch_size=8"), run_dir=tmp_path / "big")
     acc = train(make_cfg(tiny_overrides, *common, "trainer.micro_batch_size=4", "trainer.grad_accum_steps=2"),
                 run_dir=tmp_path / "acc")  # fmt: skip
