@@ -31,10 +31,13 @@ def ensure_packages() -> None:
     _run("apt-get", "install", "-y", "--no-install-recommends", *PACKAGES, env=env)
 
 
-def ensure_munge() -> None:
-    """munged running with a key; leaves an already-working munge alone."""
+MUNGE_PID_FILE = Path("/run/munge/munged.pid")
+
+
+def ensure_munge() -> bool:
+    """munged running with a key; leaves an already-working munge alone. True when this call started it."""
     if _run("bash", "-c", "munge -n | unmunge", check=False).returncode == 0:
-        return
+        return False
     for d in ("/run/munge", "/var/log/munge", "/var/lib/munge", "/etc/munge"):
         os.makedirs(d, exist_ok=True)
         shutil.chown(d, user="munge", group="munge")
@@ -46,7 +49,7 @@ def ensure_munge() -> None:
     _run("runuser", "-u", "munge", "--", "/usr/sbin/munged")
     for _ in range(50):
         if _run("bash", "-c", "munge -n | unmunge", check=False).returncode == 0:
-            return
+            return True
         time.sleep(0.1)
     raise RuntimeError("munged did not start")
 
@@ -58,6 +61,7 @@ class LocalSlurm:
         self.ctld_port = ctld_port
         self.conf = self.root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        self._started_munge = False
 
     def _write_conf(self) -> None:
         host = socket.gethostname()
@@ -82,7 +86,7 @@ class LocalSlurm:
 
     def start(self) -> None:
         ensure_packages()
-        ensure_munge()
+        self._started_munge = ensure_munge()
         self._write_conf()
         _run("slurmctld", "-f", str(self.conf), "-i", env=self.env)
         for node in self.nodes:
@@ -125,7 +129,10 @@ class LocalSlurm:
 
     def stop(self) -> None:
         """Stops the daemons this object started, by the PIDs in their pid files."""
-        for pid_file in [*self.root.glob("slurmd.*.pid"), self.root / "slurmctld.pid"]:
+        pid_files = [*self.root.glob("slurmd.*.pid"), self.root / "slurmctld.pid"]
+        if self._started_munge:
+            pid_files.append(MUNGE_PID_FILE)
+        for pid_file in pid_files:
             try:
                 os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
             except (FileNotFoundError, ProcessLookupError, ValueError):

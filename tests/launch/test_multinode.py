@@ -117,6 +117,7 @@ def test_slurm_batch_script_trains_across_two_nodes(reference, slurm, tmp_path):
     assert state == "COMPLETED", f"job {job_id} ended {state}:\n{log[-4000:]}"
     assert "2 nodes (n[1-2])" in log
     assert "[rank0]" in log and "[rank1]" in log and "train[10/10]" in log
+    print("\n".join(line for line in log.splitlines() if line.startswith("job ") or "layout dp_replicate" in line))
     table, ok = compare({"single": reference_run, "slurm_2_nodes": run_dir})
     print(table)
     assert ok, table
