@@ -168,6 +168,11 @@ class Transformer(nn.Module):
         return self.output(self.norm(h))  # (B, T, V)
 
     @torch.no_grad()
+    def init_buffers(self, *, device: Optional[torch.device] = None) -> None:
+        """Recompute the (non-persistent) RoPE table on ``device`` (default: where the buffer already is)."""
+        self.rope = self._rope_table(device=device if device is not None else self.rope.device)
+
+    @torch.no_grad()
     def init_weights(self, *, buffer_device: Optional[torch.device] = None) -> None:
         """Fill every parameter and buffer; the caller seeds the RNG (same seed -> same weights).
 
@@ -176,8 +181,7 @@ class Transformer(nn.Module):
         variance does not grow with depth. The output head uses std d^-1/2 so initial logits are O(1)
         and the first loss is close to ln(V).
         """
-        device = buffer_device if buffer_device is not None else self.rope.device
-        self.rope = self._rope_table(device=device)
+        self.init_buffers(device=buffer_device)
         std = self.args.init_std
         out_std = std / math.sqrt(2 * self.args.n_layers)
         nn.init.normal_(self.tok_embeddings.weight, std=std)

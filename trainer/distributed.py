@@ -56,12 +56,12 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def dp_sum(value: torch.Tensor, *, mesh: Optional[DeviceMesh]) -> torch.Tensor:
+def dp_sum(value: torch.Tensor, *, dp_mesh: Optional[DeviceMesh]) -> torch.Tensor:
     """Sum ``value`` over the data-parallel ranks (those that see different data); identity for one process."""
-    if mesh is None:
+    if dp_mesh is None:
         return value
     out = value.clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=mesh["dp"].get_group())
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=dp_mesh.get_group())
     return out
 
 

@@ -72,10 +72,23 @@ class ParallelDims:
                     f"evenly across ranks; choose a tp that divides it"
                 )
 
-    def build_mesh(self, *, device_type: str) -> Optional[DeviceMesh]:
-        """The 3-D mesh (dp_replicate, dp_shard, tp) plus the flattened ``dp`` axis; None for one process."""
+    def build_meshes(self, *, device_type: str) -> Optional[Meshes]:
+        """The 3-D world mesh (dp_replicate, dp_shard, tp) and its sub-meshes; None for one process."""
         if self.world_size == 1:
             return None
-        mesh = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.tp), mesh_dim_names=AXES)
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        return mesh
+        world = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.tp), mesh_dim_names=AXES)
+        fsdp = world["dp_replicate", "dp_shard"]
+        # Keep the handle _flatten returns: slicing a flattened axis back out of the root is deprecated.
+        return Meshes(world=world, fsdp=fsdp, dp=fsdp._flatten("dp"), tp=world["tp"])
+
+
+@dataclass(frozen=True)
+class Meshes:
+    """The meshes each component needs, built once from the layout."""
+
+    world: DeviceMesh
+    fsdp: DeviceMesh
+    """(dp_replicate, dp_shard): FSDP shards over the second axis and, for HSDP, replicates over the first."""
+    dp: DeviceMesh
+    """The two flattened: ranks that see different data (loader, token count, loss)."""
+    tp: DeviceMesh

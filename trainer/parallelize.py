@@ -27,26 +27,26 @@ from torch.distributed.tensor.parallel import (
 
 from model.llama import Transformer
 from trainer.config import ParallelConfig, ReduceDtype
-from trainer.parallel_dims import ParallelDims
+from trainer.parallel_dims import Meshes, ParallelDims
 
 
 def parallelize_llama(
     model: Transformer,
     *,
-    mesh: DeviceMesh,
+    meshes: Meshes,
     dims: ParallelDims,
     cfg: ParallelConfig,
     compute_dtype: torch.dtype,
 ) -> Transformer:
     if dims.tp_enabled:
-        apply_tensor_parallel(model, tp_mesh=mesh["tp"])
+        apply_tensor_parallel(model, tp_mesh=meshes.tp)
     if dims.fsdp_enabled:
         reduce_dtype = torch.float32 if cfg.reduce_dtype == ReduceDtype.fp32 else torch.bfloat16
         # Replicate x shard = HSDP when dp_replicate > 1; with dp_replicate == 1 the first axis has size 1
         # and this is plain FSDP.
         apply_fsdp(
             model,
-            dp_mesh=mesh["dp_replicate", "dp_shard"],
+            dp_mesh=meshes.fsdp,
             param_dtype=compute_dtype,
             reduce_dtype=reduce_dtype,
             reshard_after_forward=cfg.reshard_after_forward,

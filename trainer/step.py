@@ -33,8 +33,8 @@ class ComputeContext:
 
     device: torch.device
     dtype: torch.dtype
-    mesh: Optional[DeviceMesh] = None
-    """The world mesh; None for one process."""
+    dp_mesh: Optional[DeviceMesh] = None
+    """Data-parallel ranks (the flattened dp axis); None for one process."""
     dp: int = 1
     """Data-parallel degree (dp_replicate x dp_shard)."""
     tp_enabled: bool = False
@@ -76,7 +76,7 @@ def _plain(x: torch.Tensor) -> torch.Tensor:
 
 def global_token_count(micro_batches: list[dict[str, torch.Tensor]], *, ctx: ComputeContext) -> int:
     local = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches)
-    return int(dp_sum(torch.as_tensor(local, dtype=torch.int64, device=ctx.device), mesh=ctx.mesh).item())
+    return int(dp_sum(torch.as_tensor(local, dtype=torch.int64, device=ctx.device), dp_mesh=ctx.dp_mesh).item())
 
 
 def train_step(
@@ -107,7 +107,7 @@ def train_step(
             mb_sum = token_loss_sum(model, mb, ctx=ctx)
             (mb_sum * scale).backward()
         loss_sum += _plain(mb_sum.detach())
-    loss = dp_sum(loss_sum, mesh=ctx.mesh) / num_tokens
+    loss = dp_sum(loss_sum, dp_mesh=ctx.dp_mesh) / num_tokens
     # max_norm=inf still returns the norm (for logging and the NaN check) but scales nothing.
     grad_norm = clip_grad_norm_(model.parameters(), max_norm=grad_clip if grad_clip > 0 else math.inf)
     loss_value, norm_value = loss.item(), grad_norm.item()
@@ -136,7 +136,7 @@ def evaluate(model: nn.Module, batches, *, ctx: ComputeContext) -> float:
             loss_sum += _plain(token_loss_sum(model, batch, ctx=ctx)).double()
         count += (batch["labels"] != IGNORE_INDEX).sum()
     model.train(was_training)
-    loss_sum, count = dp_sum(loss_sum, mesh=ctx.mesh), dp_sum(count, mesh=ctx.mesh)
+    loss_sum, count = dp_sum(loss_sum, dp_mesh=ctx.dp_mesh), dp_sum(count, dp_mesh=ctx.dp_mesh)
     if count.item() == 0:
         raise ValueError("evaluation saw no valid labels: raise trainer.eval_steps or the validation data")
     return (loss_sum / count).item()

@@ -37,7 +37,7 @@ from trainer.device import memory_stats, peak_flops, resolve_device, resolve_dty
 from trainer.distributed import DistEnv, init_distributed, shutdown_distributed
 from trainer.metrics import MetricLogger
 from trainer.optim import build_lr_scheduler, build_optimizer
-from trainer.parallel_dims import ParallelDims
+from trainer.parallel_dims import Meshes, ParallelDims
 from trainer.parallelize import parallelize_llama
 from trainer.step import ComputeContext, evaluate, train_step
 
@@ -90,7 +90,7 @@ def build_model(
     *,
     device: torch.device,
     seed: int,
-    mesh=None,
+    meshes: Optional[Meshes] = None,
     dims: Optional[ParallelDims] = None,
     parallel: Optional[ParallelConfig] = None,
     compute_dtype: torch.dtype = torch.float32,
@@ -98,13 +98,15 @@ def build_model(
     """Build on meta (no memory), parallelise, materialise on ``device``, then initialise under ``seed``."""
     with torch.device("meta"):
         model = Transformer(args)
-    if mesh is not None:
-        parallelize_llama(model, mesh=mesh, dims=dims, cfg=parallel, compute_dtype=compute_dtype)
+    if meshes is not None:
+        parallelize_llama(model, meshes=meshes, dims=dims, cfg=parallel, compute_dtype=compute_dtype)
     model.to_empty(device=device)
-    torch.manual_seed(seed)
-    model.init_weights(buffer_device=device)  # fills the RoPE buffer; parameters too unless replaced below
-    if mesh is not None and parallel.weight_init == WeightInit.rank0:
+    if meshes is not None and parallel.weight_init == WeightInit.rank0:
+        model.init_buffers(device=device)
         _broadcast_full_init(model, args=args, seed=seed)
+    else:
+        torch.manual_seed(seed)
+        model.init_weights(buffer_device=device)
     return model
 
 
@@ -144,18 +146,19 @@ def _train(cfg: Config, *, run_dir: Path, env: DistEnv, device: torch.device) ->
     started = time.perf_counter()
     dims = ParallelDims.from_config(cfg.parallel, world_size=env.world_size)
     dims.check_model(cfg.model)
-    mesh = dims.build_mesh(device_type=device.type)
+    meshes = dims.build_meshes(device_type=device.type)
     dtype = resolve_dtype(cfg.trainer.precision, device=device)
-    ctx = ComputeContext(device=device, dtype=dtype, mesh=mesh, dp=dims.dp, tp_enabled=dims.tp_enabled,
+    dp_mesh = meshes.dp if meshes is not None else None
+    ctx = ComputeContext(device=device, dtype=dtype, dp_mesh=dp_mesh, dp=dims.dp, tp_enabled=dims.tp_enabled,
                          fsdp_mixed_precision=dims.fsdp_enabled)  # fmt: skip
 
     prepared = prepare_data_rank0_first(cfg.data, env=env)
     check_data_fits_model(model=cfg.model, prepared=prepared, seq_len=cfg.data.seq_len)
-    model = build_model(cfg.model, device=device, seed=cfg.trainer.seed, mesh=mesh, dims=dims,
+    model = build_model(cfg.model, device=device, seed=cfg.trainer.seed, meshes=meshes, dims=dims,
                         parallel=cfg.parallel, compute_dtype=dtype)  # fmt: skip
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_lr_scheduler(optimizer, cfg.optim, max_steps=cfg.trainer.max_steps)
-    dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
+    dp_rank = dp_mesh.get_local_rank() if dp_mesh is not None else 0
     train_loader = PackedLoader(
         prepared, split="train", seq_len=cfg.data.seq_len, batch_size=cfg.trainer.micro_batch_size,
         dp_rank=dp_rank, dp_size=dims.dp, seed=cfg.trainer.seed,

@@ -141,3 +141,44 @@ def test_only_rank0_writes_metrics_and_every_rank_logs_with_its_rank(layout_runs
         assert f"[rank{rank}]" in log
     assert "train[10/10]" in (run / "train_rank0.log").read_text()
     assert "train[10/10]" not in (run / "train_rank1.log").read_text()
+
+
+def _uneven_labels_worker(rank: int, world_size: int) -> None:
+    """Ranks with different numbers of valid labels: loss, grad norm and update equal one process's."""
+    from trainer.config import OptimConfig
+    from trainer.optim import build_lr_scheduler, build_optimizer
+    from trainer.step import IGNORE_INDEX, ComputeContext, train_step
+    from trainer.train import build_model
+
+    args = ModelArgs(vocab_size=64, max_seq_len=16)
+    cpu = torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    inputs = torch.randint(0, 64, (4, 8), generator=gen)
+    labels = torch.randint(0, 64, (4, 8), generator=gen)
+    labels[2:, 1:] = IGNORE_INDEX  # rank 1's half keeps 2 valid labels, rank 0's all 16
+    optim_cfg = OptimConfig(warmup_steps=1, lr=1e-2)
+
+    def step(model, ctx, batch):
+        opt = build_optimizer(model, optim_cfg)
+        sched = build_lr_scheduler(opt, optim_cfg, max_steps=2)
+        return train_step(model, opt, sched, [batch], ctx=ctx, grad_clip=0.0, step=1)
+
+    reference = build_model(args, device=cpu, seed=0)
+    ref_out = step(reference, ComputeContext(device=cpu, dtype=torch.float32), {"inputs": inputs, "labels": labels})
+
+    dims = ParallelDims.from_config(ParallelConfig(), world_size=world_size)
+    meshes = dims.build_meshes(device_type="cpu")
+    sharded = build_model(args, device=cpu, seed=0, meshes=meshes, dims=dims, parallel=ParallelConfig())
+    ctx = ComputeContext(device=cpu, dtype=torch.float32, dp_mesh=meshes.dp, dp=dims.dp, fsdp_mixed_precision=True)
+    half = slice(2 * rank, 2 * rank + 2)
+    out = step(sharded, ctx, {"inputs": inputs[half], "labels": labels[half]})
+
+    assert out.tokens == ref_out.tokens == 18
+    assert abs(out.loss - ref_out.loss) <= 1e-6 * ref_out.loss
+    assert abs(out.grad_norm - ref_out.grad_norm) <= 1e-5 * ref_out.grad_norm
+    for (name, param), ref_param in zip(sharded.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(param.full_tensor(), ref_param, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_loss_is_the_global_token_mean_with_uneven_valid_labels():
+    run_workers(_uneven_labels_worker, world_size=2)
