@@ -182,3 +182,43 @@ def _uneven_labels_worker(rank: int, world_size: int) -> None:
 
 def test_loss_is_the_global_token_mean_with_uneven_valid_labels():
     run_workers(_uneven_labels_worker, world_size=2)
+
+
+def test_loss_compare_flags_a_disagreeing_layout(tmp_path):
+    """The comparison can fail: a loss off by 1e-4 relative, or weights off by 1e-3, is a mismatch."""
+    import json
+
+    weights = {"w": torch.ones(4, 4)}
+
+    def fake_run(name, losses, scale=1.0):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "summary.json").write_text(json.dumps({"losses": losses}))
+        torch.save({k: v * scale for k, v in weights.items()}, run / "final_model.pt")
+        return run
+
+    runs = {"single": fake_run("single", [2.0, 1.5]), "same": fake_run("same", [2.0, 1.5 * (1 + 1e-7)])}
+    assert compare(runs)[1]
+    runs["loss_off"] = fake_run("loss_off", [2.0, 1.5 * (1 + 1e-4)])
+    table, ok = compare(runs)
+    assert not ok and "loss_off vs single" in table and "MISMATCH" in table
+    del runs["loss_off"]
+    runs["weights_off"] = fake_run("weights_off", [2.0, 1.5], scale=1 + 1e-3)
+    assert not compare(runs)[1]
+
+
+def test_fsdp_bf16_mixed_precision_tracks_fp32(tmp_path):
+    """bf16 parameters/compute with fp32 gradient reduction: close to the fp32 run, not equal (bf16 keeps
+    8 bits of mantissa, so 2% on the loss after a few steps is the expected scale, not a bug)."""
+    import json
+
+    fp32 = run_layout(LAYOUTS["fsdp2"], workdir=tmp_path, steps=3)
+    bf16 = run_layout(
+        LAYOUTS["fsdp2"].__class__("fsdp2_bf16", nproc=2, dp=2, overrides=("trainer.precision=bf16",)),
+        workdir=tmp_path, steps=3,
+    )  # fmt: skip
+    a = json.loads((fp32 / "summary.json").read_text())["losses"]
+    b = json.loads((bf16 / "summary.json").read_text())["losses"]
+    assert a != b  # bf16 really ran
+    for x, y in zip(a, b):
+        assert abs(x - y) <= 2e-2 * x
