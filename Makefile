@@ -16,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
-.PHONY: help install train test test-slow test-multinode test-gpu test-all loss-compare model-info clean
+.PHONY: help install train test test-slow test-multinode test-faults test-gpu test-all loss-compare model-info clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ test-slow: $(STAMP)  ## the slow suite (multi-node, fault injection, long runs)
 
 test-multinode: $(STAMP)  ## multi-node training: two network-namespace nodes, and a local Slurm cluster (root; ~3 min)
 	$(PY) -m pytest -m slow tests/launch/test_multinode.py $(PYTEST_ARGS)
+
+test-faults: $(STAMP)  ## fault tolerance: preemption signal -> checkpoint -> resume, killed ranks (slow)
+	$(PY) -m pytest -m slow tests/trainer/test_faults.py $(PYTEST_ARGS)
 
 test-gpu: $(STAMP)  ## tests that need a CUDA device (and flash-attn where marked)
 	$(PY) -m pytest -m "gpu" $(PYTEST_ARGS)

@@ -15,7 +15,7 @@ from omegaconf.errors import ConfigKeyError
 
 from data.config import DataConfig
 from model.config import ModelArgs
-from trainer.config import LoggingConfig, OptimConfig, ParallelConfig, TrainerConfig
+from trainer.config import CheckpointConfig, LoggingConfig, OptimConfig, ParallelConfig, TrainerConfig
 
 
 @dataclass
@@ -26,6 +26,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 def register_schema() -> None:

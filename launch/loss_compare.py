@@ -66,13 +66,18 @@ def common_overrides(*, cache_dir: Path, steps: int) -> list[str]:
     ]  # fmt: skip
 
 
-def run_layout(layout: Layout, *, workdir: Path, steps: int, timeout_s: int = 600) -> Path:
-    """Train one layout in a subprocess (torchrun for several processes); returns its run directory."""
-    run_dir = workdir / layout.name
+def run_layout(layout: Layout, *, workdir: Path, steps: int, run_name: str | None = None,
+               extra: tuple[str, ...] = (), timeout_s: int = 600) -> Path:  # fmt: skip
+    """Train one layout in a subprocess (torchrun for several processes); returns its run directory.
+
+    ``run_name`` (default: the layout's name) picks the run directory; training again in the same one
+    resumes from its newest checkpoint. ``extra`` overrides come last.
+    """
+    run_dir = workdir / (run_name or layout.name)
     micro = GLOBAL_BATCH // (layout.dp * layout.accum)
     overrides = [*common_overrides(cache_dir=workdir / "cache", steps=steps), *layout.overrides,
                  f"trainer.micro_batch_size={micro}", f"trainer.grad_accum_steps={layout.accum}",
-                 f"hydra.run.dir={run_dir}"]  # fmt: skip
+                 f"hydra.run.dir={run_dir}", *extra]  # fmt: skip
     if layout.nproc == 1:
         cmd = [sys.executable, "-m", "trainer.train", *overrides]
     else:

@@ -77,3 +77,27 @@ def tiny_overrides(tiny_conf_dir, tiny_cache) -> list[str]:
         "logging.log_every=5",
         "logging.wandb_mode=offline",
     ]
+
+
+REFERENCE_STEPS = 10
+PINNED_SCHEDULE = ("optim.decay_steps=10",)
+"""Reference runs pin the cosine's length, so a run stopped early follows the same schedule as a full one."""
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """``reference_run(name)``: the debug model trained for 10 steps under layout ``name`` (see
+    launch/loss_compare.py), run once per session on first use and shared by the tests that compare
+    against it. The returned run directory holds summary.json, final_model.pt and checkpoints/."""
+    from launch.loss_compare import LAYOUTS, run_layout
+
+    workdir = tmp_path_factory.mktemp("reference_runs")
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            cache[name] = run_layout(LAYOUTS[name], workdir=workdir, steps=REFERENCE_STEPS, extra=PINNED_SCHEDULE)
+        return cache[name]
+
+    get.workdir = workdir
+    return get

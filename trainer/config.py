@@ -142,6 +142,34 @@ class ParallelConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Distributed checkpoints (torch.distributed.checkpoint) of everything a run needs to continue."""
+
+    dir: Optional[str] = None
+    """Where checkpoints go; None means ``<run_dir>/checkpoints``."""
+    every_steps: int = 0
+    """Save every this many steps; 0 saves only at the end (and on a preemption signal)."""
+    save_final: bool = True
+    """Save after the last step."""
+    keep_last_k: int = 3
+    """Keep this many newest complete checkpoints, delete older ones; 0 keeps all."""
+    async_save: bool = False
+    """Stage tensors to host memory, then write them from a background thread while training goes on."""
+    resume: Optional[str] = "auto"
+    """auto: continue from the newest complete checkpoint in ``dir`` if there is one; a path: from that one
+    (it must exist); null: never resume."""
+    init_from: Optional[str] = None
+    """A checkpoint to take the model weights from (not optimizer or data state) when not resuming, e.g. one
+    written by ``python -m trainer.hf_interop import``."""
+    save_on_signal: bool = True
+    """On SIGUSR2 or SIGTERM, save a checkpoint at the end of the current step and stop (Slurm preemption)."""
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0 or self.keep_last_k < 0:
+            raise ValueError("checkpoint.every_steps and checkpoint.keep_last_k must be >= 0")
+
+
+@dataclass
 class LoggingConfig:
     """Where metrics go: console, a JSONL file in the run directory, wandb."""
 

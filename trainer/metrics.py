@@ -18,7 +18,8 @@ logger = logging.getLogger(__name__)
 
 
 class MetricLogger:
-    def __init__(self, cfg: LoggingConfig, *, run_dir: Path, run_config: dict[str, Any], enabled: bool = True):
+    def __init__(self, cfg: LoggingConfig, *, run_dir: Path, run_config: dict[str, Any], enabled: bool = True,
+                 wandb_id: Optional[str] = None):  # fmt: skip
         self.enabled = enabled
         self._wandb_run = None
         self._jsonl = None
@@ -28,7 +29,7 @@ class MetricLogger:
         self.jsonl_path = run_dir / "metrics.jsonl"
         self._jsonl = self.jsonl_path.open("a", buffering=1)  # line-buffered: a crash loses no record
         if cfg.wandb_mode != WandbMode.disabled:
-            self._wandb_run = _init_wandb(cfg, run_dir=run_dir, run_config=run_config)
+            self._wandb_run = _init_wandb(cfg, run_dir=run_dir, run_config=run_config, run_id=wandb_id)
 
     def log(self, metrics: dict[str, float], *, step: int, prefix: str = "train") -> None:
         if not self.enabled:
@@ -48,11 +49,12 @@ class MetricLogger:
             self._wandb_run = None
 
     @property
-    def wandb_dir(self) -> Optional[str]:
-        return None if self._wandb_run is None else self._wandb_run.dir
+    def wandb_id(self) -> Optional[str]:
+        """The wandb run's id, saved in checkpoints so a resumed run continues the same wandb run."""
+        return None if self._wandb_run is None else self._wandb_run.id
 
 
-def _init_wandb(cfg: LoggingConfig, *, run_dir: Path, run_config: dict[str, Any]):
+def _init_wandb(cfg: LoggingConfig, *, run_dir: Path, run_config: dict[str, Any], run_id: Optional[str]):
     import wandb
 
     # console="off": wandb would otherwise wrap stdout/stderr; x_disable_stats: no system-metrics
@@ -67,6 +69,8 @@ def _init_wandb(cfg: LoggingConfig, *, run_dir: Path, run_config: dict[str, Any]
             mode=cfg.wandb_mode.value,
             config=run_config,
             settings=settings,
+            id=run_id,
+            resume="allow" if run_id else None,
         )
     except Exception as err:  # wandb raises its own UsageError/CommError types
         if cfg.wandb_mode == WandbMode.online:

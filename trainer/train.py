@@ -16,10 +16,12 @@ import itertools
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import hydra
 import torch
@@ -32,6 +34,7 @@ from data import DataConfig, PackedLoader, PreparedData, prepare_data
 from model.config import ModelArgs
 from model.flops import flops_per_token, param_counts
 from model.llama import Transformer
+from trainer.checkpoint import Checkpointer
 from trainer.config import ParallelConfig, WeightInit
 from trainer.device import memory_stats, peak_flops, resolve_device, resolve_dtype
 from trainer.distributed import DistEnv, init_distributed, shutdown_distributed
@@ -49,7 +52,9 @@ class TrainResult:
     """What a finished run reports (also written to ``summary.json`` in the run directory)."""
 
     losses: list[float] = field(default_factory=list)
-    """Training loss of every step (the global batch's mean)."""
+    """Training loss of every step this process ran (the global batch's mean), from ``first_step`` on."""
+    first_step: int = 1
+    """1, or the step after the checkpoint this run resumed from."""
     val_losses: dict[int, float] = field(default_factory=dict)
     """Validation loss by step."""
     tokens: int = 0
@@ -58,6 +63,9 @@ class TrainResult:
     """Global throughput over the whole run, evaluation excluded."""
     wall_time_s: float = 0.0
     world_size: int = 1
+    checkpoint_stall_s: list[float] = field(default_factory=list)
+    """Seconds each checkpoint save held training up."""
+    stopped_by_signal: bool = False
 
 
 def check_data_fits_model(*, model: ModelArgs, prepared: PreparedData, seq_len: int) -> None:
@@ -168,7 +176,12 @@ def _train(cfg: Config, *, run_dir: Path, env: DistEnv, device: torch.device) ->
     if env.is_rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(run_config))
-    metrics = MetricLogger(cfg.logging, run_dir=run_dir, run_config=run_config, enabled=env.is_rank0)
+    checkpointer = Checkpointer(cfg.checkpoint, run_dir=run_dir)
+    result = TrainResult(world_size=env.world_size)
+    wandb_id = _restore(cfg, checkpointer=checkpointer, model=model, optimizer=optimizer, scheduler=scheduler,
+                        loader=train_loader, result=result)  # fmt: skip
+    metrics = MetricLogger(cfg.logging, run_dir=run_dir, run_config=run_config, enabled=env.is_rank0,
+                           wandb_id=wandb_id)  # fmt: skip
     counts = param_counts(cfg.model)
     flops_tok = flops_per_token(cfg.model, seq_len=cfg.data.seq_len)
     peak = peak_flops(device=device, dtype=dtype, override=cfg.trainer.peak_flops) * env.world_size
@@ -179,11 +192,13 @@ def _train(cfg: Config, *, run_dir: Path, env: DistEnv, device: torch.device) ->
         device.type, dtype, peak, run_dir,
     )  # fmt: skip
 
-    result = TrainResult(world_size=env.world_size)
+    run = _Run(cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
+               prepared=prepared, metrics=metrics, checkpointer=checkpointer, ctx=ctx, dp_rank=dp_rank,
+               flops_per_token=flops_tok, peak=peak, run_config=run_config, result=result)  # fmt: skip
     try:
-        _loop(cfg, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
-              prepared=prepared, metrics=metrics, result=result, ctx=ctx, dp_rank=dp_rank,
-              flops_per_token=flops_tok, peak=peak)  # fmt: skip
+        with _StopSignals(enabled=cfg.checkpoint.save_on_signal) as stop:
+            _loop(run, stop=stop)
+        checkpointer.wait()
     finally:
         metrics.close()
     result.wall_time_s = time.perf_counter() - started
@@ -194,6 +209,21 @@ def _train(cfg: Config, *, run_dir: Path, env: DistEnv, device: torch.device) ->
     return result
 
 
+def _restore(cfg: Config, *, checkpointer: Checkpointer, model, optimizer, scheduler, loader,
+             result: TrainResult) -> Optional[str]:  # fmt: skip
+    """Resume from a checkpoint, or take initial weights from one; returns the wandb run id to continue."""
+    path = checkpointer.resume_path()
+    if path is not None:
+        meta = checkpointer.load(path, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
+                                 args=cfg.model)  # fmt: skip
+        result.first_step = meta["step"] + 1
+        result.tokens = meta["tokens"]
+        return meta.get("wandb_id")
+    if cfg.checkpoint.init_from is not None:
+        checkpointer.load_model_only(Path(cfg.checkpoint.init_from), model=model, args=cfg.model)
+    return None
+
+
 def _save_full_model(model: torch.nn.Module, *, path: Path, is_rank0: bool) -> None:
     """Consolidated fp32 weights on rank 0 (a collective: every rank must call it)."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -201,40 +231,114 @@ def _save_full_model(model: torch.nn.Module, *, path: Path, is_rank0: bool) -> N
         torch.save(state, path)
 
 
-def _loop(cfg: Config, *, model, optimizer, scheduler, train_loader, prepared, metrics, result, ctx, dp_rank,
-          flops_per_token: int, peak: float) -> None:  # fmt: skip
-    tcfg = cfg.trainer
-    batches = batches_to(ctx.device, train_loader)
+@dataclass
+class _Run:
+    """The parts of a run the loop needs, built once by ``_train``."""
+
+    cfg: Config
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_loader: PackedLoader
+    prepared: PreparedData
+    metrics: MetricLogger
+    checkpointer: Checkpointer
+    ctx: ComputeContext
+    dp_rank: int
+    flops_per_token: int
+    peak: float
+    run_config: dict
+    result: TrainResult
+
+
+class _StopSignals:
+    """SIGUSR2 / SIGTERM (Slurm's preemption warning, a scheduler's stop) ask for a checkpoint and a clean stop.
+
+    The handler only sets a flag; the loop acts on it at the end of a step, after every rank has agreed
+    (a collective), so all ranks save the same step.
+    """
+
+    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+    def __init__(self, *, enabled: bool):
+        # Signal handlers can only be installed from the main thread (tests may run training elsewhere).
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.received: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if self.enabled:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self, *, device: torch.device) -> bool:
+        """True on every rank when any rank received a signal."""
+        flag = torch.tensor(int(self.received is not None), device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _loop(run: _Run, *, stop: _StopSignals) -> None:
+    cfg, tcfg, result, ctx = run.cfg, run.cfg.trainer, run.result, run.ctx
+    batches = batches_to(ctx.device, run.train_loader)
     window_start, window_steps, window_tokens, window_data_s, train_s = time.perf_counter(), 0, 0, 0.0, 0.0
-    for step in range(1, tcfg.max_steps + 1):
+    for step in range(result.first_step, tcfg.max_steps + 1):
         t0 = time.perf_counter()
         micro_batches = list(itertools.islice(batches, tcfg.grad_accum_steps))
         data_s = time.perf_counter() - t0
-        out = train_step(model, optimizer, scheduler, micro_batches, ctx=ctx, grad_clip=cfg.optim.grad_clip,
-                         defer_grad_sync=cfg.parallel.defer_grad_sync, step=step)  # fmt: skip
+        out = train_step(run.model, run.optimizer, run.scheduler, micro_batches, ctx=ctx,
+                         grad_clip=cfg.optim.grad_clip, defer_grad_sync=cfg.parallel.defer_grad_sync, step=step)  # fmt: skip
         result.losses.append(out.loss)
         result.tokens += out.tokens
         window_steps += 1
         window_tokens += out.tokens
         window_data_s += data_s
-        if step % cfg.logging.log_every == 0 or step in (1, tcfg.max_steps):
+        run.checkpointer.poll()
+        if step % cfg.logging.log_every == 0 or step in (result.first_step, tcfg.max_steps):
             elapsed = time.perf_counter() - window_start
             train_s += elapsed
             tps = window_tokens / elapsed
-            metrics.log(
+            run.metrics.log(
                 {"loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm, "tokens_per_sec": tps,
-                 "mfu": tps * flops_per_token / peak, "step_time_s": elapsed / window_steps,
+                 "mfu": tps * run.flops_per_token / run.peak, "step_time_s": elapsed / window_steps,
                  "data_wait_frac": window_data_s / elapsed, "tokens": result.tokens, **memory_stats(ctx.device)},
                 step=step, prefix=f"train[{step}/{tcfg.max_steps}]",
             )  # fmt: skip
             window_steps, window_tokens, window_data_s = 0, 0, 0.0
             window_start = time.perf_counter()
+        side_work = False  # evaluation and checkpoint time is not training throughput
         if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.max_steps):
-            val_loss = _validate(cfg, model=model, prepared=prepared, ctx=ctx, dp_rank=dp_rank)
+            val_loss = _validate(cfg, model=run.model, prepared=run.prepared, ctx=ctx, dp_rank=run.dp_rank)
             result.val_losses[step] = val_loss
-            metrics.log({"loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))}, step=step, prefix="val")
-            window_start = time.perf_counter()  # evaluation time is not training throughput
-    result.tokens_per_sec = result.tokens / max(train_s, 1e-9)
+            run.metrics.log({"loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))}, step=step, prefix="val")
+            side_work = True
+        stopping = stop.enabled and stop.requested(device=ctx.device)
+        every = cfg.checkpoint.every_steps
+        if stopping or (every and step % every == 0) or (step == tcfg.max_steps and cfg.checkpoint.save_final):
+            result.checkpoint_stall_s.append(_save(run, step=step))
+            side_work = True
+        if stopping:
+            logger.warning("stop signal received: checkpoint of step %d saved, stopping", step)
+            result.stopped_by_signal = True
+            break
+        if side_work:
+            window_start = time.perf_counter()
+    result.tokens_per_sec = result.tokens / max(train_s, 1e-9) if train_s else 0.0
+
+
+def _save(run: _Run, *, step: int) -> float:
+    return run.checkpointer.save(step=step, tokens=run.result.tokens, model=run.model, optimizer=run.optimizer,
+                                 scheduler=run.scheduler, loader=run.train_loader, run_config=run.run_config,
+                                 wandb_id=run.metrics.wandb_id)  # fmt: skip
 
 
 def _validate(cfg: Config, *, model, prepared, ctx: ComputeContext, dp_rank: int) -> float:
@@ -260,13 +364,16 @@ def main(cfg: DictConfig) -> None:
     env = DistEnv.from_environ()
     _prefix_logs_with_rank(env.rank)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    result = train(to_config(cfg), run_dir=run_dir)
-    if env.is_rank0:
+    cfg = to_config(cfg)
+    result = train(cfg, run_dir=run_dir)
+    if env.is_rank0 and result.losses:
         logger.info(
-            "done: loss %.4f -> %.4f over %d steps, %d tokens at %.0f tokens/s on %d processes, %.1f s; run dir %s",
-            result.losses[0], result.losses[-1], len(result.losses), result.tokens, result.tokens_per_sec,
-            result.world_size, result.wall_time_s, run_dir,
+            "done: loss %.4f -> %.4f over steps %d-%d, %d tokens at %.0f tokens/s on %d processes, %.1f s; run dir %s",
+            result.losses[0], result.losses[-1], result.first_step, result.first_step + len(result.losses) - 1,
+            result.tokens, result.tokens_per_sec, result.world_size, result.wall_time_s, run_dir,
         )  # fmt: skip
+    elif env.is_rank0:
+        logger.info("done: nothing to train (resumed at step %d of %d)", result.first_step - 1, cfg.trainer.max_steps)
 
 
 if __name__ == "__main__":

@@ -120,10 +120,9 @@ def test_deferred_grad_sync_skips_the_reduce_scatter():
 
 
 @pytest.fixture(scope="module")
-def layout_runs(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("layouts")
+def layout_runs(reference_run):
     names = ("single", "fsdp2", "tp2", "fsdp2_tp2", "hsdp2x2", "fsdp2_accum2", "fsdp2_accum2_sync_each")
-    return {name: run_layout(LAYOUTS[name], workdir=workdir, steps=10) for name in names}
+    return {name: reference_run(name) for name in names}
 
 
 def test_every_layout_matches_one_process(layout_runs):

@@ -1,0 +1,26 @@
+"""Transformer-layer ops with hand-written backward functions that choose what to save (LLaMA paper §2.4).
+
+The LLaMA paper saves the activations that are expensive to compute (the outputs of linear layers) and
+recomputes the cheap element-wise ones, by writing the layer's backward by hand. Each op here takes
+``recompute``: True ("selective") saves only matmul inputs/outputs, the attention kernel's output and
+log-sum-exp, and the RMSNorm input and reciprocal RMS, and redoes element-wise work in backward; False
+("none") saves the element-wise intermediates as well. The two modes do the same arithmetic in the same
+order, so they give bitwise-identical outputs and gradients; only memory differs. Each module's
+docstring states its equations and exactly what it saves.
+
+Implementation: plain ``torch.autograd.Function``s behind small functions. STYLE prefers
+``torch.library.custom_op`` with ``register_fake``/``register_autograd`` for code that must run under
+``torch.compile``; that is left for a later step, because (1) the ops are first checked in eager mode
+against autograd, where a Function is the most direct expression of "this is the backward", and (2)
+a custom op's backward may only see what ``setup_context`` saves from the inputs and outputs, so the
+intermediates of the ``recompute=False`` mode (and swiglu's a, b) would have to become extra outputs,
+which is a change of interface best made once the eager semantics are pinned down by these tests.
+"""
+
+from model.ops.attention import attention_core
+from model.ops.linear import linear
+from model.ops.memory import SavedBytes, saved_activation_bytes, saved_bytes
+from model.ops.rms_norm import rms_norm
+from model.ops.swiglu import swiglu
+
+__all__ = ["SavedBytes", "attention_core", "linear", "rms_norm", "saved_activation_bytes", "saved_bytes", "swiglu"]

@@ -1,0 +1,134 @@
+"""Causal attention core (softmax(q k^T / sqrt(D)) v) around the fused flash kernels' forward and backward.
+
+Shape legend: B batch, T sequence, H query heads, Hkv key/value heads (H % Hkv == 0), G = H / Hkv
+query heads per kv head, D head dim. Inputs and output use the (B, T, H, D) layout of the projections
+(as ``model.attention.causal_attention``); the kernels take (B, H, T, D) views of the same memory.
+
+    forward:  P   = softmax(q k^T / sqrt(D) + causal mask)   (B, H, T, T), never stored; query head h
+                                                             reads kv head h // G
+              o   = P v                                      (B, T, H, D)
+              lse = logsumexp(q k^T / sqrt(D) + mask)        (B, H, T), in at least fp32
+    input:    dq, dk, dv = flash_backward(do, q, k, v, o, lse): the kernel rebuilds P tile by tile from
+              q, k and lse; dk, dv sum over the G query heads that share each kv head.
+    weight:   none (the projections around this core are ``linear`` ops).
+
+Grouped-query heads: the CPU kernel takes k, v with Hkv heads itself (checked by the tests), so nothing
+is expanded. For the CUDA kernel, which is not checked here, k and v are expanded to H heads first,
+k' = repeat_interleave(k, G, dim=heads), and dk = the sum of dk' over each group of G copies.
+
+Saved for backward (neither mode stores P: the kernel's log-sum-exp is what lets its backward rebuild
+it, which is the point of saving it):
+    recompute=True:  q, k, v (Hkv heads), o, lse. Where k and v are expanded, the expansion is redone in
+                     backward: a copy, cheap to redo, G times larger than k and v.
+    recompute=False: q, k', v' (the expanded H-head copies, which backward consumes, in place of k and
+                     v), o, lse. Without an expansion (CPU, or G = 1) the modes save the same tensors: there
+                     is no element-wise work outside the fused kernel to recompute.
+Both modes run the same kernels on the same values, so results are bitwise equal.
+
+Kernels: on CPU, ``aten._scaled_dot_product_flash_attention_for_cpu`` and its ``_backward``; this is what
+``F.scaled_dot_product_attention(..., is_causal=True)`` dispatches to on CPU for fp32/fp64, so output and
+gradients equal the model's SDPA path bit for bit. On CUDA, ``aten._scaled_dot_product_flash_attention``
+and its backward (fp16/bf16 only). The CUDA branch is written against this torch's schemas but has NOT
+been run: there is no GPU where these tests run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+aten = torch.ops.aten
+
+
+def _kernel_takes_gqa(q: torch.Tensor) -> bool:
+    """Whether the kernel for ``q``'s device accepts k, v with fewer heads than q (no expansion needed)."""
+    # CPU: verified by the tests. CUDA: FlashAttention-2 supports it, but torch's wrapper is untested here,
+    # so expand there, which is correct either way.
+    return not q.is_cuda
+
+
+def _expand_heads(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, T, Hkv, D) -> (B, T, Hkv * groups, D), each kv head repeated for its group of query heads."""
+    return t if groups == 1 else t.repeat_interleave(groups, dim=2)
+
+
+def _reduce_heads(dt: torch.Tensor, groups: int) -> torch.Tensor:
+    """Adjoint of ``_expand_heads``: (B, T, Hkv * groups, D) -> (B, T, Hkv, D), summing each group."""
+    return dt if groups == 1 else dt.unflatten(2, (-1, groups)).sum(3)
+
+
+def _bhtd(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(B, T, H, D) -> (B, H, T, D) views, the kernels' layout."""
+    return tuple(t.transpose(1, 2) for t in ts)
+
+
+def _flash_forward(q, k, v) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """q (B, H, T, D), k, v (B, H or Hkv, T, D) -> o (B, H, T, D), lse (B, H, T), CUDA backward extras."""
+    if q.is_cuda:  # untested here (no GPU): see the module docstring
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"attention_core on CUDA needs fp16/bf16 inputs (flash kernel); got {q.dtype}")
+        o, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, True, False
+        )
+        return o, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
+    o, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
+    return o, lse, ()
+
+
+def _flash_backward(do, q, k, v, o, lse, extras: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs as ``_flash_forward`` takes and returns, plus do (B, H, T, D) -> dq, dk, dv shaped as q, k, v."""
+    if q.is_cuda:  # untested here (no GPU)
+        cum_q, cum_k, max_q, max_k, seed, offset = extras
+        return aten._scaled_dot_product_flash_attention_backward(
+            do, q, k, v, o, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset
+        )
+    return aten._scaled_dot_product_flash_attention_for_cpu_backward(do, q, k, v, o, lse, 0.0, True)
+
+
+class _AttentionCore(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, recompute: bool) -> torch.Tensor:
+        groups = 1 if _kernel_takes_gqa(q) else q.shape[2] // k.shape[2]
+        k_rep, v_rep = _expand_heads(k, groups), _expand_heads(v, groups)  # (B, T, H or Hkv, D)
+        o, lse, extras = _flash_forward(*_bhtd(q, k_rep, v_rep))
+        out = o.transpose(1, 2)  # (B, T, H, D)
+        del o
+        ctx.groups, ctx.recompute = groups, recompute
+        # The CUDA kernel's extras are a few scalars and two tiny RNG-state tensors (unused: no dropout).
+        ctx.extras = extras
+        if recompute:
+            ctx.save_for_backward(q, k, v, out, lse)
+        else:
+            ctx.save_for_backward(q, k_rep, v_rep, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        q, k_saved, v_saved, out, lse = ctx.saved_tensors
+        groups = ctx.groups
+        if ctx.recompute:
+            k_rep, v_rep = _expand_heads(k_saved, groups), _expand_heads(v_saved, groups)
+        else:
+            k_rep, v_rep = k_saved, v_saved
+        del k_saved, v_saved
+        dq, dk_rep, dv_rep = _flash_backward(*_bhtd(dout, q, k_rep, v_rep, out), lse, ctx.extras)
+        del k_rep, v_rep
+        dq, dk_rep, dv_rep = _bhtd(dq, dk_rep, dv_rep)  # back to (B, T, H, D)
+        return dq, _reduce_heads(dk_rep, groups), _reduce_heads(dv_rep, groups), None
+
+
+def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, recompute: bool = True) -> torch.Tensor:
+    """Causal softmax(q k^T / sqrt(D)) v with grouped-query heads and a hand-written backward.
+
+    Args:
+        q: (B, T, H, D); k, v: (B, T, Hkv, D) with H % Hkv == 0.
+        recompute: where k and v must be expanded to H heads for the kernel (CUDA), True saves k and v
+            and redoes the expansion in backward, False saves the expanded copies. No effect on CPU.
+    Returns:
+        (B, T, H, D).
+    """
+    if q.ndim != 4 or k.shape != v.shape or q.shape[2] % k.shape[2] != 0:
+        raise ValueError(
+            "attention_core takes q (B, T, H, D) and k, v (B, T, Hkv, D) with H % Hkv == 0; "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    return _AttentionCore.apply(q, k, v, recompute)

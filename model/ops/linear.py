@@ -1,0 +1,54 @@
+"""y = x W^T with a hand-written backward, and the two matmul gradients the other ops reuse.
+
+Shape legend: N = B*T tokens (any leading dims are flattened), d_in input width, d_out output width.
+
+    forward:  y  = x W^T              x (..., d_in), W (d_out, d_in) -> y (..., d_out)
+    input:    dx = dy W               (..., d_out) @ (d_out, d_in) -> (..., d_in)
+    weight:   dW = dy^T x             (d_out, N) @ (N, d_in) -> (d_out, d_in), summed over all N tokens
+
+Saved for backward: x (for dW) and W (for dx). That is all a linear layer needs, and nothing in it is
+element-wise, so there is nothing to recompute: ``recompute`` is accepted only to keep the signature
+uniform with the other ops and has no effect.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def input_grad(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """dx = dy W: (..., d_out) -> (..., d_in)."""
+    return dy @ weight
+
+
+def weight_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """dW = dy^T x with the leading dims of both flattened into N: (d_out, N) @ (N, d_in)."""
+    return dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        # F.linear, as nn.Linear calls it, so swapping this op in changes no bits of the forward.
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        dx = input_grad(dy, weight) if ctx.needs_input_grad[0] else None
+        dw = weight_grad(dy, x) if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, *, recompute: bool = True) -> torch.Tensor:
+    """x W^T with a hand-written backward (see the module docstring); ``recompute`` has no effect here.
+
+    Args:
+        x: (..., d_in); weight: (d_out, d_in), as ``nn.Linear.weight``.
+    Returns:
+        (..., d_out).
+    """
+    del recompute  # nothing element-wise to recompute; kept for a uniform signature
+    return _Linear.apply(x, weight)

@@ -1,0 +1,87 @@
+"""SwiGLU feed-forward with a hand-written backward that recomputes the gate (xformers' recipe).
+
+Shape legend: N = B*T tokens (any leading dims), d model width, F hidden width
+(``ModelArgs.ffn_hidden_dim``). W1, W3: (F, d); W2: (d, F), as ``nn.Linear`` weights.
+
+    forward:  a = x W1^T,  b = x W3^T                        (N, F)   the two expensive matmuls
+              s = silu(a) = a * sigmoid(a),  h = s * b       (N, F)   cheap, element-wise
+              y = h W2^T                                     (N, d)
+    input:    dh = dy W2                                     (N, F)
+              db = dh * s
+              da = dh * b * silu'(a),  silu'(a) = sig(a) * (1 + a * (1 - sig(a)))   (taken in >= fp32)
+              dx = da W1 + db W3                             (N, d)
+    weight:   dW2 = dy^T h,  dW1 = da^T x,  dW3 = db^T x    summed over the N tokens
+
+Saved for backward:
+    recompute=True:  x, a, b and W1, W3, W2. s and h are recomputed from a and b (two element-wise ops),
+                     which is far cheaper than the matmuls that produced a and b.
+    recompute=False: also s and h, two more (N, F) buffers.
+Both modes run the same arithmetic in the same order, so outputs and gradients are bitwise equal. The
+forward is ``model.llama.FeedForward.forward`` op for op, so swapping this in changes no output bits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from model.ops.linear import input_grad, weight_grad
+
+
+def _silu_grad_times(a: torch.Tensor, dgate: torch.Tensor) -> torch.Tensor:
+    """dgate * silu'(a) in at least fp32 (the sigmoid of a bf16 a loses bits), cast back to a.dtype."""
+    af = a.to(torch.promote_types(a.dtype, torch.float32))
+    sig = torch.sigmoid(af)
+    out = dgate.to(af.dtype) * (sig * (1 + af * (1 - sig)))
+    return out.to(a.dtype)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, w3, w2, recompute: bool) -> torch.Tensor:
+        a = F.linear(x, w1)  # (..., F)
+        b = F.linear(x, w3)
+        s = F.silu(a)
+        h = s * b
+        y = F.linear(h, w2)  # (..., d)
+        ctx.recompute = recompute
+        if recompute:
+            ctx.save_for_backward(x, a, b, w1, w3, w2)
+        else:
+            ctx.save_for_backward(x, a, b, w1, w3, w2, s, h)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        if ctx.recompute:
+            x, a, b, w1, w3, w2 = ctx.saved_tensors
+            s = F.silu(a)
+            h = s * b
+        else:
+            x, a, b, w1, w3, w2, s, h = ctx.saved_tensors
+        need_x, need_w1, need_w3, need_w2, _ = ctx.needs_input_grad
+        dw2 = weight_grad(dy, h) if need_w2 else None
+        del h
+        dh = input_grad(dy, w2)  # (..., F)
+        db = dh * s
+        del s
+        da = _silu_grad_times(a, dh * b)
+        del dh, a, b
+        dx = input_grad(da, w1) + input_grad(db, w3) if need_x else None
+        dw1 = weight_grad(da, x) if need_w1 else None
+        del da
+        dw3 = weight_grad(db, x) if need_w3 else None
+        return dx, dw1, dw3, dw2, None
+
+
+def swiglu(
+    x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, *, recompute: bool = True
+) -> torch.Tensor:
+    """w2(silu(w1 x) * w3 x) with a hand-written backward (see the module docstring).
+
+    Args:
+        x: (..., d); w1, w3: (F, d); w2: (d, F), the ``nn.Linear`` weights of ``FeedForward``.
+        recompute: True saves x, a = x W1^T, b = x W3^T and recomputes silu(a) * b in backward;
+            False also saves silu(a) and silu(a) * b.
+    """
+    return _SwiGLU.apply(x, w1, w3, w2, recompute)

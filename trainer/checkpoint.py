@@ -1,0 +1,349 @@
+"""Distributed checkpoints: everything a run needs to continue, saved and loaded under any layout.
+
+Layout of ``checkpoint.dir`` (default ``<run_dir>/checkpoints``):
+
+    step_00000100/       complete: DCP files (.metadata, __<rank>_<n>.distcp) + meta.json
+    step_00000200.tmp/   being written, or left by a crash: never loaded, removed at the next start
+
+What goes where:
+- DCP (tensors, sharded, reshardable on load): ``model`` and ``optimizer`` state dicts, keyed by parameter
+  name (``get_model_state_dict`` / ``get_optimizer_state_dict``), so a checkpoint saved under one layout
+  loads under another.
+- ``meta.json`` (plain JSON, no pickles): step, token count, LR-scheduler state, data-loader state, RNG
+  states, the resolved config, the wandb run id, and the size of every file in the directory so that a
+  truncated or missing file is named before anything is loaded.
+
+Atomicity: everything is written under ``step_N.tmp`` and renamed to ``step_N`` only once the DCP
+metadata (written last by DCP's coordinator) and meta.json are on disk; a crash mid-save leaves the
+previous checkpoint untouched and loadable.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import pickle
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from model.config import ModelArgs
+from trainer.config import CheckpointConfig
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "llama-pretrain-checkpoint"
+VERSION = 1
+META = "meta.json"
+_COMPLETE = re.compile(r"^step_(\d{8})$")
+# What decides parameter shapes: a checkpoint whose values differ cannot be loaded into this model. The
+# SwiGLU width is compared as the resulting size: several (multiple_of, ffn_dim_multiplier) give the same.
+SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "num_kv_heads", "vocab_size", "ffn_hidden_dim")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, damaged, or made for another model."""
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:08d}"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _COMPLETE.match(p.name)]
+    return sorted(found, key=lambda p: int(_COMPLETE.match(p.name).group(1)))
+
+
+def validate(path: Path) -> dict[str, Any]:
+    """Read meta.json and check every recorded file is there with its recorded size; returns the meta.
+
+    Raises CheckpointError naming the checkpoint and what is wrong.
+    """
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist (or is not a directory)")
+    meta_path = path / META
+    if not meta_path.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete or damaged: {META} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"checkpoint {path} is damaged: {META} is not valid JSON ({err})") from err
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format {meta.get('format')!r} version {meta.get('version')!r}; "
+            f"this trainer reads {FORMAT!r} version {VERSION}"
+        )
+    for name, size in meta.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} is damaged: file {name} is missing")
+        if file.stat().st_size != size:
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: file {name} has {file.stat().st_size} bytes, {size} were written "
+                "(truncated copy?)"
+            )
+    return meta
+
+
+def _shapes(args: ModelArgs) -> dict[str, Any]:
+    return {f: getattr(args, f) for f in SHAPE_FIELDS}
+
+
+def check_model_matches(meta: dict[str, Any], args: ModelArgs, *, path: Path) -> None:
+    fields = meta.get("config", {}).get("model")
+    try:
+        saved = _shapes(ModelArgs(**fields))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: {META} has no valid config.model ({err})") from err
+    diff = {f: (saved[f], v) for f, v in _shapes(args).items() if saved[f] != v}
+    if diff:
+        listing = ", ".join(f"model.{f}: checkpoint {a} vs config {b}" for f, (a, b) in diff.items())
+        raise CheckpointError(f"checkpoint {path} was saved for a different model shape ({listing})")
+
+
+def _tensor_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict[str, Any]:
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        # On a fresh optimizer this first creates its state (a zero-lr step), so DCP has tensors to load into.
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    return state
+
+
+def _encode_rng() -> str:
+    return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+
+
+def _decode_rng(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+@dataclass
+class _Pending:
+    future: Any
+    tmp: Path
+    final: Path
+    meta: dict[str, Any]
+
+
+class Checkpointer:
+    """Saves checkpoints during a run and restores one at its start. Every method is collective."""
+
+    def __init__(self, cfg: CheckpointConfig, *, run_dir: Path):
+        self.cfg = cfg
+        self.root = Path(cfg.dir) if cfg.dir else Path(run_dir) / "checkpoints"
+        self._pending: Optional[_Pending] = None
+        # Async writes run their collectives from a background thread; a group of their own keeps them
+        # from interleaving with the training loop's collectives on the default group.
+        self._async_group = dist.new_group(backend="gloo") if cfg.async_save and dist.is_initialized() else None
+        if _is_rank0():
+            self._remove_leftovers()
+        _barrier()
+
+    def _remove_leftovers(self) -> None:
+        if self.root.is_dir():
+            for tmp in self.root.glob("step_*.tmp"):
+                logger.warning("removing incomplete checkpoint %s (left by an interrupted save)", tmp)
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    # --- resume ---------------------------------------------------------------------------------------
+
+    def resume_path(self) -> Optional[Path]:
+        """The checkpoint to resume from, per ``checkpoint.resume``; None to start fresh."""
+        if self.cfg.resume is None:
+            return None
+        if self.cfg.resume == "auto":
+            found = complete_checkpoints(self.root)
+            return found[-1] if found else None
+        path = Path(self.cfg.resume)
+        validate(path)  # an explicit path must be usable: fail now, naming it
+        return path
+
+    def load(self, path: Path, *, model, optimizer, scheduler, loader, args: ModelArgs) -> dict[str, Any]:
+        """Restore model, optimizer, scheduler, loader and RNG from ``path``; returns its meta."""
+        meta = validate(path)
+        check_model_matches(meta, args, path=path)
+        state = _tensor_state(model, optimizer)
+        _dcp_load(state, path=path)
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        scheduler.load_state_dict(meta["scheduler"])
+        loader.load_state_dict(meta["loader"])
+        rng = meta.get("rng", [])
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if len(rng) == (dist.get_world_size() if dist.is_initialized() else 1):
+            torch.set_rng_state(_decode_rng(rng[rank]))  # per-rank streams only mean something at equal size
+        logger.info("resumed from %s (step %d, %d tokens)", path, meta["step"], meta["tokens"])
+        return meta
+
+    def load_model_only(self, path: Path, *, model, args: ModelArgs) -> None:
+        """Take just the weights from ``path`` (``checkpoint.init_from``)."""
+        meta = validate(path)
+        check_model_matches(meta, args, path=path)
+        state = _tensor_state(model, None)
+        _dcp_load(state, path=path)
+        set_model_state_dict(model, state["model"])
+        logger.info("initialised the model from %s", path)
+
+    # --- save -----------------------------------------------------------------------------------------
+
+    def save(self, *, step: int, tokens: int, model, optimizer, scheduler, loader, run_config: dict,
+             wandb_id: Optional[str]) -> float:  # fmt: skip
+        """Write a checkpoint of ``step``; returns the seconds training was stalled by it."""
+        started = time.perf_counter()
+        self.wait()
+        final = step_dir(self.root, step)
+        tmp = final.with_name(final.name + ".tmp")
+        if _is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        loader_states = _all_gather(loader.state_dict())
+        # The loader's state is global counters, the same on every rank; a difference is a bug upstream.
+        assert all(s == loader_states[0] for s in loader_states), "data-loader states differ between ranks"
+        meta = {
+            "format": FORMAT, "version": VERSION, "step": step, "tokens": tokens, "time": time.time(),
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "scheduler": scheduler.state_dict(), "loader": loader_states[0], "rng": _all_gather(_encode_rng()),
+            "config": run_config, "wandb_id": wandb_id,
+        }  # fmt: skip
+        state = _tensor_state(model, optimizer)
+        if self.cfg.async_save:
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group)
+            self._pending = _Pending(future=future, tmp=tmp, final=final, meta=meta)
+        else:
+            dcp.save(state, checkpoint_id=str(tmp))
+            self._finalize(tmp=tmp, final=final, meta=meta)
+            _barrier()
+        stall = time.perf_counter() - started
+        logger.info("checkpoint of step %d %s (training stalled %.2f s)", step,
+                    "staged; writing in the background" if self.cfg.async_save else f"saved to {final}", stall)  # fmt: skip
+        return stall
+
+    def poll(self) -> None:
+        """Finish a background save whose files are all written (cheap; call once per step)."""
+        if self._pending is not None and self._pending.future.done():
+            self._complete_pending()
+
+    def wait(self) -> None:
+        """Block until a background save has finished (before the next save, and at the end)."""
+        if self._pending is not None:
+            self._complete_pending()
+            _barrier()
+
+    def _complete_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        pending.future.result()  # re-raises a failed write
+        self._finalize(tmp=pending.tmp, final=pending.final, meta=pending.meta)
+
+    def _finalize(self, *, tmp: Path, final: Path, meta: dict[str, Any]) -> None:
+        """Rank 0: record file sizes, write meta.json last, then make the checkpoint visible by renaming."""
+        if not _is_rank0():
+            return
+        meta["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        meta_tmp = tmp / (META + ".partial")
+        meta_tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(meta_tmp, tmp / META)
+        if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        logger.info("checkpoint %s complete", final)
+        self._prune(keep=final)
+
+    def _prune(self, *, keep: Path) -> None:
+        if self.cfg.keep_last_k == 0:
+            return
+        for old in complete_checkpoints(self.root)[: -self.cfg.keep_last_k]:
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+# --- reading DCP's index without unpickling arbitrary objects --------------------------------------------
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only what a DCP ``.metadata`` holds: DCP's metadata records, torch.Size, dtypes, layouts, paths."""
+
+    _ALLOWED = {
+        "torch": {"Size"},
+        "torch.serialization": {"_get_layout"},
+        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+        "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+        "collections": {"OrderedDict"},
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch.distributed.checkpoint.metadata" and not name.startswith("__"):
+            found = super().find_class(module, name)
+            if isinstance(found, type):  # records and enums; never a function
+                return found
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if name in self._ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in DCP metadata")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's reader, except that ``.metadata`` (a pickle) is read by ``_MetadataUnpickler``.
+
+    Mirrors ``FileSystemReader.read_metadata`` of torch 2.13 (pinned in setup.cfg); tensors themselves are
+    already read with ``torch.load(weights_only=True)``.
+    """
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as stream:
+            metadata = _MetadataUnpickler(stream).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+
+def _dcp_load(state: dict[str, Any], *, path: Path) -> None:
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(path))
+    # DCP's CheckpointException derives from BaseException, not Exception; it wraps each rank's error.
+    except CheckpointException as err:
+        causes = "; ".join(f"{type(exc).__name__}: {exc}" for exc, _ in err.failures.values())
+        raise CheckpointError(f"checkpoint {path} could not be loaded: {causes}") from err
+    except Exception as err:  # an unpickling refusal, a missing .metadata, a key mismatch...
+        raise CheckpointError(f"checkpoint {path} could not be loaded: {type(err).__name__}: {err}") from err
