@@ -198,6 +198,7 @@ class Checkpointer:
 
     def load(self, path: Path, *, model, optimizer, scheduler, loader, args: ModelArgs) -> dict[str, Any]:
         """Restore model, optimizer, scheduler, loader and RNG from ``path``; returns its meta."""
+        started = time.perf_counter()
         meta = validate(path)
         check_model_matches(meta, args, path=path)
         state = _tensor_state(model, optimizer)
@@ -210,7 +211,8 @@ class Checkpointer:
         rank = dist.get_rank() if dist.is_initialized() else 0
         if len(rng) == (dist.get_world_size() if dist.is_initialized() else 1):
             torch.set_rng_state(_decode_rng(rng[rank]))  # per-rank streams only mean something at equal size
-        logger.info("resumed from %s (step %d, %d tokens)", path, meta["step"], meta["tokens"])
+        logger.info("resumed from %s (step %d, %d tokens) in %.2f s", path, meta["step"], meta["tokens"],
+                    time.perf_counter() - started)  # fmt: skip
         return meta
 
     def load_model_only(self, path: Path, *, model, args: ModelArgs) -> None:

@@ -145,3 +145,13 @@ def test_keep_last_k_and_async_save(reference_run):
     # An asynchronously written checkpoint resumes exactly like a synchronous one.
     resumed = train("fsdp2", workdir=workdir, steps=REFERENCE_STEPS, run_name="keep_async")
     assert losses(resumed) == losses(reference_run("fsdp2"))[5:]
+
+
+def test_resumed_run_continues_the_same_wandb_run(reference_run):
+    workdir = reference_run.workdir
+    offline = ("logging.wandb_mode=offline",)
+    run = train("single", workdir=workdir, steps=2, run_name="wandb_resume", extra=offline)
+    train("single", workdir=workdir, steps=3, run_name="wandb_resume", extra=offline)
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2  # one directory per process start ...
+    assert len({p.name.rsplit("-", 1)[1] for p in runs}) == 1  # ... both of the same wandb run id
