@@ -55,10 +55,14 @@ def ensure_munge() -> bool:
 
 
 class LocalSlurm:
-    def __init__(self, root: Path, *, nodes: tuple[str, ...] = ("n1", "n2"), ctld_port: int = 6917):
+    def __init__(self, root: Path, *, nodes: tuple[str, ...] = ("n1", "n2"), ctld_port: int = 6917,
+                 node_port: int = 6921):  # fmt: skip
+        """``ctld_port`` and ``node_port`` (the first node's; the others count up from it) let two clusters
+        run side by side, e.g. two test files in parallel."""
         self.root = Path(root)
         self.nodes = nodes
         self.ctld_port = ctld_port
+        self.node_port = node_port
         self.conf = self.root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self._started_munge = False
@@ -79,7 +83,7 @@ class LocalSlurm:
             f"SlurmctldLogFile={self.root}/slurmctld.log", f"SlurmdLogFile={self.root}/slurmd.%n.log",
         ]  # fmt: skip
         for index, node in enumerate(self.nodes):
-            lines.append(f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={6921 + index} CPUs=1 "
+            lines.append(f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={self.node_port + index} CPUs=1 "
                          "RealMemory=8000")  # fmt: skip
         lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES")
         self.conf.write_text("\n".join(lines) + "\n")
