@@ -36,7 +36,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element  # the helper DefaultLoadPlanner itself uses
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -340,9 +342,22 @@ class SafeFileSystemReader(FileSystemReader):
 
 
 
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, except that non-tensor entries (e.g. the optimizer's param_groups: floats and
+    tuples) are unpickled with ``weights_only=True``: plain containers and numbers, never arbitrary objects.
+    Mirrors ``DefaultLoadPlanner.load_bytes`` of torch 2.13 (pinned in setup.cfg)."""
+
+    def load_bytes(self, read_item, value) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
 def _dcp_load(state: dict[str, Any], *, path: Path) -> None:
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(path))
+        dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
     # DCP's CheckpointException derives from BaseException, not Exception; it wraps each rank's error.
     except CheckpointException as err:
         causes = "; ".join(f"{type(exc).__name__}: {exc}" for exc, _ in err.failures.values())

@@ -155,3 +155,46 @@ def test_resumed_run_continues_the_same_wandb_run(reference_run):
     runs = sorted((run / "wandb").glob("offline-run-*"))
     assert len(runs) == 2  # one directory per process start ...
     assert len({p.name.rsplit("-", 1)[1] for p in runs}) == 1  # ... both of the same wandb run id
+
+
+def _load_full_optimizer_state(rank: int, world_size: int, path: str, out: str, tp: int) -> None:
+    """Load ``path`` with the trainer's own code under TP=``tp`` and write the full optimizer state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    from trainer.checkpoint import _dcp_load, _tensor_state
+    from trainer.config import OptimConfig, ParallelConfig
+    from trainer.optim import build_optimizer
+    from trainer.parallel_dims import ParallelDims
+    from trainer.train import build_model
+
+    meta = json.loads((Path(path) / "meta.json").read_text())
+    args = ModelArgs(**meta["config"]["model"])
+    parallel = ParallelConfig(tp=tp)
+    dims = ParallelDims.from_config(parallel, world_size=world_size)
+    model = build_model(args, device=torch.device("cpu"), seed=0, meshes=dims.build_meshes(device_type="cpu"),
+                        dims=dims, parallel=parallel)  # fmt: skip
+    optimizer = build_optimizer(model, OptimConfig())
+    state = _tensor_state(model, optimizer)
+    _dcp_load(state, path=Path(path))
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        torch.save(full["state"], out)
+
+
+def test_resharded_load_restores_the_same_optimizer_values(reference_run, tmp_path):
+    """Adam's moments saved by FSDP 2, loaded by TP 2, equal those loaded by one process, tensor for tensor."""
+    from tests.distributed import run_workers
+
+    path = reference_run("fsdp2") / "checkpoints" / f"step_{REFERENCE_STEPS:08d}"
+    run_workers(_load_full_optimizer_state, world_size=1, args=(str(path), str(tmp_path / "one.pt"), 1))
+    run_workers(_load_full_optimizer_state, world_size=2, args=(str(path), str(tmp_path / "tp2.pt"), 2))
+    one = torch.load(tmp_path / "one.pt", weights_only=True)
+    tp2 = torch.load(tmp_path / "tp2.pt", weights_only=True)
+    assert one.keys() == tp2.keys() and len(one) == 21
+    for name, moments in one.items():
+        assert moments["exp_avg_sq"].abs().max() > 0, name  # real state, not a freshly zeroed one
+        for key, value in moments.items():
+            assert torch.equal(tp2[name][key], value), (name, key)
