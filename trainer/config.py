@@ -108,6 +108,12 @@ class WeightInit(str, enum.Enum):
     #                      deterministic for a given layout, but the values differ between layouts
 
 
+class ACMode(str, enum.Enum):
+    none = "none"  # keep every activation autograd saves
+    full = "full"  # keep only each block's input; recompute the block's forward during backward
+    every_k = "every_k"  # full recomputation on every k-th block (parallel.ac_every_k), none on the others
+
+
 @dataclass
 class ParallelConfig:
     """How the processes split the work: data-parallel replicate x data-parallel shard x tensor parallel.
@@ -130,10 +136,17 @@ class ParallelConfig:
     """With gradient accumulation, reduce gradients only after the last micro-batch, not after each."""
     weight_init: WeightInit = WeightInit.rank0
     """rank0 (identical weights for any layout) | sharded (no full copy anywhere; for the largest models)."""
+    activation_checkpoint: ACMode = ACMode.none
+    """none | full | every_k: which blocks recompute their forward in backward to save activation memory."""
+    ac_every_k: int = 2
+    """With activation_checkpoint=every_k: blocks 0, k, 2k, ... are recomputed."""
 
     def __post_init__(self) -> None:
         self.reduce_dtype = ReduceDtype(self.reduce_dtype)
         self.weight_init = WeightInit(self.weight_init)
+        self.activation_checkpoint = ACMode(self.activation_checkpoint)
+        if self.ac_every_k < 1:
+            raise ValueError(f"parallel.ac_every_k must be >= 1, got {self.ac_every_k}")
         for key in ("dp_replicate", "tp"):
             if getattr(self, key) < 1:
                 raise ValueError(f"parallel.{key} must be >= 1, got {getattr(self, key)}")

@@ -1,7 +1,7 @@
 """Apply parallelism to a LLaMA model from outside, in a fixed order:
 
 1. tensor + sequence parallelism (DTensor plans on the ``tp`` axis);
-2. activation checkpointing (wraps blocks; must see the TP-transformed modules);
+2. activation checkpointing (wraps blocks; must see the TP-transformed modules): none | full | every_k;
 3. ``torch.compile`` per block (compiles what 1-2 produced);
 4. FSDP2 ``fully_shard`` per block, then the root (shards the DTensor parameters of 1 over the ``dp`` axes).
 
@@ -12,8 +12,11 @@ here; the caller materialises it afterwards (``to_empty`` + ``init_weights``).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Replicate, Shard
@@ -26,21 +29,23 @@ from torch.distributed.tensor.parallel import (
 )
 
 from model.llama import Transformer
-from trainer.config import ParallelConfig, ReduceDtype
+from trainer.config import ACMode, ParallelConfig, ReduceDtype
 from trainer.parallel_dims import Meshes, ParallelDims
 
 
 def parallelize_llama(
     model: Transformer,
     *,
-    meshes: Meshes,
+    meshes: Optional[Meshes],
     dims: ParallelDims,
     cfg: ParallelConfig,
     compute_dtype: torch.dtype,
 ) -> Transformer:
-    if dims.tp_enabled:
+    """Apply the configured parallelism and activation checkpointing; ``meshes`` is None for one process."""
+    if meshes is not None and dims.tp_enabled:
         apply_tensor_parallel(model, tp_mesh=meshes.tp)
-    if dims.fsdp_enabled:
+    apply_activation_checkpointing(model, mode=cfg.activation_checkpoint, every_k=cfg.ac_every_k)
+    if meshes is not None and dims.fsdp_enabled:
         reduce_dtype = torch.float32 if cfg.reduce_dtype == ReduceDtype.fp32 else torch.bfloat16
         # Replicate x shard = HSDP when dp_replicate > 1; with dp_replicate == 1 the first axis has size 1
         # and this is plain FSDP.
@@ -92,6 +97,24 @@ def apply_tensor_parallel(model: Transformer, *, tp_mesh: DeviceMesh) -> None:
             "feed_forward.w3": ColwiseParallel(),
         }
         parallelize_module(block, tp_mesh, plan)
+
+
+def apply_activation_checkpointing(model: Transformer, *, mode: ACMode, every_k: int) -> None:
+    """Wrap the chosen blocks so that backward recomputes their forward instead of keeping its activations.
+
+    Non-reentrant checkpointing (``torch.utils.checkpoint`` with use_reentrant=False) composes with FSDP2
+    and DTensor TP. Recomputation repeats the same operations on the same inputs, so the losses are bitwise
+    those of ``none`` (tested); only memory and time change. The wrapper keeps parameter names unchanged in
+    state dicts, so checkpoints move freely between modes.
+    """
+    if mode == ACMode.none:
+        return
+    k = 1 if mode == ACMode.full else every_k
+    for name, block in list(model.layers.items()):
+        if int(name) % k == 0:
+            # No RNG is used in the blocks (no dropout), so there is no RNG state to stash and restore.
+            model.layers[name] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
+                                                    preserve_rng_state=False)  # fmt: skip
 
 
 def apply_fsdp(

@@ -106,7 +106,7 @@ def build_model(
     """Build on meta (no memory), parallelise, materialise on ``device``, then initialise under ``seed``."""
     with torch.device("meta"):
         model = Transformer(args)
-    if meshes is not None:
+    if parallel is not None:
         parallelize_llama(model, meshes=meshes, dims=dims, cfg=parallel, compute_dtype=compute_dtype)
     model.to_empty(device=device)
     if meshes is not None and parallel.weight_init == WeightInit.rank0:
