@@ -39,6 +39,17 @@ def resolve_backend(backend: AttnBackend, *, q: torch.Tensor) -> AttnBackend:
     return backend
 
 
+def core_supports(backend: AttnBackend, *, q: torch.Tensor) -> bool:
+    """Whether ``model.ops.attention_core`` (the flash kernels with a hand-written backward) serves ``backend``.
+
+    It replaces SDPA wherever SDPA would pick the same flash kernel: on CPU (any float dtype) and on CUDA
+    for fp16/bf16. flash-attn and the math reference keep their own backward.
+    """
+    if resolve_backend(backend, q=q) != AttnBackend.sdpa:
+        return False
+    return not q.is_cuda or q.dtype in (torch.float16, torch.bfloat16)
+
+
 def causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: AttnBackend = AttnBackend.auto
 ) -> torch.Tensor:

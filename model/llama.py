@@ -9,6 +9,12 @@ V vocabulary.
 
 Build on the meta device, parallelise, then ``to_empty(device=...)`` and ``init_weights()``: every
 parameter and buffer is (re)filled there, so nothing depends on what the constructor allocated.
+
+The transformer layer's backward is hand-written (``model.ops``, LLaMA paper §2.4): RMSNorm, the
+projections, the attention core and the SwiGLU feed-forward are autograd Functions. Each module with
+element-wise work between its matmuls has a ``recompute`` flag: True ("selective" activation
+checkpointing) recomputes that cheap work in backward, False keeps it. The arithmetic is the same either
+way; the trainer sets the flag from its activation-checkpointing policy.
 """
 
 from __future__ import annotations
@@ -17,10 +23,10 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from model.attention import causal_attention
+from model import ops
+from model.attention import causal_attention, core_supports
 from model.config import ModelArgs
 
 
@@ -34,12 +40,11 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, *, eps: float):
         super().__init__()
         self.eps = eps
+        self.recompute = True
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(_at_least_fp32(x.dtype))
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        return ops.rms_norm(x, self.weight, eps=self.eps, recompute=self.recompute)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -80,16 +85,27 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.recompute = True
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        # Head counts come from the projection's output width, not from self.n_heads: under tensor
-        # parallelism each rank holds n_heads / tp of them.
-        q = self.wq(x).unflatten(-1, (-1, self.head_dim))  # (B, T, H, D)
-        k = self.wk(x).unflatten(-1, (-1, self.head_dim))  # (B, T, Hkv, D)
-        v = self.wv(x).unflatten(-1, (-1, self.head_dim))
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = causal_attention(q, k, v, backend=self.backend)  # (B, T, H, D)
-        return self.wo(out.flatten(-2))
+        q, k, v = (ops.linear(x, lin.weight) for lin in (self.wq, self.wk, self.wv))
+        out = self.core(q, k, v, rope)  # (B, T, H * D)
+        return ops.linear(out, self.wo.weight)
+
+    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """RoPE and causal attention between the projections: (B, T, H*D), (B, T, Hkv*D) x2 -> (B, T, H*D).
+
+        Head counts come from the projections' output widths, not from self.n_heads: under tensor
+        parallelism each rank holds n_heads / tp of them.
+        """
+        q = apply_rope(q.unflatten(-1, (-1, self.head_dim)), rope)  # (B, T, H, D)
+        k = apply_rope(k.unflatten(-1, (-1, self.head_dim)), rope)  # (B, T, Hkv, D)
+        v = v.unflatten(-1, (-1, self.head_dim))
+        if core_supports(self.backend, q=q):
+            out = ops.attention_core(q, k, v, recompute=self.recompute)
+        else:  # flash-attn's own Function, or the plain-ops reference
+            out = causal_attention(q, k, v, backend=self.backend)
+        return out.flatten(-2)
 
     def init_weights(self, *, std: float, out_std: float) -> None:
         for lin in (self.wq, self.wk, self.wv):
@@ -106,9 +122,10 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(args.dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, args.dim, bias=False)
         self.w3 = nn.Linear(args.dim, hidden, bias=False)
+        self.recompute = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return ops.swiglu(x, self.w1.weight, self.w3.weight, self.w2.weight, recompute=self.recompute)
 
     def init_weights(self, *, std: float, out_std: float) -> None:
         for lin in (self.w1, self.w3):

@@ -109,7 +109,8 @@ class WeightInit(str, enum.Enum):
 
 
 class ACMode(str, enum.Enum):
-    none = "none"  # keep every activation autograd saves
+    none = "none"  # keep every activation the layer's backward uses, element-wise intermediates included
+    selective = "selective"  # keep matmul outputs, recompute the cheap element-wise work (LLaMA paper §2.4)
     full = "full"  # keep only each block's input; recompute the block's forward during backward
     every_k = "every_k"  # full recomputation on every k-th block (parallel.ac_every_k), none on the others
 
@@ -136,8 +137,14 @@ class ParallelConfig:
     """With gradient accumulation, reduce gradients only after the last micro-batch, not after each."""
     weight_init: WeightInit = WeightInit.rank0
     """rank0 (identical weights for any layout) | sharded (no full copy anywhere; for the largest models)."""
-    activation_checkpoint: ACMode = ACMode.none
-    """none | full | every_k: which blocks recompute their forward in backward to save activation memory."""
+    overlap_comm: bool = True
+    """Overlap communication with compute: TP backward runs the independent GEMM while its all-gather or
+    reduce-scatter is in flight; false waits at once (same arithmetic; for measuring what overlap buys)."""
+    fsdp_prefetch: bool = True
+    """FSDP: each block explicitly prefetches the next block's all-gather (forward) and the previous one's
+    (backward), issued asynchronously, so parameter gathering overlaps the current block's compute."""
+    activation_checkpoint: ACMode = ACMode.selective
+    """none | selective | full | every_k: what the blocks recompute in backward instead of keeping."""
     ac_every_k: int = 2
     """With activation_checkpoint=every_k: blocks 0, k, 2k, ... are recomputed."""
 
@@ -196,8 +203,18 @@ class LoggingConfig:
     """wandb entity (team); None is the key's default."""
     run_name: Optional[str] = None
     """wandb run name; None uses the run directory's name."""
+    profile_step: int = 0
+    """If > 0: record steps profile_step .. profile_step + profile_steps - 1 with torch.profiler and
+    write a chrome trace per rank to <run_dir>/profile/rank<r>.json."""
+    profile_steps: int = 2
+    """How many steps the profiler records."""
 
     def __post_init__(self) -> None:
         self.wandb_mode = WandbMode(self.wandb_mode)
         if self.log_every <= 0:
             raise ValueError(f"logging.log_every must be positive, got {self.log_every}")
+        if self.profile_step < 0 or self.profile_steps < 1:
+            raise ValueError(
+                f"logging.profile_step must be >= 0 (0: off) and logging.profile_steps >= 1; got "
+                f"{self.profile_step} and {self.profile_steps}"
+            )

@@ -72,6 +72,14 @@ class ParallelDims:
                     f"evenly across ranks; choose a tp that divides it"
                 )
 
+    def check_seq_len(self, seq_len: int) -> None:
+        """Sequence parallelism splits every sequence evenly across the ``tp`` ranks."""
+        if seq_len % self.tp:
+            raise ValueError(
+                f"data.seq_len={seq_len} is not divisible by parallel.tp={self.tp}: sequence parallelism splits "
+                f"each sequence evenly across the tp ranks; choose a seq_len that is a multiple of {self.tp}"
+            )
+
     def build_meshes(self, *, device_type: str) -> Optional[Meshes]:
         """The 3-D world mesh (dp_replicate, dp_shard, tp) and its sub-meshes; None for one process."""
         if self.world_size == 1:

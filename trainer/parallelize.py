@@ -1,7 +1,8 @@
 """Apply parallelism to a LLaMA model from outside, in a fixed order:
 
-1. tensor + sequence parallelism (DTensor plans on the ``tp`` axis);
-2. activation checkpointing (wraps blocks; must see the TP-transformed modules): none | full | every_k;
+1. tensor + sequence parallelism on the ``tp`` axis (``trainer.tensor_parallel``);
+2. activation checkpointing (wraps blocks; must see the TP-transformed modules): none | selective | full |
+   every_k;
 3. ``torch.compile`` per block (compiles what 1-2 produced);
 4. FSDP2 ``fully_shard`` per block, then the root (shards the DTensor parameters of 1 over the ``dp`` axes).
 
@@ -19,18 +20,11 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    PrepareModuleInput,
-    RowwiseParallel,
-    SequenceParallel,
-    parallelize_module,
-)
 
 from model.llama import Transformer
 from trainer.config import ACMode, ParallelConfig, ReduceDtype
 from trainer.parallel_dims import Meshes, ParallelDims
+from trainer.tensor_parallel import apply_tensor_parallel
 
 
 def parallelize_llama(
@@ -43,7 +37,7 @@ def parallelize_llama(
 ) -> Transformer:
     """Apply the configured parallelism and activation checkpointing; ``meshes`` is None for one process."""
     if meshes is not None and dims.tp_enabled:
-        apply_tensor_parallel(model, tp_mesh=meshes.tp)
+        apply_tensor_parallel(model, tp_mesh=meshes.tp, overlap=cfg.overlap_comm)
     apply_activation_checkpointing(model, mode=cfg.activation_checkpoint, every_k=cfg.ac_every_k)
     if meshes is not None and dims.fsdp_enabled:
         reduce_dtype = torch.float32 if cfg.reduce_dtype == ReduceDtype.fp32 else torch.bfloat16
@@ -55,66 +49,44 @@ def parallelize_llama(
             param_dtype=compute_dtype,
             reduce_dtype=reduce_dtype,
             reshard_after_forward=cfg.reshard_after_forward,
+            prefetch=cfg.fsdp_prefetch,
         )
     return model
 
 
-def apply_tensor_parallel(model: Transformer, *, tp_mesh: DeviceMesh) -> None:
-    """Megatron's layout with sequence parallelism.
-
-    Between blocks the residual stream is sharded along the sequence (Shard(1)): the RMSNorms run on
-    sequence shards. Entering attention/FFN, the input is all-gathered (Shard(1) -> Replicate) and fed to
-    the column-parallel q/k/v and w1/w3, whose outputs are split by head / hidden unit; the row-parallel
-    wo and w2 produce partial sums that are reduce-scattered back to sequence shards. The embedding is
-    split over the vocabulary (its output reduce-scattered to sequence shards) and the output head over
-    the vocabulary too, its logits left sharded (Shard(-1)) for the vocabulary-parallel cross-entropy
-    (``loss_parallel``), so the full (B, T, V) logits are never gathered.
-    """
-    parallelize_module(
-        model,
-        tp_mesh,
-        {
-            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-            "norm": SequenceParallel(),
-            "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
-        },
-    )
-    for block in model.layers.values():
-        plan = {
-            "attention_norm": SequenceParallel(),
-            # The second input is the RoPE table, the same on every rank: None leaves it a plain tensor.
-            "attention": PrepareModuleInput(
-                input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)
-            ),
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
-            "ffn_norm": SequenceParallel(),
-            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
-            "feed_forward.w3": ColwiseParallel(),
-        }
-        parallelize_module(block, tp_mesh, plan)
-
-
 def apply_activation_checkpointing(model: Transformer, *, mode: ACMode, every_k: int) -> None:
-    """Wrap the chosen blocks so that backward recomputes their forward instead of keeping its activations.
+    """Choose what each block keeps for backward; the arithmetic is the same in every mode.
+
+    Every mode runs the model's hand-written backward (``model.ops``). ``none`` makes those Functions keep
+    their element-wise intermediates too (``recompute=False``); ``selective`` has them recompute that cheap
+    work (``recompute=True``). ``full`` and ``every_k`` wrap whole blocks so that backward reruns their
+    forward and only the block input is kept; the blocks ``every_k`` does not wrap run as ``none``.
 
     Non-reentrant checkpointing (``torch.utils.checkpoint`` with use_reentrant=False) composes with FSDP2
     and DTensor TP. Recomputation repeats the same operations on the same inputs, so the losses are bitwise
     those of ``none`` (tested); only memory and time change. The wrapper keeps parameter names unchanged in
     state dicts, so checkpoints move freely between modes.
     """
-    if mode == ACMode.none:
+    # Inside a wrapped block the flag matters only in the recomputed forward, whose saved tensors live for
+    # that block's backward alone: recompute there too, the cheaper in memory.
+    _set_recompute(model, recompute=mode != ACMode.none)
+    if mode in (ACMode.none, ACMode.selective):
         return
     k = 1 if mode == ACMode.full else every_k
     for name, block in list(model.layers.items()):
-        if int(name) % k == 0:
+        if int(name) % k != 0:
+            _set_recompute(block, recompute=False)  # every_k: the blocks in between run as none
+        else:
             # No RNG is used in the blocks (no dropout), so there is no RNG state to stash and restore.
             model.layers[name] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
                                                     preserve_rng_state=False)  # fmt: skip
+
+
+def _set_recompute(module: nn.Module, *, recompute: bool) -> None:
+    """Set the ``recompute`` flag of every model module under ``module`` that has one."""
+    for sub in module.modules():
+        if hasattr(sub, "recompute"):
+            sub.recompute = recompute
 
 
 def apply_fsdp(
@@ -124,8 +96,18 @@ def apply_fsdp(
     param_dtype: torch.dtype,
     reduce_dtype: torch.dtype,
     reshard_after_forward: bool,
+    prefetch: bool = True,
 ) -> None:
-    """One FSDP unit per transformer block, then the root (embedding, final norm, output head)."""
+    """One FSDP unit per transformer block, then the root (embedding, final norm, output head).
+
+    With ``prefetch``, block i asks for block i+1's all-gather as it starts its forward and for block
+    i-1's as it starts its backward, and those all-gathers are issued asynchronously: the gather of the
+    next block's parameters runs while the current block computes. FSDP2's implicit prefetching relies
+    on the CPU issuing work ahead of a CUDA device (all-gathers on their own stream); on a CPU device
+    nothing runs ahead, so only explicit, asynchronous prefetching overlaps there. Gradient
+    reduce-scatters are issued by FSDP2 as each block's backward ends; on CUDA they run on their own
+    stream, overlapping the backward of the blocks before.
+    """
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     blocks = list(model.layers.values())
     for index, block in enumerate(blocks):
@@ -134,3 +116,17 @@ def apply_fsdp(
         last = index == len(blocks) - 1
         fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward and not last)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=False)
+    if prefetch:
+        _set_explicit_prefetch(blocks, async_op=dp_mesh.device_type == "cpu")
+
+
+def _set_explicit_prefetch(blocks: list, *, async_op: bool) -> None:
+    for index, block in enumerate(blocks):
+        block.set_modules_to_forward_prefetch(blocks[index + 1 : index + 2])
+        block.set_modules_to_backward_prefetch(blocks[max(index - 1, 0) : index])
+        if async_op:
+            # On CPU a synchronous prefetch blocks the thread that issued it, so nothing would overlap.
+            # torch 2.13 has no public setter for this (its own tests use the private one). On CUDA the
+            # all-gather stream already overlaps, and this flag would move the copy-in onto the
+            # compute stream, so it stays off there.
+            block._set_unshard_async_op(True)

@@ -42,6 +42,7 @@ from trainer.metrics import MetricLogger
 from trainer.optim import build_lr_scheduler, build_optimizer
 from trainer.parallel_dims import Meshes, ParallelDims
 from trainer.parallelize import parallelize_llama
+from trainer.profiling import StepProfiler
 from trainer.step import ComputeContext, evaluate, train_step
 
 logger = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ def _train(cfg: Config, *, run_dir: Path, env: DistEnv, device: torch.device) ->
     started = time.perf_counter()
     dims = ParallelDims.from_config(cfg.parallel, world_size=env.world_size)
     dims.check_model(cfg.model)
+    dims.check_seq_len(cfg.data.seq_len)
     meshes = dims.build_meshes(device_type=device.type)
     dtype = resolve_dtype(cfg.trainer.precision, device=device)
     dp_mesh = meshes.dp if meshes is not None else None
@@ -194,12 +196,15 @@ def _train(cfg: Config, *, run_dir: Path, env: DistEnv, device: torch.device) ->
 
     run = _Run(cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
                prepared=prepared, metrics=metrics, checkpointer=checkpointer, ctx=ctx, dp_rank=dp_rank,
-               flops_per_token=flops_tok, peak=peak, run_config=run_config, result=result)  # fmt: skip
+               flops_per_token=flops_tok, peak=peak, run_config=run_config, result=result,
+               profiler=StepProfiler(run_dir=run_dir, rank=env.rank, first=cfg.logging.profile_step,
+                                     steps=cfg.logging.profile_steps))  # fmt: skip
     try:
         with _StopSignals(enabled=cfg.checkpoint.save_on_signal) as stop:
             _loop(run, stop=stop)
         checkpointer.wait()
     finally:
+        run.profiler.stop()
         metrics.close()
     result.wall_time_s = time.perf_counter() - started
     if cfg.trainer.save_final_model:
@@ -249,6 +254,7 @@ class _Run:
     peak: float
     run_config: dict
     result: TrainResult
+    profiler: StepProfiler
 
 
 class _StopSignals:
@@ -292,11 +298,13 @@ def _loop(run: _Run, *, stop: _StopSignals) -> None:
     batches = batches_to(ctx.device, run.train_loader)
     window_start, window_steps, window_tokens, window_data_s, train_s = time.perf_counter(), 0, 0, 0.0, 0.0
     for step in range(result.first_step, tcfg.max_steps + 1):
+        run.profiler.step_begin(step)
         t0 = time.perf_counter()
         micro_batches = list(itertools.islice(batches, tcfg.grad_accum_steps))
         data_s = time.perf_counter() - t0
         out = train_step(run.model, run.optimizer, run.scheduler, micro_batches, ctx=ctx,
                          grad_clip=cfg.optim.grad_clip, defer_grad_sync=cfg.parallel.defer_grad_sync, step=step)  # fmt: skip
+        run.profiler.step_end(step)
         result.losses.append(out.loss)
         result.tokens += out.tokens
         window_steps += 1

@@ -7,9 +7,10 @@ anyway, so an activation-memory budget must leave them out. Built-in ops often s
 parameter (``F.linear`` saves ``W.t()``), which is no longer an ``nn.Parameter``; such views are
 recognised by sharing storage with one of the ``params`` passed in.
 
-Counts are per saved tensor: a tensor saved by two ops counts twice, as autograd holds two references
-(the memory is allocated once). Counts are ``numel * element_size``, the logical size; a view of a larger
-buffer counts only its own elements.
+Memory is counted once per saved region: a tensor saved by two ops (the attention output, saved by the
+attention core and by the output projection), or saved once as itself and once as a view of the same
+elements (same storage, offset and size), counts once, because it is allocated once. Counts are
+``numel * element_size``, the logical size; a view of a larger buffer counts only its own elements.
 """
 
 from __future__ import annotations
@@ -35,21 +36,38 @@ class SavedBytes:
         return self.activations + self.parameters
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor holding ``t``'s memory: a DTensor's local shard, the result inside the wrapper that
+    functional collectives return (``AsyncCollectiveTensor``, e.g. a TP embedding's output), else ``t``."""
+    if hasattr(t, "to_local"):
+        t = t.to_local()
+    if hasattr(t, "_get_acs_underlying_tensor"):
+        t = t._get_acs_underlying_tensor()
+    return t
+
+
 def saved_bytes(fn: Callable[[], object], *, params: Iterable[torch.Tensor] = ()) -> SavedBytes:
     """Run ``fn()`` with a pack hook that adds up every tensor saved for backward.
 
     Args:
         fn: builds the autograd graph to measure (its return value is dropped).
         params: tensors to count as parameters, with any view of them; ``nn.Parameter`` objects are
-            recognised without being listed.
+            recognised without being listed. Pass buffers here too (the RoPE table): like parameters,
+            they are not activations.
     """
-    param_storages = {p.untyped_storage().data_ptr() for p in params}
+    param_storages = {_local(p).untyped_storage().data_ptr() for p in params}
     counts = {"activations": 0, "parameters": 0}
+    seen: set[tuple[int, int, int, torch.dtype]] = set()
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        is_param = isinstance(t, nn.Parameter) or t.untyped_storage().data_ptr() in param_storages
-        counts["parameters" if is_param else "activations"] += t.numel() * t.element_size()
-        return t
+    def pack(saved: torch.Tensor) -> torch.Tensor:
+        t = _local(saved)
+        # Every saved tensor stays alive while fn() runs, so a storage address cannot be reused meanwhile.
+        region = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+        if region not in seen:
+            seen.add(region)
+            is_param = isinstance(saved, nn.Parameter) or region[0] in param_storages
+            counts["parameters" if is_param else "activations"] += t.numel() * t.element_size()
+        return saved
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()

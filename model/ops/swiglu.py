@@ -36,13 +36,25 @@ def _silu_grad_times(a: torch.Tensor, dgate: torch.Tensor) -> torch.Tensor:
     return out.to(a.dtype)
 
 
+def gate(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The element-wise middle of SwiGLU: s = silu(a), h = s * b, both (..., F)."""
+    s = F.silu(a)
+    return s, s * b
+
+
+def gate_backward(dh: torch.Tensor, *, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor):
+    """Gradients of h = silu(a) * b: db = dh * s, da = dh * b * silu'(a); all (..., F)."""
+    db = dh * s
+    da = _silu_grad_times(a, dh * b)
+    return da, db
+
+
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, w3, w2, recompute: bool) -> torch.Tensor:
         a = F.linear(x, w1)  # (..., F)
         b = F.linear(x, w3)
-        s = F.silu(a)
-        h = s * b
+        s, h = gate(a, b)
         y = F.linear(h, w2)  # (..., d)
         ctx.recompute = recompute
         if recompute:
@@ -55,18 +67,14 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         if ctx.recompute:
             x, a, b, w1, w3, w2 = ctx.saved_tensors
-            s = F.silu(a)
-            h = s * b
+            s, h = gate(a, b)
         else:
             x, a, b, w1, w3, w2, s, h = ctx.saved_tensors
         need_x, need_w1, need_w3, need_w2, _ = ctx.needs_input_grad
         dw2 = weight_grad(dy, h) if need_w2 else None
         del h
-        dh = input_grad(dy, w2)  # (..., F)
-        db = dh * s
-        del s
-        da = _silu_grad_times(a, dh * b)
-        del dh, a, b
+        da, db = gate_backward(input_grad(dy, w2), a=a, b=b, s=s)  # dh = dy W2, (..., F)
+        del a, b, s
         dx = input_grad(da, w1) + input_grad(db, w3) if need_x else None
         dw1 = weight_grad(da, x) if need_w1 else None
         del da

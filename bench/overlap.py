@@ -1,0 +1,76 @@
+"""What overlapping communication with compute buys: step time at 2 processes, overlap on vs forced off.
+
+For each layout the same training run (the trainer itself, under torchrun, gloo on CPU) is timed with
+``parallel.overlap_comm`` and ``parallel.fsdp_prefetch`` on, and with both off (every collective waited
+on as soon as it is launched; the arithmetic is identical, so the losses are too). Runs alternate
+on/off within each repetition; the step time is the median over the steps after the first two (warm-up)
+of every repetition, with the min-max spread of the per-repetition medians.
+
+    python -m bench.overlap [--layouts tp2 fsdp2 --steps 8 --repeats 3] [--profile]
+
+``--profile`` also records steps 4-5 of the last repetition of each run with torch.profiler; the chrome
+traces (one per rank) are left in <workdir>/<run>/profile/ and their paths printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+from bench.common import summarize, write_results
+from launch.loss_compare import LAYOUTS, run_layout
+
+MODEL = ("model=small", "model.max_seq_len=256", "data.seq_len=256", "model.vocab_size=512")
+MODES = {"on": ("parallel.overlap_comm=true", "parallel.fsdp_prefetch=true"),
+         "off": ("parallel.overlap_comm=false", "parallel.fsdp_prefetch=false")}  # fmt: skip
+
+
+def _step_times(run_dir: Path, *, skip: int) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step_time_s"] for r in rows if "step_time_s" in r and r["step"] > skip]
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return json.loads((run_dir / "summary.json").read_text())["losses"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layouts", nargs="+", default=["tp2", "fsdp2"], choices=["tp2", "fsdp2"])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true")
+    opts = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="bench_overlap_"))
+    medians = {(layout, mode): [] for layout in opts.layouts for mode in MODES}
+    losses = {}
+    for rep in range(opts.repeats):
+        for layout in opts.layouts:
+            for mode, overrides in MODES.items():
+                profile = ("logging.profile_step=4",) if opts.profile and rep == opts.repeats - 1 else ()
+                run = run_layout(LAYOUTS[layout], workdir=workdir, steps=opts.steps, run_name=f"{layout}_{mode}_{rep}",
+                                 extra=(*MODEL, "trainer.save_final_model=false", *overrides, *profile))  # fmt: skip
+                medians[(layout, mode)].append(statistics.median(_step_times(run, skip=2)))
+                losses[(layout, mode)] = _losses(run)
+                if profile:
+                    print(f"traces: {sorted(str(p) for p in (run / 'profile').glob('*.json'))}")
+    rows = []
+    print(f"2 processes, gloo on CPU, model=small at seq 256, global batch 8; median of {opts.repeats} runs x "
+          f"{opts.steps - 2} steps")  # fmt: skip
+    print(f"{'layout':<8} {'overlap on s':>13} {'overlap off s':>14} {'off / on':>9}  losses equal")
+    for layout in opts.layouts:
+        on, off = summarize(medians[(layout, "on")]), summarize(medians[(layout, "off")])
+        same = losses[(layout, "on")] == losses[(layout, "off")]
+        rows.append({"layout": layout, "on_step_s": on, "off_step_s": off, "ratio_off_vs_on": off["median"] / on["median"],
+                     "losses_bitwise_equal": same})  # fmt: skip
+        print(f"{layout:<8} {on['median']:>6.3f} ({on['min']:.3f}-{on['max']:.3f}) "
+              f"{off['median']:>6.3f} ({off['min']:.3f}-{off['max']:.3f}) {off['median'] / on['median']:>8.3f}  {same}")  # fmt: skip
+    path = write_results("overlap", {"config": vars(opts), "rows": rows})
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()
