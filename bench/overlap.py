@@ -9,12 +9,15 @@ of every repetition, with the min-max spread of the per-repetition medians.
     python -m bench.overlap [--layouts tp2 fsdp2 --steps 8 --repeats 3] [--profile]
 
 ``--profile`` also records steps 4-5 of the last repetition of each run with torch.profiler; the chrome
-traces (one per rank) are left in <workdir>/<run>/profile/ and their paths printed.
+traces (one per rank) are left in <workdir>/<run>/profile/ and their paths printed, and rank 0's trace is
+read back: how long the collectives ran (gloo's threads) and how much of that ran while the main thread
+was inside a matmul, i.e. overlapped.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import statistics
 import tempfile
@@ -30,7 +33,31 @@ MODES = {"on": ("parallel.overlap_comm=true", "parallel.fsdp_prefetch=true"),
 
 def _step_times(run_dir: Path, *, skip: int) -> list[float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["step_time_s"] for r in rows if "step_time_s" in r and r["step"] > skip]
+    # Keys carry the step: "train[5/8]/step_time_s".
+    return [value for r in rows if r["step"] > skip for key, value in r.items() if key.endswith("/step_time_s")]
+
+
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm"}
+
+
+def trace_overlap(trace: Path) -> dict[str, float]:
+    """Milliseconds of collectives in a chrome trace, and of those, the part concurrent with a matmul.
+
+    Collectives are gloo's own events (they run on its worker threads); the matmuls are those of the thread
+    that runs most of them (the training thread). Both are read from complete ("X") events.
+    """
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X"]
+    matmuls = [e for e in events if e["name"] in MATMULS]
+    main = collections.Counter(e["tid"] for e in matmuls).most_common(1)[0][0]
+    busy: list[list[float]] = []  # union of the main thread's matmul intervals
+    for start, end in sorted((e["ts"], e["ts"] + e["dur"]) for e in matmuls if e["tid"] == main):
+        if busy and start <= busy[-1][1]:
+            busy[-1][1] = max(busy[-1][1], end)
+        else:
+            busy.append([start, end])
+    comms = [(e["ts"], e["ts"] + e["dur"]) for e in events if e["name"].startswith("gloo:")]
+    overlapped = sum(max(0.0, min(end, b) - max(start, a)) for start, end in comms for a, b in busy)
+    return {"comm_ms": sum(end - start for start, end in comms) / 1e3, "overlapped_ms": overlapped / 1e3}
 
 
 def _losses(run_dir: Path) -> list[float]:
@@ -46,7 +73,7 @@ def main() -> None:
     opts = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench_overlap_"))
     medians = {(layout, mode): [] for layout in opts.layouts for mode in MODES}
-    losses = {}
+    losses, traces = {}, {}
     for rep in range(opts.repeats):
         for layout in opts.layouts:
             for mode, overrides in MODES.items():
@@ -57,6 +84,7 @@ def main() -> None:
                 losses[(layout, mode)] = _losses(run)
                 if profile:
                     print(f"traces: {sorted(str(p) for p in (run / 'profile').glob('*.json'))}")
+                    traces[(layout, mode)] = trace_overlap(run / "profile" / "rank0.json")
     rows = []
     print(f"2 processes, gloo on CPU, model=small at seq 256, global batch 8; median of {opts.repeats} runs x "
           f"{opts.steps - 2} steps")  # fmt: skip
@@ -65,9 +93,15 @@ def main() -> None:
         on, off = summarize(medians[(layout, "on")]), summarize(medians[(layout, "off")])
         same = losses[(layout, "on")] == losses[(layout, "off")]
         rows.append({"layout": layout, "on_step_s": on, "off_step_s": off, "ratio_off_vs_on": off["median"] / on["median"],
-                     "losses_bitwise_equal": same})  # fmt: skip
+                     "losses_bitwise_equal": same, "trace_on": traces.get((layout, "on")),
+                     "trace_off": traces.get((layout, "off"))})  # fmt: skip
         print(f"{layout:<8} {on['median']:>6.3f} ({on['min']:.3f}-{on['max']:.3f}) "
               f"{off['median']:>6.3f} ({off['min']:.3f}-{off['max']:.3f}) {off['median'] / on['median']:>8.3f}  {same}")  # fmt: skip
+    for layout in opts.layouts if traces else ():
+        for mode in MODES:
+            t = traces[(layout, mode)]
+            print(f"{layout} overlap {mode}: rank 0's collectives ran {t['comm_ms']:.0f} ms in the 2 profiled steps, "
+                  f"{t['overlapped_ms']:.0f} ms of it ({t['overlapped_ms'] / max(t['comm_ms'], 1e-9):.0%}) during matmuls")  # fmt: skip
     path = write_results("overlap", {"config": vars(opts), "rows": rows})
     print(f"written {path}")
 
