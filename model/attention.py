@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from model.config import AttnBackend
 
 
+@torch.compiler.assume_constant_result  # torch.compile: a fact of the environment, not traced
 @functools.cache
 def flash_attn_available() -> bool:
     """True when the optional flash-attn package imports (it only builds on CUDA machines)."""
@@ -27,7 +28,7 @@ def flash_attn_available() -> bool:
 
 def resolve_backend(backend: AttnBackend, *, q: torch.Tensor) -> AttnBackend:
     """Pick the kernel for ``auto`` and check that an explicit choice can run on these tensors."""
-    flash_ok = flash_attn_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    flash_ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_available()
     if backend == AttnBackend.auto:
         return AttnBackend.flash if flash_ok else AttnBackend.sdpa
     if backend == AttnBackend.flash and not flash_ok:

@@ -145,6 +145,8 @@ class ParallelConfig:
     (backward), issued asynchronously, so parameter gathering overlaps the current block's compute."""
     activation_checkpoint: ACMode = ACMode.selective
     """none | selective | full | every_k: what the blocks recompute in backward instead of keeping."""
+    compile: bool = False
+    """torch.compile each transformer block (after TP and activation checkpointing, before FSDP)."""
     ac_every_k: int = 2
     """With activation_checkpoint=every_k: blocks 0, k, 2k, ... are recomputed."""
 

@@ -39,6 +39,8 @@ def parallelize_llama(
     if meshes is not None and dims.tp_enabled:
         apply_tensor_parallel(model, tp_mesh=meshes.tp, overlap=cfg.overlap_comm)
     apply_activation_checkpointing(model, mode=cfg.activation_checkpoint, every_k=cfg.ac_every_k)
+    if cfg.compile:
+        apply_compile(model)
     if meshes is not None and dims.fsdp_enabled:
         reduce_dtype = torch.float32 if cfg.reduce_dtype == ReduceDtype.fp32 else torch.bfloat16
         # Replicate x shard = HSDP when dp_replicate > 1; with dp_replicate == 1 the first axis has size 1
@@ -80,6 +82,18 @@ def apply_activation_checkpointing(model: Transformer, *, mode: ACMode, every_k:
             # No RNG is used in the blocks (no dropout), so there is no RNG state to stash and restore.
             model.layers[name] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
                                                     preserve_rng_state=False)  # fmt: skip
+
+
+def apply_compile(model: Transformer) -> None:
+    """``torch.compile`` each block in place (``nn.Module.compile``), after TP and AC and before FSDP.
+
+    Per block rather than the whole model: the blocks are identical, so one compiled graph serves them all,
+    and FSDP's hooks stay outside the compiled code. In place, so parameter names (and checkpoints) are
+    unchanged. The hand-written autograd Functions are traced with their backward; a TP block breaks the
+    graph at its collectives, which then run eagerly.
+    """
+    for block in model.layers.values():
+        block.compile()
 
 
 def _set_recompute(module: nn.Module, *, recompute: bool) -> None:

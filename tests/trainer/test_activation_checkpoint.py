@@ -63,3 +63,21 @@ def test_fsdp_with_full_recomputation_matches_fsdp_without(reference_run):
     ours = torch.load(run / "final_model.pt", weights_only=True)
     for key, value in torch.load(reference / "final_model.pt", weights_only=True).items():
         assert torch.equal(ours[key], value), key  # and parameter names are unchanged by the wrapper
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_compiled_blocks_train_like_eager(tiny_overrides, tmp_path, mode):
+    """torch.compile traces the hand-written Functions (and the checkpoint wrapper) with their backward.
+
+    Inductor fuses element-wise work, so the sums may round differently: compared within 1e-5, the
+    loss-compare tolerance, not bitwise. ~30 s of compilation per run, hence slow.
+    """
+    losses = {}
+    for compiled in (False, True):
+        cfg = to_config(compose_config([*tiny_overrides, "trainer.max_steps=4", "optim.warmup_steps=2",
+                                        "trainer.eval_every=0", "logging.wandb_mode=disabled",
+                                        f"parallel.activation_checkpoint={mode}", f"parallel.compile={compiled}"]))  # fmt: skip
+        losses[compiled] = train(cfg, run_dir=tmp_path / str(compiled)).losses
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    assert losses[True][-1] < losses[True][0]
