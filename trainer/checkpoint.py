@@ -267,10 +267,16 @@ class Checkpointer:
             self._complete_pending()
 
     def wait(self) -> None:
-        """Block until a background save has finished (before the next save, and at the end)."""
+        """Block until a background save has finished (before the next save, and at the end).
+
+        A collective on every rank, whether or not this rank still has a save pending: ``poll`` completes
+        saves rank by rank as their writes finish, so ``_pending`` differs between ranks, and a barrier
+        taken only where it is set would pair with another collective elsewhere (a deadlock seen under
+        load: rank 0's next-save barrier matched rank 1's wait barrier).
+        """
         if self._pending is not None:
             self._complete_pending()
-            _barrier()
+        _barrier()
 
     def _complete_pending(self) -> None:
         pending, self._pending = self._pending, None

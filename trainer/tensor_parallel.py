@@ -53,11 +53,13 @@ from model.ops.swiglu import gate, gate_backward
 class _Pending:
     """An async collective in flight: ``wait()`` returns its result in the (B, T, ...) layout."""
 
-    def __init__(self, work, buffer: torch.Tensor, finish):
+    def __init__(self, work, buffer: torch.Tensor, finish, *, source: torch.Tensor):
         self._work, self._buffer, self._finish = work, buffer, finish
+        self._source = source  # the collective reads it until done: keep it alive (it may be a temporary copy)
 
     def wait(self) -> torch.Tensor:
         self._work.wait()
+        self._source = None
         return self._finish(self._buffer)
 
 
@@ -91,8 +93,9 @@ def gather_sequence(x_shard: torch.Tensor, group: ProcessGroup) -> _Pending:
     t = dist.get_world_size(group)
     # The collectives concatenate along dim 0: (t * B, T/t, ...), rank r's shard in rows r*B .. (r+1)*B.
     buffer = x_shard.new_empty((t * x_shard.shape[0], *x_shard.shape[1:]))
-    work = dist.all_gather_single(buffer, x_shard.contiguous(), group=group, async_op=True)
-    return _Pending(work, buffer, lambda buf: buf.unflatten(0, (t, -1)).movedim(0, 1).flatten(1, 2))
+    source = x_shard.contiguous()
+    work = dist.all_gather_single(buffer, source, group=group, async_op=True)
+    return _Pending(work, buffer, lambda buf: buf.unflatten(0, (t, -1)).movedim(0, 1).flatten(1, 2), source=source)
 
 
 def scatter_sequence(x_full: torch.Tensor, group: ProcessGroup) -> _Pending:
@@ -101,7 +104,7 @@ def scatter_sequence(x_full: torch.Tensor, group: ProcessGroup) -> _Pending:
     chunks = x_full.unflatten(1, (t, -1)).movedim(1, 0).flatten(0, 1)  # (t * B, T/t, ...), rank r's in block r
     out = x_full.new_empty((x_full.shape[0], *chunks.shape[1:]))
     work = dist.reduce_scatter_single(out, chunks, group=group, async_op=True)
-    return _Pending(work, out, lambda buf: buf)
+    return _Pending(work, out, lambda buf: buf, source=chunks)
 
 
 # ----------------------------------------------------------------------------------------------------

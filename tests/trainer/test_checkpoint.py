@@ -198,3 +198,17 @@ def test_resharded_load_restores_the_same_optimizer_values(reference_run, tmp_pa
         assert moments["exp_avg_sq"].abs().max() > 0, name  # real state, not a freshly zeroed one
         for key, value in moments.items():
             assert torch.equal(tp2[name][key], value), (name, key)
+
+
+def test_waiting_for_a_background_save_is_a_collective_on_every_rank(tmp_path, monkeypatch):
+    """``poll`` finishes background saves rank by rank, so one rank may have nothing pending when another
+    still has; ``wait`` must reach its barrier on both, or the ranks' next collectives pair up wrongly."""
+    import trainer.checkpoint as checkpoint
+
+    barriers = []
+    monkeypatch.setattr(checkpoint, "_barrier", lambda: barriers.append(1))
+    ckpt = Checkpointer(CheckpointConfig(dir=str(tmp_path / "ckpt")), run_dir=tmp_path)
+    assert ckpt._pending is None
+    barriers.clear()
+    ckpt.wait()
+    assert barriers == [1]
