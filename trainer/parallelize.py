@@ -65,7 +65,7 @@ def apply_activation_checkpointing(model: Transformer, *, mode: ACMode, every_k:
     forward and only the block input is kept; the blocks ``every_k`` does not wrap run as ``none``.
 
     Non-reentrant checkpointing (``torch.utils.checkpoint`` with use_reentrant=False) composes with FSDP2
-    and DTensor TP. Recomputation repeats the same operations on the same inputs, so the losses are bitwise
+    and the TP layers. Recomputation repeats the same operations on the same inputs, so the losses are bitwise
     those of ``none`` (tested); only memory and time change. The wrapper keeps parameter names unchanged in
     state dicts, so checkpoints move freely between modes.
     """

@@ -10,11 +10,14 @@ docstring states its equations and exactly what it saves.
 
 Implementation: plain ``torch.autograd.Function``s behind small functions. STYLE prefers
 ``torch.library.custom_op`` with ``register_fake``/``register_autograd`` for code that must run under
-``torch.compile``; that is left for a later step, because (1) the ops are first checked in eager mode
-against autograd, where a Function is the most direct expression of "this is the backward", and (2)
-a custom op's backward may only see what ``setup_context`` saves from the inputs and outputs, so the
-intermediates of the ``recompute=False`` mode (and swiglu's a, b) would have to become extra outputs,
-which is a change of interface best made once the eager semantics are pinned down by these tests.
+``torch.compile``; these Functions already compile (Dynamo traces an autograd.Function's forward and
+backward: ``parallel.compile=true``, tested against eager in tests/trainer/test_activation_checkpoint.py).
+A custom op's backward may only see what ``setup_context`` saves from the inputs and outputs, so the
+intermediates of the ``recompute=False`` mode (and swiglu's a, b) would have to become extra outputs;
+that change of interface buys nothing while the Functions compile as they are.
+
+The model (``model/llama.py``) runs every transformer layer through these ops; the tensor-parallel
+variants, on local shards with explicit collectives, are in ``trainer/tensor_parallel.py``.
 """
 
 from model.ops.attention import attention_core
