@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import base64
 import json
-import pickle
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
@@ -149,6 +149,18 @@ def _tensor_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimi
     return state
 
 
+def _load_tensors(path: Path, *, model, optimizer: Optional[torch.optim.Optimizer], args: ModelArgs) -> dict[str, Any]:
+    """Validate ``path`` against ``args`` and load the model (and optimizer, if given) from it; returns its meta."""
+    meta = validate(path)
+    check_model_matches(meta, args, path=path)
+    state = _tensor_state(model, optimizer)
+    _dcp_load(state, path=path)
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    return meta
+
+
 def _encode_rng() -> str:
     return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
 
@@ -201,12 +213,7 @@ class Checkpointer:
     def load(self, path: Path, *, model, optimizer, scheduler, loader, args: ModelArgs) -> dict[str, Any]:
         """Restore model, optimizer, scheduler, loader and RNG from ``path``; returns its meta."""
         started = time.perf_counter()
-        meta = validate(path)
-        check_model_matches(meta, args, path=path)
-        state = _tensor_state(model, optimizer)
-        _dcp_load(state, path=path)
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        meta = _load_tensors(path, model=model, optimizer=optimizer, args=args)
         scheduler.load_state_dict(meta["scheduler"])
         loader.load_state_dict(meta["loader"])
         rng = meta.get("rng", [])
@@ -219,11 +226,7 @@ class Checkpointer:
 
     def load_model_only(self, path: Path, *, model, args: ModelArgs) -> None:
         """Take just the weights from ``path`` (``checkpoint.init_from``)."""
-        meta = validate(path)
-        check_model_matches(meta, args, path=path)
-        state = _tensor_state(model, None)
-        _dcp_load(state, path=path)
-        set_model_state_dict(model, state["model"])
+        _load_tensors(path, model=model, optimizer=None, args=args)
         logger.info("initialised the model from %s", path)
 
     # --- save -----------------------------------------------------------------------------------------

@@ -78,16 +78,6 @@ def _launched(pending: _Pending, *, overlap: bool):
     return pending if overlap else _Done(pending.wait())
 
 
-def _check_divisible(x: torch.Tensor, group: ProcessGroup) -> int:
-    t = dist.get_world_size(group)
-    if x.shape[1] % t != 0:
-        raise ValueError(
-            f"sequence parallelism splits the sequence over parallel.tp={t} ranks, but the sequence length "
-            f"is {x.shape[1]}; set data.seq_len to a multiple of {t}"
-        )
-    return t
-
-
 def gather_sequence(x_shard: torch.Tensor, group: ProcessGroup) -> _Pending:
     """Launch the all-gather (B, T/t, ...) -> (B, T, ...) along the sequence; ``.wait()`` for the result."""
     t = dist.get_world_size(group)
@@ -100,7 +90,9 @@ def gather_sequence(x_shard: torch.Tensor, group: ProcessGroup) -> _Pending:
 
 def scatter_sequence(x_full: torch.Tensor, group: ProcessGroup) -> _Pending:
     """Launch the reduce-scatter (B, T, ...) partial sums -> (B, T/t, ...) totals; ``.wait()`` for the result."""
-    t = _check_divisible(x_full, group)
+    # The sequence length is a multiple of t (checked at start-up: ParallelDims.check_seq_len), and every
+    # tensor scattered here has the length of a gathered one.
+    t = dist.get_world_size(group)
     chunks = x_full.unflatten(1, (t, -1)).movedim(1, 0).flatten(0, 1)  # (t * B, T/t, ...), rank r's in block r
     out = x_full.new_empty((x_full.shape[0], *chunks.shape[1:]))
     work = dist.reduce_scatter_single(out, chunks, group=group, async_op=True)
@@ -288,7 +280,7 @@ def _distribute_parameters(module: nn.Module, *, mesh: DeviceMesh, placement: Pl
         module.register_parameter(name, dparam)
 
 
-def _become(module: nn.Module, cls: type, *, tp_group: ProcessGroup, **attrs) -> None:
+def _become(module: nn.Module, cls: type, **attrs) -> None:
     """Turn ``module`` into its tensor-parallel subclass in place.
 
     Changing the class (rather than building a new module) keeps the child modules, their parameter names
@@ -296,7 +288,6 @@ def _become(module: nn.Module, cls: type, *, tp_group: ProcessGroup, **attrs) ->
     """
     assert issubclass(cls, type(module)), (cls, type(module))
     module.__class__ = cls
-    module.tp_group = tp_group
     for name, value in attrs.items():
         setattr(module, name, value)
 

@@ -340,7 +340,7 @@ def _loop(run: _Run, *, stop: _StopSignals) -> None:
             break
         if side_work:
             window_start = time.perf_counter()
-    result.tokens_per_sec = result.tokens / max(train_s, 1e-9) if train_s else 0.0
+    result.tokens_per_sec = result.tokens / train_s if train_s else 0.0
 
 
 def _save(run: _Run, *, step: int) -> float:

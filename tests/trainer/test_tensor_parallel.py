@@ -11,16 +11,12 @@ from torch.distributed.device_mesh import init_device_mesh
 from model.config import ModelArgs
 from model.llama import Transformer
 from tests.distributed import run_workers
+from trainer.config import ACMode
+from trainer.parallelize import apply_activation_checkpointing
 from trainer.tensor_parallel import apply_tensor_parallel
 
 # GQA with one kv head per rank at tp=2, and a hidden size that is not a multiple of the width.
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16, multiple_of=8)
-
-
-def _set_recompute(model: torch.nn.Module, recompute: bool) -> None:
-    for module in model.modules():
-        if hasattr(module, "recompute"):
-            module.recompute = recompute
 
 
 def _tp_model_worker(rank: int, world_size: int, recompute: bool) -> None:
@@ -32,7 +28,7 @@ def _tp_model_worker(rank: int, world_size: int, recompute: bool) -> None:
     sharded = copy.deepcopy(reference)  # the same weights on every rank (same seed)
     apply_tensor_parallel(sharded, tp_mesh=init_device_mesh("cpu", (world_size,)))
     for model in (reference, sharded):
-        _set_recompute(model, recompute)
+        apply_activation_checkpointing(model, mode=ACMode.selective if recompute else ACMode.none, every_k=1)
     tokens = torch.randint(0, ARGS.vocab_size, (2, 8))
     probe = torch.randn(2, 8, ARGS.vocab_size, dtype=torch.float64)  # a loss that weighs every logit
 
