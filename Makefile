@@ -16,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
-.PHONY: help install train test test-slow test-multinode test-faults test-gpu test-all loss-compare bench-ac bench-overlap model-info clean
+.PHONY: help install train test test-slow test-multinode test-faults test-gpu test-all loss-compare bench bench-ac bench-overlap model-info clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ test-all: $(STAMP)  ## every test
 
 loss-compare: $(STAMP)  ## train the debug model under every parallel layout (1-4 processes) and compare losses/weights
 	$(PY) -m launch.loss_compare $(ARGS)
+
+bench: $(STAMP)  ## benchmark: our trainer (AC none/selective/full, compile) vs a bare loop vs HF transformers, MFU, 1->2 process scaling (~20 min; docs/benchmarks.md)
+	$(PY) -m bench.train_speed $(ARGS)
 
 bench-ac: $(STAMP)  ## benchmark: activation-checkpointing policies side by side (step time, kept bytes; ~10 min)
 	$(PY) -m bench.ac_policies $(ARGS)

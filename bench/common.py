@@ -8,8 +8,12 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
+from hydra import compose, initialize_config_module
+
+from conf.schema import Config, to_config
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -42,6 +46,31 @@ def machine() -> dict[str, object]:
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+
+
+def compose_config(overrides: Sequence[str] = ()) -> Config:
+    """The typed config that ``python -m trainer.train <overrides>`` would run with."""
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        return to_config(compose(config_name="config", overrides=list(overrides)))
+
+
+def run_children(cmds: Sequence[Sequence[str]], *, logs: Sequence[Path], env: Optional[dict[str, str]] = None,
+                 cwd: Optional[Path] = None) -> None:  # fmt: skip
+    """Start every command at once, each writing its output to its log; wait for all; raise if one failed."""
+    procs = []
+    for cmd, log in zip(cmds, logs, strict=True):
+        with log.open("w") as out:
+            procs.append(subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd))
+    try:
+        for cmd, log, proc in zip(cmds, logs, procs):
+            if proc.wait() != 0:
+                tail = "\n".join(log.read_text().splitlines()[-30:])
+                raise RuntimeError(f"benchmark child failed (exit {proc.returncode}, log {log}): {' '.join(cmd)}\n{tail}")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def write_results(name: str, payload: dict) -> Path:

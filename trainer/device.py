@@ -71,9 +71,26 @@ def peak_flops(*, device: torch.device, dtype: torch.dtype, override: Optional[f
     return measure_cpu_matmul_flops(dtype=dtype)
 
 
+def peak_rss_bytes() -> int:
+    """The most resident memory this process has held since it started (its exec, not its fork).
+
+    Linux's ``VmHWM``. ``getrusage().ru_maxrss`` would be wrong for a process started by a large parent:
+    it also counts the parent's memory that the child held between fork and exec.
+    """
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    import resource  # not Linux: the best figure there is
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
+
+
 def memory_stats(device: torch.device) -> dict[str, float]:
-    """GiB in use: the process RSS always; on CUDA also the allocator's peak since the last reset."""
-    stats = {"rss_gib": psutil.Process().memory_info().rss / 2**30}
+    """GiB: the process RSS now and its peak so far; on CUDA also the allocator's peak since the last reset."""
+    stats = {"rss_gib": psutil.Process().memory_info().rss / 2**30, "peak_rss_gib": peak_rss_bytes() / 2**30}
     if device.type == "cuda":
         stats["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         torch.cuda.reset_peak_memory_stats(device)

@@ -41,7 +41,7 @@ def test_training_reduces_loss_and_writes_the_run_directory(tiny_overrides, tmp_
     train_steps = [r["step"] for r in records if "train[" in next(k for k in r if k != "step")]
     assert train_steps == [1, 5, 10, 15, 20, 25, 30]
     logged = records[-2]
-    for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "step_time_s", "rss_gib", "data_wait_frac"):
+    for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "step_time_s", "rss_gib", "peak_rss_gib", "data_wait_frac"):
         assert f"train[30/30]/{key}" in logged, key
     val = [r for r in records if "val/loss" in r]
     assert val[-1]["val/perplexity"] == pytest.approx(math.exp(val[-1]["val/loss"]))
