@@ -43,12 +43,14 @@ from typing import Optional
 
 import torch
 
+from bench.breakdown import step_breakdown
 from bench.common import compose_config, run_children, summarize, write_results
 from bench.loops import build_loop_model, loop_loss
 from model.flops import flops_per_token, param_counts
 from model.ops.memory import saved_bytes
 from trainer.config import ParallelConfig
 from trainer.device import measure_cpu_matmul_flops, peak_flops
+from trainer.optim import build_optimizer
 from trainer.parallel_dims import ParallelDims
 from trainer.train import build_model
 
@@ -169,6 +171,20 @@ def run_scaling(bench: Bench, runs: Runs, *, row: str, tag: str) -> None:
                     data_wait=metrics["data_wait_frac"])  # fmt: skip
 
 
+def _row_model(row: str, *, cfg, device: torch.device) -> torch.nn.Module:
+    """The model a row trains, built in this process (for counting and profiling, not timing)."""
+    if row in OURS:
+        parallel = ParallelConfig(activation_checkpoint=OURS[row][0].split("=")[1])
+        dims = ParallelDims.from_config(parallel, world_size=1)
+        return build_model(cfg.model, device=device, seed=0, dims=dims, parallel=parallel)
+    return build_loop_model(row, cfg.model, device=device, seed=0)
+
+
+def _tokens(cfg, *, device: torch.device) -> torch.Tensor:
+    shape = (cfg.trainer.micro_batch_size, cfg.data.seq_len + 1)
+    return torch.randint(0, cfg.model.vocab_size, shape, generator=torch.Generator().manual_seed(0)).to(device)
+
+
 def kept_activation_bytes(row: str, *, cfg, device: torch.device, dtype: torch.dtype) -> Optional[int]:
     """Bytes one forward of the row's model keeps for backward, parameters and buffers excluded.
 
@@ -178,15 +194,25 @@ def kept_activation_bytes(row: str, *, cfg, device: torch.device, dtype: torch.d
     """
     if row == "ours_compile":
         return None
-    if row in OURS:
-        parallel = ParallelConfig(activation_checkpoint=OURS[row][0].split("=")[1])
-        dims = ParallelDims.from_config(parallel, world_size=1)
-        model = build_model(cfg.model, device=device, seed=0, dims=dims, parallel=parallel)
-    else:
-        model = build_loop_model(row, cfg.model, device=device, seed=0)
-    tokens = torch.randint(0, cfg.model.vocab_size, (cfg.trainer.micro_batch_size, cfg.data.seq_len + 1), device=device)
+    model, tokens = _row_model(row, cfg=cfg, device=device), _tokens(cfg, device=device)
     counted = saved_bytes(lambda: loop_loss(model, tokens, dtype=dtype), params=[*model.parameters(), *model.buffers()])
     return counted.activations
+
+
+def breakdowns(rows: list[str], *, cfg, peak: float) -> tuple[str, dict[str, dict[str, float]]]:
+    """One profiled step of each row's model (CPU): GEMM, attention, optimizer and other time, as a table."""
+    matmul_flops = 6 * param_counts(cfg.model).matmul * cfg.trainer.micro_batch_size * cfg.data.seq_len
+    lines = ["| model | profiled step s | GEMM s (share, GFLOP/s) | attention kernels s | AdamW s | other s |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    results = {}
+    for row in rows:
+        model = _row_model(row, cfg=cfg, device=torch.device("cpu"))
+        b = results[row] = step_breakdown(model, build_optimizer(model, cfg.optim), _tokens(cfg, device=torch.device("cpu")))
+        del model
+        lines.append(f"| {row} | {b['step_s']:.3f} | {b['gemm_s']:.3f} ({b['gemm_s'] / b['step_s']:.0%}, "
+                     f"{matmul_flops / b['gemm_s'] / 1e9:.1f} of {peak / 1e9:.1f}) | {b['attention_s']:.3f} | "
+                     f"{b['optimizer_s']:.3f} | {b['other_s']:.3f} |")  # fmt: skip
+    return "\n".join(lines), results
 
 
 def _gemm_flops(m: int, k: int, n: int, *, repeats: int = 5) -> float:
@@ -249,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     parser.add_argument("--scaling-repeats", type=int, default=2, help="runs per scaling row; 0 skips scaling")
     parser.add_argument("--workdir", type=Path, default=None, help="keep run directories and logs here")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the profiled step of none/bare/hf (CPU)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every row after the built-in model")
     opts = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -296,6 +323,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"first-step loss: bare {results['bare'].losses[0]:.6f}, hf {results['hf'].losses[0]:.6f} "
               f"(same weights and batch)")  # fmt: skip
 
+    breakdown = None
+    if not (opts.no_breakdown or cuda):
+        profiled = [row for row in ("ours_none", "bare", "hf") if row in opts.rows]
+        breakdown_text, breakdown = breakdowns(profiled, cfg=cfg, peak=peaks["peak"])
+        print(breakdown_text)
+
     scaling = None
     if opts.scaling_repeats and not cuda:
         scale = {row: Runs() for row in SCALING}
@@ -314,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     path = write_results("train_speed_gpu" if cuda else "train_speed", {
         "config": {**vars(opts), "workdir": str(workdir), "overrides": list(model)},
         "model": {"parameters": counts.total, "flops_per_token": flops_tok, "tokens_per_step": tokens_per_step},
-        "peaks": peaks, "rows": rows, "table": text, "compile_s": compile_s, "scaling": scaling,
+        "peaks": peaks, "rows": rows, "table": text, "compile_s": compile_s, "breakdown": breakdown, "scaling": scaling,
     })  # fmt: skip
     print(f"written {path}")
 
