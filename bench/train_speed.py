@@ -113,7 +113,7 @@ def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **extra}
 
 
-def _trainer_cmd(bench: Bench, *, row: str, run_dir: Path, nproc: int, extra: tuple[str, ...] = ()) -> list[str]:
+def _trainer_cmd(bench: Bench, *, run_dir: Path, nproc: int, extra: tuple[str, ...] = ()) -> list[str]:
     overrides = [*bench.model, f"trainer.max_steps={bench.steps + 1}", "trainer.eval_every=0", "logging.log_every=1",
                  "checkpoint.save_final=false", "checkpoint.save_on_signal=false", "trainer.save_final_model=false",
                  f"trainer.peak_flops={bench.peak}", f"hydra.run.dir={run_dir}", *extra]  # fmt: skip
@@ -140,7 +140,7 @@ def _peak_bytes(metrics: dict[str, list[float]], *, cuda: bool) -> int:
 
 def run_ours(bench: Bench, runs: Runs, *, row: str, tag: str, env: dict[str, str]) -> None:
     run_dir = bench.workdir / f"{row}_{tag}"
-    cmd = _trainer_cmd(bench, row=row, run_dir=run_dir, nproc=1, extra=OURS[row])
+    cmd = _trainer_cmd(bench, run_dir=run_dir, nproc=1, extra=OURS[row])
     run_children([cmd], logs=[bench.workdir / f"{row}_{tag}.log"], env=env, cwd=REPO)
     metrics = _read_metrics(run_dir)
     runs.record(step_s=metrics["step_time_s"], peak_bytes=_peak_bytes(metrics, cuda=bench.cuda),
@@ -163,7 +163,7 @@ def run_scaling(bench: Bench, runs: Runs, *, row: str, tag: str) -> None:
     env = _env(OMP_NUM_THREADS="1")
     copies, nproc = {"1proc": (1, 1), "1proc_x2_independent": (2, 1), "fsdp_2proc": (1, 2)}[row]
     run_dirs = [bench.workdir / f"{row}_{tag}_{i}" for i in range(copies)]
-    cmds = [_trainer_cmd(bench, row=row, run_dir=d, nproc=nproc) for d in run_dirs]
+    cmds = [_trainer_cmd(bench, run_dir=d, nproc=nproc) for d in run_dirs]
     run_children(cmds, logs=[d.with_suffix(".log") for d in run_dirs], env=env, cwd=REPO)
     for run_dir in run_dirs:
         metrics = _read_metrics(run_dir)
