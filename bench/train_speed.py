@@ -60,7 +60,7 @@ REPO = Path(__file__).resolve().parents[1]
 CPU_MODEL = ("model=small", "model.dim=768", "model.n_layers=6", "model.n_heads=12", "model.multiple_of=256",
              "model.max_seq_len=512", "data.seq_len=512", "trainer.micro_batch_size=2", "trainer.device=cpu",
              "trainer.precision=fp32")  # fmt: skip
-# ~1.1B parameters (18 x 51M in the blocks, 2 x 65M embedding and head), bf16, seq 2048.
+# 1.06B parameters (18 x 51M in the blocks, 2 x 65.5M embedding and head), bf16, seq 2048.
 GPU_MODEL = ("model=small", "model.dim=2048", "model.n_layers=18", "model.n_heads=16", "model.multiple_of=256",
              "model.vocab_size=32000", "data.tokenizer.vocab_size=32000", "model.max_seq_len=2048",
              "data.seq_len=2048", "trainer.micro_batch_size=4", "trainer.device=cuda", "trainer.precision=bf16")  # fmt: skip

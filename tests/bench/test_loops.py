@@ -70,3 +70,14 @@ def test_a_failing_child_raises_with_its_output(tmp_path):
     assert (tmp_path / "ok.log").read_text().strip() == "fine"
     with pytest.raises(RuntimeError, match=r"exit 3(.|\n)*boom: bad input"):
         run_children([ok, bad], logs=[tmp_path / "a.log", tmp_path / "b.log"])
+
+
+def test_the_benchmark_models_compose_at_their_stated_sizes():
+    """``make bench``'s model overrides stay valid config (the GPU one cannot run here, so check it composes)."""
+    from bench.common import compose_config
+    from bench.train_speed import CPU_MODEL, GPU_MODEL
+    from model.flops import param_counts
+
+    cpu, gpu = compose_config(CPU_MODEL), compose_config(GPU_MODEL)
+    assert 50e6 <= param_counts(cpu.model).total <= 150e6 and cpu.data.seq_len == 512
+    assert 0.9e9 <= param_counts(gpu.model).total <= 1.3e9 and gpu.model.vocab_size == gpu.data.tokenizer.vocab_size
