@@ -18,9 +18,8 @@ from __future__ import annotations
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from bench.common import MATMUL_OPS
 from bench.loops import loop_loss
-
-GEMMS = {"aten::mm", "aten::addmm", "aten::bmm"}
 
 
 def _is_attention_kernel(name: str) -> bool:
@@ -43,7 +42,7 @@ def step_breakdown(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tok
         _step(model, optimizer, tokens, dtype=dtype)
     events = prof.key_averages()
     total = {e.key: e.cpu_time_total / 1e6 for e in events}
-    gemm = sum(e.self_cpu_time_total for e in events if e.key in GEMMS) / 1e6
+    gemm = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / 1e6
     attention = sum(e.self_cpu_time_total for e in events if _is_attention_kernel(e.key)) / 1e6
     step = total["bench.forward_backward"] + total["bench.optimizer"]
     optimizer_s = total["bench.optimizer"]

@@ -17,6 +17,9 @@ from conf.schema import Config, to_config
 
 RESULTS = Path(__file__).parent / "results"
 
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm"}
+"""Profiler names of the matrix-multiply kernels."""
+
 
 def summarize(samples: list[float]) -> dict[str, float]:
     """Median and spread (min, max) of repeated measurements."""
@@ -52,6 +55,16 @@ def compose_config(overrides: Sequence[str] = ()) -> Config:
     """The typed config that ``python -m trainer.train <overrides>`` would run with."""
     with initialize_config_module(config_module="conf", version_base="1.3"):
         return to_config(compose(config_name="config", overrides=list(overrides)))
+
+
+def read_metrics(run_dir: Path) -> dict[str, list[float]]:
+    """The trainer's per-log values from ``metrics.jsonl``, by name (``train[3/4]/step_time_s`` -> ``step_time_s``)."""
+    values: dict[str, list[float]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        for key, value in json.loads(line).items():
+            if key.startswith("train["):
+                values.setdefault(key.rsplit("/", 1)[1], []).append(value)
+    return values
 
 
 def run_children(cmds: Sequence[Sequence[str]], *, logs: Sequence[Path], env: Optional[dict[str, str]] = None,

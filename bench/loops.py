@@ -24,12 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.common import compose_config
+from conf.schema import Config
 from model.attention import causal_attention
 from model.config import AttnBackend, ModelArgs
 from model.llama import Attention, FeedForward, RMSNorm, Transformer, apply_rope
 from model.ops.reference import rms_norm_reference
 from trainer.device import peak_rss_bytes, resolve_device, resolve_dtype
 from trainer.optim import build_optimizer
+from trainer.train import build_model
 
 LOOPS = ("bare", "hf", "hf_ckpt")
 
@@ -62,16 +64,6 @@ def plain_autograd(model: Transformer) -> Transformer:
     return model
 
 
-def reference_model(args: ModelArgs, *, device: torch.device, seed: int) -> Transformer:
-    """Our model with the trainer's initialisation (same seed, same weights) and plain-autograd ops."""
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.to_empty(device=device)
-    torch.manual_seed(seed)
-    model.init_weights(buffer_device=device)
-    return plain_autograd(model)
-
-
 class _HFLogits(nn.Module):
     """``LlamaForCausalLM`` as tokens -> logits, so every loop computes its loss the same way."""
 
@@ -84,7 +76,7 @@ class _HFLogits(nn.Module):
 
 
 def hf_model(args: ModelArgs, *, device: torch.device, seed: int, checkpointing: bool) -> nn.Module:
-    """transformers' LLaMA of the same architecture, holding the weights ``reference_model`` starts from."""
+    """transformers' LLaMA of the same architecture, holding our initial weights (same seed)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from trainer.hf_interop import hf_config, to_hf_state_dict
@@ -93,7 +85,7 @@ def hf_model(args: ModelArgs, *, device: torch.device, seed: int, checkpointing:
     config._attn_implementation = "sdpa"
     with torch.device(device):
         hf = LlamaForCausalLM(config)
-    ours = reference_model(args, device=device, seed=seed)
+    ours = build_model(args, device=device, seed=seed)
     hf.load_state_dict(to_hf_state_dict(ours.state_dict(), args), strict=True)
     del ours
     if checkpointing:
@@ -102,11 +94,18 @@ def hf_model(args: ModelArgs, *, device: torch.device, seed: int, checkpointing:
 
 
 def build_loop_model(loop: str, args: ModelArgs, *, device: torch.device, seed: int) -> nn.Module:
-    if loop == "bare":
-        return reference_model(args, device=device, seed=seed)
+    if loop == "bare":  # the trainer's initialisation: same seed, same weights
+        return plain_autograd(build_model(args, device=device, seed=seed))
     if loop in ("hf", "hf_ckpt"):
         return hf_model(args, device=device, seed=seed, checkpointing=loop == "hf_ckpt")
     raise ValueError(f"unknown loop '{loop}': choose one of {LOOPS}")
+
+
+def batch_tokens(cfg: Config, *, device: torch.device) -> torch.Tensor:
+    """The benchmark's batch: (micro_batch_size, seq_len + 1) random tokens under the config's seed."""
+    generator = torch.Generator().manual_seed(cfg.trainer.seed)
+    shape = (cfg.trainer.micro_batch_size, cfg.data.seq_len + 1)
+    return torch.randint(0, cfg.model.vocab_size, shape, generator=generator).to(device)
 
 
 def loop_loss(model: nn.Module, tokens: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
@@ -148,10 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = resolve_dtype(cfg.trainer.precision, device=device)
     model = build_loop_model(opts.loop, cfg.model, device=device, seed=cfg.trainer.seed)
     optimizer = build_optimizer(model, cfg.optim)
-    generator = torch.Generator().manual_seed(cfg.trainer.seed)
-    shape = (cfg.trainer.micro_batch_size, cfg.data.seq_len + 1)
-    tokens = torch.randint(0, cfg.model.vocab_size, shape, generator=generator).to(device)
-    times, losses = run_loop(model, optimizer, tokens, steps=opts.steps, dtype=dtype)
+    times, losses = run_loop(model, optimizer, batch_tokens(cfg, device=device), steps=opts.steps, dtype=dtype)
     result = {"step_s": times, "losses": losses, "peak_rss_bytes": peak_rss_bytes()}
     if device.type == "cuda":
         result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)

@@ -23,21 +23,12 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from bench.common import summarize, write_results
+from bench.common import MATMUL_OPS, read_metrics, summarize, write_results
 from launch.loss_compare import LAYOUTS, run_layout
 
 MODEL = ("model=small", "model.max_seq_len=256", "data.seq_len=256", "model.vocab_size=512")
 MODES = {"on": ("parallel.overlap_comm=true", "parallel.fsdp_prefetch=true"),
          "off": ("parallel.overlap_comm=false", "parallel.fsdp_prefetch=false")}  # fmt: skip
-
-
-def _step_times(run_dir: Path, *, skip: int) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    # Keys carry the step: "train[5/8]/step_time_s".
-    return [value for r in rows if r["step"] > skip for key, value in r.items() if key.endswith("/step_time_s")]
-
-
-MATMULS = {"aten::mm", "aten::addmm", "aten::bmm"}
 
 
 def trace_overlap(trace: Path) -> dict[str, float]:
@@ -47,7 +38,7 @@ def trace_overlap(trace: Path) -> dict[str, float]:
     that runs most of them (the training thread). Both are read from complete ("X") events.
     """
     events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X"]
-    matmuls = [e for e in events if e["name"] in MATMULS]
+    matmuls = [e for e in events if e["name"] in MATMUL_OPS]
     main = collections.Counter(e["tid"] for e in matmuls).most_common(1)[0][0]
     busy: list[list[float]] = []  # union of the main thread's matmul intervals
     for start, end in sorted((e["ts"], e["ts"] + e["dur"]) for e in matmuls if e["tid"] == main):
@@ -80,7 +71,8 @@ def main() -> None:
                 profile = ("logging.profile_step=4",) if opts.profile and rep == opts.repeats - 1 else ()
                 run = run_layout(LAYOUTS[layout], workdir=workdir, steps=opts.steps, run_name=f"{layout}_{mode}_{rep}",
                                  extra=(*MODEL, "trainer.save_final_model=false", *overrides, *profile))  # fmt: skip
-                medians[(layout, mode)].append(statistics.median(_step_times(run, skip=2)))
+                # Every step is logged (logging.log_every=1): skip the first two, warm-up.
+                medians[(layout, mode)].append(statistics.median(read_metrics(run)["step_time_s"][2:]))
                 losses[(layout, mode)] = _losses(run)
                 if profile:
                     print(f"traces: {sorted(str(p) for p in (run / 'profile').glob('*.json'))}")

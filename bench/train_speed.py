@@ -36,7 +36,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -44,11 +43,12 @@ from typing import Optional
 import torch
 
 from bench.breakdown import step_breakdown
-from bench.common import compose_config, run_children, summarize, write_results
-from bench.loops import build_loop_model, loop_loss
+from bench.common import compose_config, read_metrics, run_children, summarize, write_results
+from bench.loops import batch_tokens, build_loop_model, loop_loss
+from data import prepare_data
 from model.flops import flops_per_token, param_counts
 from model.ops.memory import saved_bytes
-from trainer.config import ParallelConfig
+from trainer.config import ACMode, ParallelConfig
 from trainer.device import measure_cpu_matmul_flops, peak_flops
 from trainer.optim import build_optimizer
 from trainer.parallel_dims import ParallelDims
@@ -65,10 +65,10 @@ GPU_MODEL = ("model=small", "model.dim=2048", "model.n_layers=18", "model.n_head
              "model.vocab_size=32000", "data.tokenizer.vocab_size=32000", "model.max_seq_len=2048",
              "data.seq_len=2048", "trainer.micro_batch_size=4", "trainer.device=cuda", "trainer.precision=bf16")  # fmt: skip
 
-OURS = {"ours_none": ("parallel.activation_checkpoint=none",),
-        "ours_selective": ("parallel.activation_checkpoint=selective",),
-        "ours_full": ("parallel.activation_checkpoint=full",),
-        "ours_compile": ("parallel.activation_checkpoint=selective", "parallel.compile=true")}  # fmt: skip
+OURS = {"ours_none": ParallelConfig(activation_checkpoint=ACMode.none),
+        "ours_selective": ParallelConfig(activation_checkpoint=ACMode.selective),
+        "ours_full": ParallelConfig(activation_checkpoint=ACMode.full),
+        "ours_compile": ParallelConfig(activation_checkpoint=ACMode.selective, compile=True)}  # fmt: skip
 LOOPS = ("bare", "hf", "hf_ckpt")
 ROWS = (*OURS, *LOOPS)
 SCALING = ("1proc", "1proc_x2_independent", "fsdp_2proc")
@@ -123,16 +123,6 @@ def _trainer_cmd(bench: Bench, *, run_dir: Path, nproc: int, extra: tuple[str, .
             "-m", "trainer.train", *overrides]  # fmt: skip
 
 
-def _read_metrics(run_dir: Path) -> dict[str, list[float]]:
-    """Per-step values from the trainer's metrics.jsonl by name (``train[3/4]/step_time_s`` -> ``step_time_s``)."""
-    values: dict[str, list[float]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        for key, value in json.loads(line).items():
-            if key.startswith("train["):
-                values.setdefault(key.rsplit("/", 1)[1], []).append(value)
-    return values
-
-
 def _peak_bytes(metrics: dict[str, list[float]], *, cuda: bool) -> int:
     """The trainer's logged peak: the CUDA allocator's (reset at every log) or the process's peak RSS."""
     return int(max(metrics["cuda_max_allocated_gib" if cuda else "peak_rss_gib"]) * 2**30)
@@ -140,9 +130,12 @@ def _peak_bytes(metrics: dict[str, list[float]], *, cuda: bool) -> int:
 
 def run_ours(bench: Bench, runs: Runs, *, row: str, tag: str, env: dict[str, str]) -> None:
     run_dir = bench.workdir / f"{row}_{tag}"
-    cmd = _trainer_cmd(bench, run_dir=run_dir, nproc=1, extra=OURS[row])
+    parallel = OURS[row]
+    extra = (f"parallel.activation_checkpoint={parallel.activation_checkpoint.value}",
+             f"parallel.compile={str(parallel.compile).lower()}")  # fmt: skip
+    cmd = _trainer_cmd(bench, run_dir=run_dir, nproc=1, extra=extra)
     run_children([cmd], logs=[bench.workdir / f"{row}_{tag}.log"], env=env, cwd=REPO)
-    metrics = _read_metrics(run_dir)
+    metrics = read_metrics(run_dir)
     runs.record(step_s=metrics["step_time_s"], peak_bytes=_peak_bytes(metrics, cuda=bench.cuda),
                 data_wait=metrics["data_wait_frac"])  # fmt: skip
     runs.losses = metrics["loss"]
@@ -166,23 +159,18 @@ def run_scaling(bench: Bench, runs: Runs, *, row: str, tag: str) -> None:
     cmds = [_trainer_cmd(bench, run_dir=d, nproc=nproc) for d in run_dirs]
     run_children(cmds, logs=[d.with_suffix(".log") for d in run_dirs], env=env, cwd=REPO)
     for run_dir in run_dirs:
-        metrics = _read_metrics(run_dir)
+        metrics = read_metrics(run_dir)
         runs.record(step_s=metrics["step_time_s"], peak_bytes=_peak_bytes(metrics, cuda=False),
                     data_wait=metrics["data_wait_frac"])  # fmt: skip
 
 
 def _row_model(row: str, *, cfg, device: torch.device) -> torch.nn.Module:
     """The model a row trains, built in this process (for counting and profiling, not timing)."""
+    seed = cfg.trainer.seed
     if row in OURS:
-        parallel = ParallelConfig(activation_checkpoint=OURS[row][0].split("=")[1])
-        dims = ParallelDims.from_config(parallel, world_size=1)
-        return build_model(cfg.model, device=device, seed=0, dims=dims, parallel=parallel)
-    return build_loop_model(row, cfg.model, device=device, seed=0)
-
-
-def _tokens(cfg, *, device: torch.device) -> torch.Tensor:
-    shape = (cfg.trainer.micro_batch_size, cfg.data.seq_len + 1)
-    return torch.randint(0, cfg.model.vocab_size, shape, generator=torch.Generator().manual_seed(0)).to(device)
+        dims = ParallelDims.from_config(OURS[row], world_size=1)
+        return build_model(cfg.model, device=device, seed=seed, dims=dims, parallel=OURS[row])
+    return build_loop_model(row, cfg.model, device=device, seed=seed)
 
 
 def kept_activation_bytes(row: str, *, cfg, device: torch.device, dtype: torch.dtype) -> Optional[int]:
@@ -192,9 +180,9 @@ def kept_activation_bytes(row: str, *, cfg, device: torch.device, dtype: torch.d
     block's own intermediates exist only one block at a time during backward and are not counted.
     ``ours_compile`` has no figure: inductor's graphs save what its partitioner picks, not what the hooks see.
     """
-    if row == "ours_compile":
+    if row in OURS and OURS[row].compile:
         return None
-    model, tokens = _row_model(row, cfg=cfg, device=device), _tokens(cfg, device=device)
+    model, tokens = _row_model(row, cfg=cfg, device=device), batch_tokens(cfg, device=device)
     counted = saved_bytes(lambda: loop_loss(model, tokens, dtype=dtype), params=[*model.parameters(), *model.buffers()])
     return counted.activations
 
@@ -204,10 +192,10 @@ def breakdowns(rows: list[str], *, cfg, peak: float) -> tuple[str, dict[str, dic
     matmul_flops = 6 * param_counts(cfg.model).matmul * cfg.trainer.micro_batch_size * cfg.data.seq_len
     lines = ["| model | profiled step s | GEMM s (share, GFLOP/s) | attention kernels s | AdamW s | other s |",
              "|---|---|---|---|---|---|"]  # fmt: skip
-    results = {}
+    results, cpu = {}, torch.device("cpu")
     for row in rows:
-        model = _row_model(row, cfg=cfg, device=torch.device("cpu"))
-        b = results[row] = step_breakdown(model, build_optimizer(model, cfg.optim), _tokens(cfg, device=torch.device("cpu")))
+        model = _row_model(row, cfg=cfg, device=cpu)
+        b = results[row] = step_breakdown(model, build_optimizer(model, cfg.optim), batch_tokens(cfg, device=cpu))
         del model
         lines.append(f"| {row} | {b['step_s']:.3f} | {b['gemm_s']:.3f} ({b['gemm_s'] / b['step_s']:.0%}, "
                      f"{matmul_flops / b['gemm_s'] / 1e9:.1f} of {peak / 1e9:.1f}) | {b['attention_s']:.3f} | "
@@ -215,24 +203,14 @@ def breakdowns(rows: list[str], *, cfg, peak: float) -> tuple[str, dict[str, dic
     return "\n".join(lines), results
 
 
-def _gemm_flops(m: int, k: int, n: int, *, repeats: int = 5) -> float:
-    """FLOP/s of (m, k) @ (k, n), best of ``repeats``: what a matmul of the model's own shape reaches."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * m * k * n / best
-
-
 def measure_cpu_peaks(cfg) -> dict[str, float]:
     """fp32 matmul FLOP/s at 2048^3 with this process's threads and with 1 thread, and at the model's shape."""
     threads = torch.get_num_threads()
     peaks = {"threads": threads, "peak": measure_cpu_matmul_flops(repeats=5)}
     tokens = cfg.trainer.micro_batch_size * cfg.data.seq_len
-    peaks["model_shape_gemm"] = _gemm_flops(tokens, cfg.model.dim, cfg.model.ffn_hidden_dim)
+    # What a matmul of the model's own (FFN) shape reaches.
+    peaks["model_shape_gemm"] = measure_cpu_matmul_flops(shape=(tokens, cfg.model.dim, cfg.model.ffn_hidden_dim),
+                                                         repeats=5)  # fmt: skip
     torch.set_num_threads(1)
     try:
         peaks["peak_1_thread"] = measure_cpu_matmul_flops(repeats=5)
@@ -296,8 +274,6 @@ def main(argv: list[str] | None = None) -> None:
           flush=True)  # fmt: skip
 
     # The data cache first, here: tokenizer training in a timed child would inflate its peak RSS.
-    from data import prepare_data
-
     prepare_data(cfg.data)
     kept = {row: kept_activation_bytes(row, cfg=cfg, device=device, dtype=dtype) for row in opts.rows}
     bench = Bench(model=model, steps=opts.steps, peak=peaks["peak"], workdir=workdir, cuda=cuda)

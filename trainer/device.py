@@ -40,21 +40,24 @@ def resolve_dtype(precision: Precision, *, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if precision == Precision.bf16 else torch.float32
 
 
-def measure_cpu_matmul_flops(*, n: int = 2048, repeats: int = 3, dtype: torch.dtype = torch.float32) -> float:
-    """Best-of-``repeats`` FLOP/s of an n x n x n matmul on the CPU, with the current thread count.
+def measure_cpu_matmul_flops(*, shape: tuple[int, int, int] = (2048, 2048, 2048), repeats: int = 3,
+                             dtype: torch.dtype = torch.float32) -> float:  # fmt: skip
+    """Best-of-``repeats`` FLOP/s of an (m, k) @ (k, n) matmul, ``shape`` = (m, k, n), on the CPU with the
+    current thread count.
 
     On a CPU there is no data-sheet peak that the BLAS reaches, so MFU is taken against this measured
     figure: "what fraction of a large, well-shaped matmul's speed does training reach".
     """
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
+    m, k, n = shape
+    a = torch.randn(m, k, dtype=dtype)
+    b = torch.randn(k, n, dtype=dtype)
     a @ b  # warm-up: thread pool start, page faults
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    return 2 * m * k * n / best
 
 
 def peak_flops(*, device: torch.device, dtype: torch.dtype, override: Optional[float]) -> float:
