@@ -1,5 +1,6 @@
 # Every target runs inside .venv, which is created and installed on first use (and again when
-# setup.cfg or pyproject.toml change). `make help` lists the targets.
+# setup.cfg, pyproject.toml or constraints.txt change), except the GPU-machine targets (gpu-check, which
+# uses the machine's own python and torch). `make help` lists the targets.
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
 
@@ -9,14 +10,28 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 NPROC ?= 2
 PYTEST_ARGS ?=
-NPROC ?= 2
+# setup.cfg declares ranges; constraints.txt pins the versions developed against (torch 2.13.0: the CPU
+# build on local disk here). Only the Makefile applies it, so `pip install -e .` elsewhere keeps its torch.
+CONSTRAINTS ?= constraints.txt
 
-$(STAMP): setup.cfg pyproject.toml
+# make test-compat: another torch from the package registry in a virtualenv of its own.
+TORCH ?= 2.15.0
+COMPAT_VENV := .venv-torch$(TORCH)
+COMPAT_TESTS := tests/model/test_ops.py tests/trainer/test_tensor_parallel.py tests/trainer/test_bf16.py \
+	tests/trainer/test_checkpoint.py tests/trainer/test_hf_interop.py tests/trainer/test_activation_checkpoint.py \
+	tests/trainer/test_compat.py
+
+# make gpu-check / gpu-wheels: the GPU machine's python (with its CUDA torch) and the wheels it lacks.
+GPU_PY ?= python3
+GPU_WHEELS ?= gpu_wheels
+GPU_PYVER ?= 3.12
+
+$(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[dev]'
 	@touch $(STAMP)
 
-.PHONY: help install train test test-slow test-multinode test-faults test-gpu test-all loss-compare bench bench-ac bench-overlap model-info clean
+.PHONY: help install train test test-slow test-multinode test-faults test-gpu test-compat test-all loss-compare bench bench-ac bench-overlap model-info clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -41,6 +56,16 @@ test-faults: $(STAMP)  ## fault tolerance: preemption signal -> checkpoint -> re
 test-gpu: $(STAMP)  ## tests that need a CUDA device (and flash-attn where marked)
 	$(PY) -m pytest -m "gpu" $(PYTEST_ARGS)
 
+test-compat:  ## ops, TP, bf16 layouts, checkpoints, HF interop and loss-compare under another torch: make test-compat TORCH=2.11.0 (downloads it)
+	@test -x $(COMPAT_VENV)/bin/python || python3 -m venv $(COMPAT_VENV)
+	@grep -v '^torch==' $(CONSTRAINTS) > $(COMPAT_VENV)/constraints.txt && echo "torch==$(TORCH)" >> $(COMPAT_VENV)/constraints.txt
+	@# PIP_CONSTRAINT replaces any machine-wide constraint (this machine caps torch at its local build).
+	PIP_CONSTRAINT=$(COMPAT_VENV)/constraints.txt $(COMPAT_VENV)/bin/python -m pip install --quiet \
+		--disable-pip-version-check -e '.[dev]'
+	$(COMPAT_VENV)/bin/python -c 'import torch; assert torch.__version__.split("+")[0] == "$(TORCH)", torch.__version__; print("torch", torch.__version__)'
+	$(COMPAT_VENV)/bin/python -m pytest -m "not slow and not gpu" $(COMPAT_TESTS) $(PYTEST_ARGS)
+	$(COMPAT_VENV)/bin/python -m launch.loss_compare
+
 test-all: $(STAMP)  ## every test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -60,4 +85,4 @@ model-info: $(STAMP)  ## parameter counts and FLOPs of a preset: make model-info
 	$(PY) -m model.info $(ARGS)
 
 clean:  ## remove run outputs and the data cache (keeps .venv)
-	rm -rf outputs multirun cache wandb .pytest_cache
+	rm -rf outputs multirun cache wandb .pytest_cache gpu_check

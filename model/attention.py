@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 
+from compat import flash_attention_forward
 from model.config import AttnBackend
 
 
@@ -43,12 +45,58 @@ def resolve_backend(backend: AttnBackend, *, q: torch.Tensor) -> AttnBackend:
 def core_supports(backend: AttnBackend, *, q: torch.Tensor) -> bool:
     """Whether ``model.ops.attention_core`` (the flash kernels with a hand-written backward) serves ``backend``.
 
-    It replaces SDPA wherever SDPA would pick the same flash kernel: on CPU (any float dtype) and on CUDA
-    for fp16/bf16. flash-attn and the math reference keep their own backward.
+    It replaces SDPA wherever SDPA would pick the same flash kernel: on CPU (any float dtype), and on CUDA
+    where torch's flash kernel runs (``cuda_flash_kernel_runs``). Elsewhere (fp32 on CUDA, a pre-Ampere GPU,
+    head dim > 256) SDPA picks another kernel and keeps its own backward. flash-attn and the math reference
+    keep their own backward too.
+
+    Args:
+        q: (B, T, H, D).
     """
     if resolve_backend(backend, q=q) != AttnBackend.sdpa:
         return False
-    return not q.is_cuda or q.dtype in (torch.float16, torch.bfloat16)
+    if not q.is_cuda:
+        return True
+    return cuda_flash_kernel_runs(device_index=q.device.index, dtype=q.dtype, head_dim=q.shape[-1])
+
+
+def flash_kernel_shape_ok(*, capability: tuple[int, int], dtype: torch.dtype, head_dim: int) -> bool:
+    """The documented limits of torch's CUDA flash kernel: fp16/bf16, sm80 (Ampere) or newer, head dim a
+    multiple of 8 and at most 256."""
+    return (
+        dtype in (torch.float16, torch.bfloat16) and capability >= (8, 0) and head_dim % 8 == 0 and head_dim <= 256
+    )
+
+
+@torch.compiler.assume_constant_result  # torch.compile: a fact of the device, decided once, not traced
+@functools.cache
+def cuda_flash_kernel_runs(*, device_index: int | None, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the hand-written core may call torch's CUDA flash kernel for these inputs on this GPU.
+
+    The documented limits first; then one tiny call of the kernel itself, since a torch build may lack it
+    for an architecture (a new GPU generation) that the limits allow. Cached per (GPU, dtype, head dim).
+    """
+    device = torch.device("cuda", torch.cuda.current_device() if device_index is None else device_index)
+    capability = torch.cuda.get_device_capability(device)
+    if not flash_kernel_shape_ok(capability=capability, dtype=dtype, head_dim=head_dim):
+        return False
+    try:
+        _probe_flash_kernel(device=device, dtype=dtype, head_dim=head_dim)
+    except RuntimeError as err:
+        warnings.warn(
+            f"torch's flash attention kernel does not run on {torch.cuda.get_device_name(device)} "
+            f"(sm{capability[0]}{capability[1]}, {dtype}, head dim {head_dim}): {err}. Attention uses SDPA's "
+            "other kernels and their own backward instead.",
+            stacklevel=2,
+        )
+        return False
+    return True
+
+
+def _probe_flash_kernel(*, device: torch.device, dtype: torch.dtype, head_dim: int) -> None:
+    """One forward of the CUDA flash kernel on a tiny input; raises RuntimeError where it cannot run."""
+    probe = torch.zeros(1, 1, 8, head_dim, device=device, dtype=dtype)  # (B, H, T, D)
+    flash_attention_forward(probe, probe, probe)
 
 
 def causal_attention(

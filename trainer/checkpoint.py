@@ -36,10 +36,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint._traverse import set_element  # the helper DefaultLoadPlanner itself uses
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -48,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from model.config import ModelArgs
+from compat import dcp_finish_metadata, dcp_metadata_stream, dcp_place_loaded_bytes
 from trainer.config import CheckpointConfig
 
 logger = logging.getLogger(__name__)
@@ -337,31 +337,23 @@ class _MetadataUnpickler(pickle.Unpickler):
 class SafeFileSystemReader(FileSystemReader):
     """DCP's reader, except that ``.metadata`` (a pickle) is read by ``_MetadataUnpickler``.
 
-    Mirrors ``FileSystemReader.read_metadata`` of torch 2.13 (pinned in setup.cfg); tensors themselves are
-    already read with ``torch.load(weights_only=True)``.
+    Mirrors ``FileSystemReader.read_metadata`` through ``compat`` (its internals are the same in
+    torch 2.11-2.15); tensors themselves are already read with ``torch.load(weights_only=True)``.
     """
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as stream:
+        with dcp_metadata_stream(self, rank=kwargs.get("rank")) as stream:
             metadata = _MetadataUnpickler(stream).load()
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
+        return dcp_finish_metadata(self, metadata)
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
     """DCP's load planner, except that non-tensor entries (e.g. the optimizer's param_groups: floats and
     tuples) are unpickled with ``weights_only=True``: plain containers and numbers, never arbitrary objects.
-    Mirrors ``DefaultLoadPlanner.load_bytes`` of torch 2.13 (pinned in setup.cfg)."""
+    Mirrors ``DefaultLoadPlanner.load_bytes`` through ``compat``."""
 
     def load_bytes(self, read_item, value) -> None:
-        loaded = torch.load(value, weights_only=True)
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = loaded
+        dcp_place_loaded_bytes(self, read_item, torch.load(value, weights_only=True))
 
 
 def _dcp_load(state: dict[str, Any], *, path: Path) -> None:

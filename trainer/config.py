@@ -77,6 +77,9 @@ class TrainerConfig:
     """auto | cpu | cuda."""
     precision: Precision = Precision.auto
     """auto | fp32 | bf16."""
+    tf32: bool = True
+    """CUDA only: fp32 matmuls run on TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation), as
+    bf16 runs' few fp32 matmuls and most fp32 training want; false keeps full fp32. MFU's peak follows."""
     eval_every: int = 100
     """Run validation every this many steps (and after the last); 0 disables it."""
     eval_steps: int = 10
@@ -129,6 +132,10 @@ class ParallelConfig:
     """FSDP degree: parameters, gradients and optimizer state are sharded over this many ranks; -1 = the rest."""
     tp: int = 1
     """Tensor (+ sequence) parallel degree, Megatron layout; must divide heads, kv heads and the vocabulary."""
+    fsdp_one_rank: bool = False
+    """Apply FSDP2 even where the data-parallel degree is 1 (one GPU, or TP only): bf16 through FSDP's
+    mixed precision (bf16 parameters, fp32 gradient reduction) instead of autocast, i.e. the multi-GPU
+    code path on one device. One process starts a single-rank process group for it."""
     reshard_after_forward: bool = True
     """FSDP frees gathered parameters after each block's forward (ZeRO-3); False keeps them until backward."""
     reduce_dtype: ReduceDtype = ReduceDtype.fp32

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import psutil
@@ -10,17 +14,40 @@ import torch
 
 from trainer.config import Device, Precision
 
-# Dense bf16 tensor-core peaks (no sparsity) from the vendors' data sheets, by a substring of
-# torch.cuda.get_device_name(). Order matters: the first match wins ("H100 PCIe" before "H100").
-_GPU_PEAK_BF16 = (
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("A10G", 125e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GpuPeak:
+    """Dense (no sparsity) peaks from the vendor's data sheet, FLOP/s."""
+
+    pattern: str
+    """Regular expression searched in ``torch.cuda.get_device_name()``; word boundaries keep "L4" from
+    matching "L40S"."""
+    bf16: float
+    """bf16 tensor cores; TF32 runs at half this rate on every GPU listed."""
+    fp32: float
+    """Plain fp32 (CUDA cores), what an fp32 matmul reaches with TF32 off."""
+
+
+# Order matters where names nest: the first match wins ("H100 PCIe" before "H100").
+GPU_PEAKS = (
+    GpuPeak(r"\bGH200\b", bf16=989e12, fp32=67e12),
+    GpuPeak(r"\bH200\b", bf16=989e12, fp32=67e12),
+    GpuPeak(r"\bH100 PCIe\b", bf16=756e12, fp32=51e12),
+    GpuPeak(r"\bH100 NVL\b", bf16=835e12, fp32=60e12),
+    GpuPeak(r"\bH100\b", bf16=989e12, fp32=67e12),
+    GpuPeak(r"\bA100\b", bf16=312e12, fp32=19.5e12),
+    GpuPeak(r"\bA10G?\b", bf16=125e12, fp32=31.2e12),  # A10's sheet; AWS publishes none for the A10G
+    GpuPeak(r"\bL40S\b", bf16=362e12, fp32=91.6e12),
+    GpuPeak(r"\bL40\b", bf16=181e12, fp32=90.5e12),
+    GpuPeak(r"\bL4\b", bf16=121e12, fp32=30.3e12),
 )
+
+
+def gpu_peak(name: str) -> Optional[GpuPeak]:
+    """The data-sheet entry for a GPU called ``name`` (as ``torch.cuda.get_device_name`` reports it), if known."""
+    return next((peak for peak in GPU_PEAKS if re.search(peak.pattern, name)), None)
 
 
 def resolve_device(device: Device, *, local_rank: int = 0) -> torch.device:
@@ -29,8 +56,27 @@ def resolve_device(device: Device, *, local_rank: int = 0) -> torch.device:
         raise ValueError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
     if device == Device.cpu or not torch.cuda.is_available():
         return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ValueError(
+            f"this process has LOCAL_RANK={local_rank}, but only {count} CUDA device(s) are visible"
+            f"{f' (CUDA_VISIBLE_DEVICES={visible})' if visible is not None else ''}: start at most {count} "
+            f"processes per node (--nproc / NPROC / --nproc-per-node {count}), one per GPU"
+        )
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
+
+
+def configure_matmul_precision(*, device: torch.device, tf32: bool) -> None:
+    """On CUDA, let fp32 matmuls use TF32 tensor cores (``trainer.tf32``), or keep them full fp32.
+
+    Set explicitly either way: torch's default (full fp32) runs fp32 matmuls ~8x below the TF32 rate on
+    A100/H100, and MFU must divide by the rate the matmuls can actually reach (``peak_flops``). bf16
+    compute is unaffected. Nothing changes on CPU, where the same switch would reach oneDNN's matmuls.
+    """
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"
 
 
 def resolve_dtype(precision: Precision, *, device: torch.device) -> torch.dtype:
@@ -60,17 +106,35 @@ def measure_cpu_matmul_flops(*, shape: tuple[int, int, int] = (2048, 2048, 2048)
     return 2 * m * k * n / best
 
 
-def peak_flops(*, device: torch.device, dtype: torch.dtype, override: Optional[float]) -> float:
-    """Peak FLOP/s that MFU divides by: the override, a GPU's data sheet, or the CPU measured now."""
+def gpu_peak_flops(name: str, *, dtype: torch.dtype, tf32: bool) -> Optional[float]:
+    """A GPU's data-sheet peak for matmuls in ``dtype`` (fp32: TF32 at half the bf16 rate, or plain fp32
+    with ``tf32`` off); None for a GPU not in ``GPU_PEAKS``."""
+    peak = gpu_peak(name)
+    if peak is None:
+        return None
+    if dtype in (torch.bfloat16, torch.float16):
+        return peak.bf16
+    return peak.bf16 / 2 if tf32 else peak.fp32
+
+
+def peak_flops(*, device: torch.device, dtype: torch.dtype, override: Optional[float],
+               tf32: bool = True) -> Optional[float]:  # fmt: skip
+    """Peak FLOP/s that MFU divides by: the override, a GPU's data sheet, or the CPU measured now.
+
+    None for a GPU whose peak is not known: training goes on and MFU is not reported (a warning says
+    how to set it), rather than a metric stopping a run.
+    """
     if override is not None:
         return override
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, flops in _GPU_PEAK_BF16:
-            if key in name:
-                # fp32 runs on TF32 tensor cores at half the bf16 rate.
-                return flops if dtype == torch.bfloat16 else flops / 2
-        raise ValueError(f"unknown GPU '{name}': set trainer.peak_flops to its peak FLOP/s for MFU")
+        peak = gpu_peak_flops(name, dtype=dtype, tf32=tf32)
+        if peak is None:
+            logger.warning(
+                "no data-sheet peak FLOP/s known for GPU '%s': MFU is not reported. Set trainer.peak_flops "
+                "to its dense %s peak (FLOP/s per GPU) to report it.", name, dtype,
+            )  # fmt: skip
+        return peak
     return measure_cpu_matmul_flops(dtype=dtype)
 
 

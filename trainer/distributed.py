@@ -38,14 +38,24 @@ class DistEnv:
         )
 
 
-def init_distributed(env: DistEnv, *, device: torch.device, timeout_s: int = 600) -> None:
-    """Join the process group (NCCL on CUDA, gloo on CPU) when there is more than one process."""
-    if env.world_size == 1 or dist.is_initialized():
+def init_distributed(env: DistEnv, *, device: torch.device, timeout_s: int = 600, one_rank: bool = False) -> None:
+    """Join the process group (NCCL on CUDA, gloo on CPU) when there is more than one process.
+
+    Args:
+        one_rank: a lone process (no torchrun) starts a process group of one, for FSDP on one device
+            (``parallel.fsdp_one_rank``); it needs no rendezvous, so an in-memory store serves.
+    """
+    if dist.is_initialized() or (env.world_size == 1 and not one_rank):
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     # device_id binds NCCL's communicator to this GPU eagerly (no lazy init on the first collective).
     device_id = device if device.type == "cuda" else None
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), device_id=device_id)
+    timeout = timedelta(seconds=timeout_s)
+    if env.world_size == 1 and "MASTER_ADDR" not in os.environ:
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=device_id, store=dist.HashStore(),
+                                rank=0, world_size=1)  # fmt: skip
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=device_id)
     logger.info("joined %s process group: rank %d of %d", backend, env.rank, env.world_size)
 
 

@@ -17,6 +17,7 @@ from typing import Optional
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from model.config import ModelArgs
+from compat import flatten_mesh
 from trainer.config import ParallelConfig
 
 AXES = ("dp_replicate", "dp_shard", "tp")
@@ -28,6 +29,8 @@ class ParallelDims:
     dp_shard: int
     tp: int
     world_size: int
+    fsdp_one_rank: bool = False
+    """FSDP even at data-parallel degree 1 (``parallel.fsdp_one_rank``)."""
 
     @classmethod
     def from_config(cls, cfg: ParallelConfig, *, world_size: int) -> ParallelDims:
@@ -47,7 +50,8 @@ class ParallelDims:
                 f"{cfg.dp_replicate * dp_shard * cfg.tp}, but the world size is {world_size}: make the product equal "
                 "the number of processes (or set parallel.dp_shard=-1)"
             )
-        return cls(dp_replicate=cfg.dp_replicate, dp_shard=dp_shard, tp=cfg.tp, world_size=world_size)
+        return cls(dp_replicate=cfg.dp_replicate, dp_shard=dp_shard, tp=cfg.tp, world_size=world_size,
+                   fsdp_one_rank=cfg.fsdp_one_rank)  # fmt: skip
 
     @property
     def dp(self) -> int:
@@ -56,7 +60,7 @@ class ParallelDims:
 
     @property
     def fsdp_enabled(self) -> bool:
-        return self.dp > 1
+        return self.dp > 1 or self.fsdp_one_rank
 
     @property
     def tp_enabled(self) -> bool:
@@ -81,13 +85,14 @@ class ParallelDims:
             )
 
     def build_meshes(self, *, device_type: str) -> Optional[Meshes]:
-        """The 3-D world mesh (dp_replicate, dp_shard, tp) and its sub-meshes; None for one process."""
-        if self.world_size == 1:
+        """The 3-D world mesh (dp_replicate, dp_shard, tp) and its sub-meshes; None for one process (unless
+        ``fsdp_one_rank``, which shards over a mesh of one)."""
+        if self.world_size == 1 and not self.fsdp_one_rank:
             return None
         world = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.tp), mesh_dim_names=AXES)
         fsdp = world["dp_replicate", "dp_shard"]
-        # Keep the handle _flatten returns: slicing a flattened axis back out of the root is deprecated.
-        return Meshes(world=world, fsdp=fsdp, dp=fsdp._flatten("dp"), tp=world["tp"])
+        # Keep the handle flattening returns: slicing a flattened axis back out of the root is deprecated.
+        return Meshes(world=world, fsdp=fsdp, dp=flatten_mesh(fsdp, "dp"), tp=world["tp"])
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from model.llama import Transformer
+from compat import checkpoint_wrapper, set_unshard_async_op
 from trainer.config import ACMode, ParallelConfig, ReduceDtype
 from trainer.parallel_dims import Meshes, ParallelDims
 from trainer.tensor_parallel import apply_tensor_parallel
@@ -81,8 +81,7 @@ def apply_activation_checkpointing(model: Transformer, *, mode: ACMode, every_k:
         _set_recompute(block, recompute=False)
         if int(name) % k == 0:
             # No RNG is used in the blocks (no dropout), so there is no RNG state to stash and restore.
-            model.layers[name] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
-                                                    preserve_rng_state=False)  # fmt: skip
+            model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
 def apply_compile(model: Transformer) -> None:
@@ -123,14 +122,20 @@ def apply_fsdp(
     reduce-scatters are issued by FSDP2 as each block's backward ends; on CUDA they run on their own
     stream, overlapping the backward of the blocks before.
     """
-    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # The blocks take (h, rope). FSDP's default casts every floating-point forward input to param_dtype,
+    # which would round the fp32 RoPE table to bf16 before apply_rope (16 bits of cos/sin lost at every
+    # position). h needs no cast: it comes out of the embedding, whose parameters FSDP already casts. So
+    # the blocks cast nothing; the root's only input is integer tokens.
+    block_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+    root_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     blocks = list(model.layers.values())
     for index, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: freeing them after its
         # forward would only make FSDP gather them straight back.
         last = index == len(blocks) - 1
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward and not last)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=False)
+        fully_shard(block, mesh=dp_mesh, mp_policy=block_policy,
+                    reshard_after_forward=reshard_after_forward and not last)  # fmt: skip
+    fully_shard(model, mesh=dp_mesh, mp_policy=root_policy, reshard_after_forward=False)
     if prefetch:
         _set_explicit_prefetch(blocks, async_op=dp_mesh.device_type == "cpu")
 
@@ -141,7 +146,6 @@ def _set_explicit_prefetch(blocks: list, *, async_op: bool) -> None:
         block.set_modules_to_backward_prefetch(blocks[max(index - 1, 0) : index])
         if async_op:
             # On CPU a synchronous prefetch blocks the thread that issued it, so nothing would overlap.
-            # torch 2.13 has no public setter for this (its own tests use the private one). On CUDA the
-            # all-gather stream already overlaps, and this flag would move the copy-in onto the
-            # compute stream, so it stays off there.
-            block._set_unshard_async_op(True)
+            # There is no public setter for this (compat.py). On CUDA the all-gather stream already
+            # overlaps, and this flag would move the copy-in onto the compute stream, so it stays off there.
+            set_unshard_async_op(block, True)

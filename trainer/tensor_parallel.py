@@ -42,8 +42,10 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from model import ops
 from model.llama import Attention, FeedForward, RMSNorm, Transformer
+from model.ops.amp import autocast_off, matmul_inputs, no_autocast_backward
 from model.ops.linear import input_grad, weight_grad
 from model.ops.swiglu import gate, gate_backward
+from compat import all_gather_single, reduce_scatter_single
 
 # ----------------------------------------------------------------------------------------------------
 # Sequence-dimension collectives. Activations are (B, T, ...) with the sequence on dim 1; the c10d
@@ -84,7 +86,7 @@ def gather_sequence(x_shard: torch.Tensor, group: ProcessGroup) -> _Pending:
     # The collectives concatenate along dim 0: (t * B, T/t, ...), rank r's shard in rows r*B .. (r+1)*B.
     buffer = x_shard.new_empty((t * x_shard.shape[0], *x_shard.shape[1:]))
     source = x_shard.contiguous()
-    work = dist.all_gather_single(buffer, source, group=group, async_op=True)
+    work = all_gather_single(buffer, source, group=group, async_op=True)
     return _Pending(work, buffer, lambda buf: buf.unflatten(0, (t, -1)).movedim(0, 1).flatten(1, 2), source=source)
 
 
@@ -95,7 +97,7 @@ def scatter_sequence(x_full: torch.Tensor, group: ProcessGroup) -> _Pending:
     t = dist.get_world_size(group)
     chunks = x_full.unflatten(1, (t, -1)).movedim(1, 0).flatten(0, 1)  # (t * B, T/t, ...), rank r's in block r
     out = x_full.new_empty((x_full.shape[0], *chunks.shape[1:]))
-    work = dist.reduce_scatter_single(out, chunks, group=group, async_op=True)
+    work = reduce_scatter_single(out, chunks, group=group, async_op=True)
     return _Pending(work, out, lambda buf: buf, source=chunks)
 
 
@@ -104,10 +106,13 @@ def scatter_sequence(x_full: torch.Tensor, group: ProcessGroup) -> _Pending:
 
 
 class _SumGradOverGroup(torch.autograd.Function):
-    """Identity forward; backward all-reduces the gradient over the group.
+    """Identity forward; backward all-reduces the gradient over the group, in at least fp32.
 
     A replicated weight applied to a sequence shard (the RMSNorm gain) gets from each rank the gradient
-    of that rank's tokens only; the full gradient is their sum. Saves nothing.
+    of that rank's tokens only; the full gradient is their sum. Under bf16 (FSDP's bf16 parameters) the
+    per-rank gradients are bf16; a bf16 all-reduce would round after every partial sum of the ring (t - 1
+    roundings at tp=t), so they are summed in fp32, as Megatron sums its sequence-parallel norm
+    gradients, and rounded once on the way back to the weight's dtype. Saves nothing.
     """
 
     @staticmethod
@@ -117,9 +122,10 @@ class _SumGradOverGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.clone()  # all_reduce is in place; the incoming gradient may be shared
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        # A fresh fp32 buffer: all_reduce is in place, and the incoming gradient may be shared.
+        total = grad.to(torch.promote_types(grad.dtype, torch.float32), copy=True)
+        dist.all_reduce(total, group=ctx.group)
+        return total.to(grad.dtype), None
 
 
 class _ColumnParallelFromSequence(torch.autograd.Function):
@@ -147,6 +153,7 @@ class _ColumnParallelFromSequence(torch.autograd.Function):
         return outs
 
     @staticmethod
+    @no_autocast_backward
     def backward(ctx, *douts: torch.Tensor):
         x, *weights = ctx.saved_tensors
         gathering = _launched(gather_sequence(x, ctx.group), overlap=ctx.overlap)
@@ -180,6 +187,7 @@ class _RowParallelToSequence(torch.autograd.Function):
         return y
 
     @staticmethod
+    @no_autocast_backward
     def backward(ctx, dy: torch.Tensor):
         h, weight = ctx.saved_tensors
         dy_full = gather_sequence(dy, ctx.group).wait()
@@ -215,6 +223,7 @@ class _SequenceParallelSwiGLU(torch.autograd.Function):
         return y
 
     @staticmethod
+    @no_autocast_backward
     def backward(ctx, dy: torch.Tensor):
         x, a, b, w1, w3, w2, *kept = ctx.saved_tensors
         dy_gathering = _launched(gather_sequence(dy, ctx.group), overlap=ctx.overlap)
@@ -232,6 +241,29 @@ class _SequenceParallelSwiGLU(torch.autograd.Function):
         del dx_full
         dw1, dw3 = weight_grad(da, x_full), weight_grad(db, x_full)
         return scattering.wait(), dw1, dw3, dw2, None, None, None
+
+
+def column_parallel_from_sequence(x: torch.Tensor, weights: tuple[torch.Tensor, ...], *, group: ProcessGroup,
+                                  overlap: bool) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """``_ColumnParallelFromSequence`` under autocast's matmul rule (``model.ops.amp``): (B, T/t, d) -> (B, T, F_i/t)."""
+    x, *weights = matmul_inputs(x, *weights)
+    with autocast_off(x.device.type):
+        return _ColumnParallelFromSequence.apply(x, group, overlap, *weights)
+
+
+def row_parallel_to_sequence(h: torch.Tensor, weight: torch.Tensor, *, group: ProcessGroup) -> torch.Tensor:
+    """``_RowParallelToSequence`` under autocast's matmul rule: (B, T, F/t) -> (B, T/t, d)."""
+    h, weight = matmul_inputs(h, weight)
+    with autocast_off(h.device.type):
+        return _RowParallelToSequence.apply(h, weight, group)
+
+
+def sequence_parallel_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, *,
+                             group: ProcessGroup, recompute: bool, overlap: bool) -> torch.Tensor:  # fmt: skip
+    """``_SequenceParallelSwiGLU`` under autocast's matmul rule: (B, T/t, d) -> (B, T/t, d)."""
+    x, w1, w3, w2 = matmul_inputs(x, w1, w3, w2)
+    with autocast_off(x.device.type):
+        return _SequenceParallelSwiGLU.apply(x, w1, w3, w2, group, recompute, overlap)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -258,9 +290,9 @@ class TensorParallelAttention(Attention):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         weights = (self.wq.weight.to_local(), self.wk.weight.to_local(), self.wv.weight.to_local())
-        q, k, v = _ColumnParallelFromSequence.apply(x, self.tp_group, self.overlap, *weights)  # (B, T, H/t * D), ...
+        q, k, v = column_parallel_from_sequence(x, weights, group=self.tp_group, overlap=self.overlap)
         out = self.core(q, k, v, rope)  # (B, T, H/t * D): this rank's heads
-        return _RowParallelToSequence.apply(out, self.wo.weight.to_local(), self.tp_group)
+        return row_parallel_to_sequence(out, self.wo.weight.to_local(), group=self.tp_group)
 
 
 class TensorParallelFeedForward(FeedForward):
@@ -271,7 +303,8 @@ class TensorParallelFeedForward(FeedForward):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w1, w3, w2 = (lin.weight.to_local() for lin in (self.w1, self.w3, self.w2))
-        return _SequenceParallelSwiGLU.apply(x, w1, w3, w2, self.tp_group, self.recompute, self.overlap)
+        return sequence_parallel_swiglu(x, w1, w3, w2, group=self.tp_group, recompute=self.recompute,
+                                        overlap=self.overlap)  # fmt: skip
 
 
 def _distribute_parameters(module: nn.Module, *, mesh: DeviceMesh, placement: Placement) -> None:

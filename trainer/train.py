@@ -36,7 +36,7 @@ from model.flops import flops_per_token, param_counts
 from model.llama import Transformer
 from trainer.checkpoint import Checkpointer
 from trainer.config import ParallelConfig, WeightInit
-from trainer.device import memory_stats, peak_flops, resolve_device, resolve_dtype
+from trainer.device import configure_matmul_precision, memory_stats, peak_flops, resolve_device, resolve_dtype
 from trainer.distributed import DistEnv, init_distributed, shutdown_distributed
 from trainer.metrics import MetricLogger
 from trainer.optim import build_lr_scheduler, build_optimizer
@@ -144,7 +144,8 @@ def train(cfg: Config, *, run_dir: Path) -> TrainResult:
     """Run training as configured, writing config, metrics and wandb files under ``run_dir`` (rank 0)."""
     env = DistEnv.from_environ()
     device = resolve_device(cfg.trainer.device, local_rank=env.local_rank)
-    init_distributed(env, device=device)
+    configure_matmul_precision(device=device, tf32=cfg.trainer.tf32)
+    init_distributed(env, device=device, one_rank=cfg.parallel.fsdp_one_rank)
     try:
         return _train(cfg, run_dir=Path(run_dir), env=env, device=device)
     finally:
@@ -186,12 +187,13 @@ def _train(cfg: Config, *, run_dir: Path, env: DistEnv, device: torch.device) ->
                            wandb_id=wandb_id)  # fmt: skip
     counts = param_counts(cfg.model)
     flops_tok = flops_per_token(cfg.model, seq_len=cfg.data.seq_len)
-    peak = peak_flops(device=device, dtype=dtype, override=cfg.trainer.peak_flops) * env.world_size
+    peak = peak_flops(device=device, dtype=dtype, override=cfg.trainer.peak_flops, tf32=cfg.trainer.tf32)
+    peak = peak * env.world_size if peak is not None else None
     logger.info(
         "model: %s parameters (%s non-embedding), %.3g training FLOPs/token; layout dp_replicate=%d dp_shard=%d "
-        "tp=%d on %d processes; %s %s; peak %.3g FLOP/s (all processes); run dir %s", f"{counts.total:,}",
+        "tp=%d on %d processes; %s %s; peak %s FLOP/s (all processes); run dir %s", f"{counts.total:,}",
         f"{counts.non_embedding:,}", flops_tok, dims.dp_replicate, dims.dp_shard, dims.tp, env.world_size,
-        device.type, dtype, peak, run_dir,
+        device.type, dtype, "unknown" if peak is None else f"{peak:.3g}", run_dir,
     )  # fmt: skip
 
     run = _Run(cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
@@ -251,7 +253,8 @@ class _Run:
     ctx: ComputeContext
     dp_rank: int
     flops_per_token: int
-    peak: float
+    peak: Optional[float]
+    """Peak FLOP/s of all processes together; None where unknown (no MFU is logged)."""
     run_config: dict
     result: TrainResult
     profiler: StepProfiler
@@ -315,10 +318,11 @@ def _loop(run: _Run, *, stop: _StopSignals) -> None:
             elapsed = time.perf_counter() - window_start
             train_s += elapsed
             tps = window_tokens / elapsed
+            mfu = {} if run.peak is None else {"mfu": tps * run.flops_per_token / run.peak}
             run.metrics.log(
-                {"loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm, "tokens_per_sec": tps,
-                 "mfu": tps * run.flops_per_token / run.peak, "step_time_s": elapsed / window_steps,
-                 "data_wait_frac": window_data_s / elapsed, "tokens": result.tokens, **memory_stats(ctx.device)},
+                {"loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm, "tokens_per_sec": tps, **mfu,
+                 "step_time_s": elapsed / window_steps, "data_wait_frac": window_data_s / elapsed,
+                 "tokens": result.tokens, **memory_stats(ctx.device)},
                 step=step, prefix=f"train[{step}/{tcfg.max_steps}]",
             )  # fmt: skip
             window_steps, window_tokens, window_data_s = 0, 0, 0.0

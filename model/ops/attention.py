@@ -23,20 +23,25 @@ it, which is the point of saving it):
     recompute=False: q, k', v' (the expanded H-head copies, which backward consumes, in place of k and
                      v), o, lse. Without an expansion (CPU, or G = 1) the modes save the same tensors: there
                      is no element-wise work outside the fused kernel to recompute.
-Both modes run the same kernels on the same values, so results are bitwise equal.
+Both modes run the same kernels on the same values, so on CPU results are bitwise equal. On CUDA the
+flash backward accumulates dq with atomic adds, so two runs (and the two modes) can differ in the last
+bits: GPU tests compare with tolerances (tests/gpu/).
 
-Kernels: on CPU, ``aten._scaled_dot_product_flash_attention_for_cpu`` and its ``_backward``; this is what
+Kernels (called through ``compat``: private aten ops): on CPU,
+``aten._scaled_dot_product_flash_attention_for_cpu`` and its ``_backward``; this is what
 ``F.scaled_dot_product_attention(..., is_causal=True)`` dispatches to on CPU for fp32/fp64, so output and
 gradients equal the model's SDPA path bit for bit. On CUDA, ``aten._scaled_dot_product_flash_attention``
-and its backward (fp16/bf16 only). The CUDA branch is written against this torch's schemas but has NOT
-been run: there is no GPU where these tests run.
+and its backward: fp16/bf16, sm80 or newer, head dim <= 256 and a multiple of 8. Where that kernel cannot
+run, ``model.attention.core_supports`` sends the model to SDPA (with autograd's backward) instead. The
+CUDA branch has not yet run on a GPU (none where this was written); ``make gpu-check`` tests it.
 """
 
 from __future__ import annotations
 
 import torch
 
-aten = torch.ops.aten
+from compat import flash_attention_backward, flash_attention_forward
+from model.ops.amp import autocast_off, matmul_inputs, no_autocast_backward
 
 
 def _kernel_takes_gqa(q: torch.Tensor) -> bool:
@@ -61,35 +66,12 @@ def _bhtd(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.transpose(1, 2) for t in ts)
 
 
-def _flash_forward(q, k, v) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-    """q (B, H, T, D), k, v (B, H or Hkv, T, D) -> o (B, H, T, D), lse (B, H, T), CUDA backward extras."""
-    if q.is_cuda:  # untested here (no GPU): see the module docstring
-        if q.dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"attention_core on CUDA needs fp16/bf16 inputs (flash kernel); got {q.dtype}")
-        o, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_flash_attention(
-            q, k, v, 0.0, True, False
-        )
-        return o, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
-    o, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
-    return o, lse, ()
-
-
-def _flash_backward(do, q, k, v, o, lse, extras: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inputs as ``_flash_forward`` takes and returns, plus do (B, H, T, D) -> dq, dk, dv shaped as q, k, v."""
-    if q.is_cuda:  # untested here (no GPU)
-        cum_q, cum_k, max_q, max_k, seed, offset = extras
-        return aten._scaled_dot_product_flash_attention_backward(
-            do, q, k, v, o, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset
-        )
-    return aten._scaled_dot_product_flash_attention_for_cpu_backward(do, q, k, v, o, lse, 0.0, True)
-
-
 class _AttentionCore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, recompute: bool) -> torch.Tensor:
         groups = 1 if _kernel_takes_gqa(q) else q.shape[2] // k.shape[2]
         k_rep, v_rep = _expand_heads(k, groups), _expand_heads(v, groups)  # (B, T, H or Hkv, D)
-        o, lse, extras = _flash_forward(*_bhtd(q, k_rep, v_rep))
+        o, lse, extras = flash_attention_forward(*_bhtd(q, k_rep, v_rep))
         out = o.transpose(1, 2)  # (B, T, H, D)
         del o
         ctx.groups, ctx.recompute = groups, recompute
@@ -102,6 +84,7 @@ class _AttentionCore(torch.autograd.Function):
         return out
 
     @staticmethod
+    @no_autocast_backward
     def backward(ctx, dout: torch.Tensor):
         q, k_saved, v_saved, out, lse = ctx.saved_tensors
         groups = ctx.groups
@@ -110,7 +93,7 @@ class _AttentionCore(torch.autograd.Function):
         else:
             k_rep, v_rep = k_saved, v_saved
         del k_saved, v_saved
-        dq, dk_rep, dv_rep = _flash_backward(*_bhtd(dout, q, k_rep, v_rep, out), lse, ctx.extras)
+        dq, dk_rep, dv_rep = flash_attention_backward(*_bhtd(dout, q, k_rep, v_rep, out), lse, ctx.extras)
         del k_rep, v_rep
         dq, dk_rep, dv_rep = _bhtd(dq, dk_rep, dv_rep)  # back to (B, T, H, D)
         return dq, _reduce_heads(dk_rep, groups), _reduce_heads(dv_rep, groups), None
@@ -131,4 +114,6 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, recompu
             "attention_core takes q (B, T, H, D) and k, v (B, T, Hkv, D) with H % Hkv == 0; "
             f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
-    return _AttentionCore.apply(q, k, v, recompute)
+    q, k, v = matmul_inputs(q, k, v)  # under autocast: its dtype, as it gives SDPA (model.ops.amp)
+    with autocast_off(q.device.type):
+        return _AttentionCore.apply(q, k, v, recompute)

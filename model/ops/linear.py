@@ -9,12 +9,17 @@ Shape legend: N = B*T tokens (any leading dims are flattened), d_in input width,
 Saved for backward: x (for dW) and W (for dx). That is all a linear layer needs, and nothing in it is
 element-wise, so there is nothing to recompute: ``recompute`` is accepted only to keep the signature
 uniform with the other ops and has no effect.
+
+Under autocast, x and W are cast to autocast's dtype first (``model.ops.amp``), so forward saves the bf16
+copies autocast itself would have saved, and backward multiplies tensors of one dtype.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from model.ops.amp import autocast_off, matmul_inputs, no_autocast_backward
 
 
 def input_grad(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -35,6 +40,7 @@ class _Linear(torch.autograd.Function):
         return F.linear(x, weight)
 
     @staticmethod
+    @no_autocast_backward
     def backward(ctx, dy: torch.Tensor):
         x, weight = ctx.saved_tensors
         dx = input_grad(dy, weight) if ctx.needs_input_grad[0] else None
@@ -51,4 +57,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, *, recompute: bool = True) -> 
         (..., d_out).
     """
     del recompute  # nothing element-wise to recompute; kept for a uniform signature
-    return _Linear.apply(x, weight)
+    x, weight = matmul_inputs(x, weight)  # under autocast: bf16 copies, as autocast gives F.linear
+    with autocast_off(x.device.type):
+        return _Linear.apply(x, weight)

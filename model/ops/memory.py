@@ -21,6 +21,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from compat import local_tensor
+
 
 @dataclass(frozen=True)
 class SavedBytes:
@@ -36,16 +38,6 @@ class SavedBytes:
         return self.activations + self.parameters
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The plain tensor holding ``t``'s memory: a DTensor's local shard, the result inside the wrapper that
-    functional collectives return (``AsyncCollectiveTensor``, e.g. a TP embedding's output), else ``t``."""
-    if hasattr(t, "to_local"):
-        t = t.to_local()
-    if hasattr(t, "_get_acs_underlying_tensor"):
-        t = t._get_acs_underlying_tensor()
-    return t
-
-
 def saved_bytes(fn: Callable[[], object], *, params: Iterable[torch.Tensor] = ()) -> SavedBytes:
     """Run ``fn()`` with a pack hook that adds up every tensor saved for backward.
 
@@ -55,12 +47,12 @@ def saved_bytes(fn: Callable[[], object], *, params: Iterable[torch.Tensor] = ()
             recognised without being listed. Pass buffers here too (the RoPE table): like parameters,
             they are not activations.
     """
-    param_storages = {_local(p).untyped_storage().data_ptr() for p in params}
+    param_storages = {local_tensor(p).untyped_storage().data_ptr() for p in params}
     counts = {"activations": 0, "parameters": 0}
     seen: set[tuple[int, int, int, torch.dtype]] = set()
 
     def pack(saved: torch.Tensor) -> torch.Tensor:
-        t = _local(saved)
+        t = local_tensor(saved)
         # Every saved tensor stays alive while fn() runs, so a storage address cannot be reused meanwhile.
         region = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
         if region not in seen:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from model.ops.amp import autocast_off, no_autocast_backward
+
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
@@ -40,6 +42,7 @@ class _RMSNorm(torch.autograd.Function):
         return y
 
     @staticmethod
+    @no_autocast_backward
     def backward(ctx, dy: torch.Tensor):
         saved, rrms, weight = ctx.saved_tensors
         x_hat = saved.to(rrms.dtype) * rrms if ctx.recompute else saved
@@ -64,4 +67,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float, recompute: bo
         eps: added to the mean square (``ModelArgs.norm_eps``).
         recompute: True saves x and recomputes x_hat in backward; False saves x_hat.
     """
-    return _RMSNorm.apply(x, weight, eps, recompute)
+    # Its dtypes are explicit (statistics in >= fp32, output in x's dtype times g's): autocast stays out.
+    with autocast_off(x.device.type):
+        return _RMSNorm.apply(x, weight, eps, recompute)

@@ -18,6 +18,8 @@ Saved for backward:
     recompute=False: also s and h, two more (N, F) buffers.
 Both modes run the same arithmetic in the same order, so outputs and gradients are bitwise equal. The
 forward is ``model.llama.FeedForward.forward`` op for op, so swapping this in changes no output bits.
+Under autocast, x and the weights are cast to autocast's dtype first and the gate runs in that dtype, as
+it would between two autocast matmuls (``model.ops.amp``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from model.ops.amp import autocast_off, matmul_inputs, no_autocast_backward
 from model.ops.linear import input_grad, weight_grad
 
 
@@ -64,6 +67,7 @@ class _SwiGLU(torch.autograd.Function):
         return y
 
     @staticmethod
+    @no_autocast_backward
     def backward(ctx, dy: torch.Tensor):
         if ctx.recompute:
             x, a, b, w1, w3, w2 = ctx.saved_tensors
@@ -92,4 +96,6 @@ def swiglu(
         recompute: True saves x, a = x W1^T, b = x W3^T and recomputes silu(a) * b in backward;
             False also saves silu(a) and silu(a) * b.
     """
-    return _SwiGLU.apply(x, w1, w3, w2, recompute)
+    x, w1, w3, w2 = matmul_inputs(x, w1, w3, w2)  # autocast's rule for the three matmuls (model.ops.amp)
+    with autocast_off(x.device.type):
+        return _SwiGLU.apply(x, w1, w3, w2, recompute)

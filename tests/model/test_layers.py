@@ -137,3 +137,66 @@ def test_sequence_longer_than_context_is_refused():
     model = Transformer(ModelArgs(vocab_size=64, max_seq_len=8))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+# --- where the hand-written attention core may use torch's CUDA flash kernel ------------------------------
+
+
+@pytest.mark.parametrize(
+    "capability, dtype, head_dim, ok",
+    [
+        ((8, 0), torch.bfloat16, 128, True),  # A100
+        ((9, 0), torch.float16, 256, True),  # H100, the largest head dim
+        ((7, 5), torch.bfloat16, 128, False),  # T4: pre-Ampere
+        ((9, 0), torch.bfloat16, 512, False),  # head dim > 256
+        ((9, 0), torch.bfloat16, 100, False),  # not a multiple of 8
+        ((9, 0), torch.float32, 128, False),  # fp32: SDPA's other kernels
+    ],
+)
+def test_flash_kernel_limits(capability, dtype, head_dim, ok):
+    from model.attention import flash_kernel_shape_ok
+
+    assert flash_kernel_shape_ok(capability=capability, dtype=dtype, head_dim=head_dim) is ok
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A CUDA device of a chosen compute capability, as far as ``cuda_flash_kernel_runs`` looks."""
+    import model.attention as attention
+
+    attention.cuda_flash_kernel_runs.cache_clear()
+    state = {"capability": (9, 0), "probes": 0, "probe_error": None}
+
+    def probe(**kwargs):
+        state["probes"] += 1
+        if state["probe_error"]:
+            raise RuntimeError(state["probe_error"])
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: state["capability"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(attention, "_probe_flash_kernel", probe)
+    yield state
+    attention.cuda_flash_kernel_runs.cache_clear()
+
+
+def test_cuda_core_falls_back_where_the_kernel_cannot_run(fake_gpu):
+    from model.attention import cuda_flash_kernel_runs
+
+    assert cuda_flash_kernel_runs(device_index=0, dtype=torch.bfloat16, head_dim=128)
+    assert fake_gpu["probes"] == 1
+    assert cuda_flash_kernel_runs(device_index=0, dtype=torch.bfloat16, head_dim=128)
+    assert fake_gpu["probes"] == 1  # decided once per (GPU, dtype, head dim)
+    assert not cuda_flash_kernel_runs(device_index=0, dtype=torch.bfloat16, head_dim=512)
+    assert fake_gpu["probes"] == 1  # outside the documented limits: no probe
+    fake_gpu["probe_error"] = "no kernel image is available for execution on the device"
+    with pytest.warns(UserWarning, match="does not run on Fake GPU .* Attention uses SDPA"):
+        assert not cuda_flash_kernel_runs(device_index=0, dtype=torch.float16, head_dim=64)
+
+
+def test_pre_ampere_gpu_never_calls_the_flash_kernel(fake_gpu):
+    from model.attention import cuda_flash_kernel_runs
+
+    fake_gpu["capability"] = (7, 0)  # V100
+    assert not cuda_flash_kernel_runs(device_index=0, dtype=torch.bfloat16, head_dim=128)
+    assert fake_gpu["probes"] == 0

@@ -31,6 +31,14 @@ TOLERANCES = {
 }
 # Every compared tensor must reach 100 x atol somewhere, or a test could pass on near-zero gradients.
 GUARD_FACTOR = 100
+# bf16 under autocast is judged against the fp32 result, next to the reference op under the same autocast
+# (xformers' habit: a low-precision and an fp32 reference). Each matmul output rounded to bf16 has a
+# relative error of up to 2^-9; the ops chain two to four such roundings, measured at 2e-3..6e-3 of the
+# fp32 result's norm for ops and references alike. Bounds: no more than 1.5 x the reference's own error
+# (+1e-4 for the exact ops, whose error is ~0), and never more than 1.6e-2 (four bf16 steps).
+AUTOCAST_VS_REFERENCE = 1.5
+AUTOCAST_FLOOR = 1e-4
+AUTOCAST_MAX_REL = 1.6e-2
 
 
 @dataclass(frozen=True)
@@ -160,6 +168,56 @@ def test_gradients_only_for_inputs_that_need_them(name):
         leaves = [t.detach().requires_grad_(i in wanted) for i, t in enumerate(inputs)]
         grads = torch.autograd.grad(op.fn(*leaves), [leaves[i] for i in sorted(wanted)], dy)
         assert_all_equal(grads, [all_grads[i] for i in sorted(wanted)])
+
+
+# --- autocast (the single-process and TP-only bf16 path) -----------------------------------------------------
+
+
+def _autocast_forward_backward(fn, inputs, dy=None):
+    """Forward under CPU bf16 autocast on fp32 leaves, backward outside it (as the trainer does)."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fn(*leaves)
+    if dy is None:
+        dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    grads = torch.autograd.grad(out, leaves, dy)
+    return out.detach(), grads, dy
+
+
+def _rel_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((actual.double() - exact.double()).norm() / exact.double().norm()).item()
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("shape", [RANDOM, DEBUG], ids=lambda s: s.name)
+@pytest.mark.parametrize("name", OPS)
+def test_autocast_bf16_matches_reference(name, shape, recompute):
+    """Under autocast each op gives what autocast gives its reference: the same output dtype (bf16 after a
+    matmul), fp32 gradients for the fp32 leaves, and values no further from fp32 than the reference's.
+    Before the ops followed autocast's rule, backward crashed here (a bf16 gradient times the fp32 weight
+    saved by forward)."""
+    op = OPS[name]
+    inputs = op_inputs(name, shape, torch.float32)
+    out, grads, dy = _autocast_forward_backward(functools.partial(op.fn, recompute=recompute), inputs)
+    ref_out, ref_grads, _ = _autocast_forward_backward(op.reference, inputs, dy)
+    exact_out, exact_grads, _ = forward_backward(op.reference, inputs, dy.float())
+    for what, actual, reference, exact in zip(("output", *op.args), (out, *grads), (ref_out, *ref_grads),
+                                              (exact_out, *exact_grads)):  # fmt: skip
+        assert actual.dtype == reference.dtype, (what, actual.dtype, reference.dtype)
+        assert exact.abs().max() > GUARD_FACTOR * AUTOCAST_FLOOR, f"{what} too close to zero to test"
+        error, ref_error = _rel_error(actual, exact), _rel_error(reference, exact)
+        assert error <= AUTOCAST_VS_REFERENCE * ref_error + AUTOCAST_FLOOR, (name, what, error, ref_error)
+        assert error <= AUTOCAST_MAX_REL, (name, what, error)
+
+
+def test_autocast_bf16_backward_runs_without_the_callers_autocast():
+    """A backward called inside an autocast region (allowed on CPU) gives the same gradients as outside."""
+    inputs = op_inputs("swiglu", RANDOM, torch.float32)
+    _, outside, dy = _autocast_forward_backward(swiglu, inputs)
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = torch.autograd.grad(swiglu(*leaves), leaves, dy)
+    assert_all_equal(inside, outside)
 
 
 # --- the ops against the model's current modules --------------------------------------------------------

@@ -49,6 +49,20 @@ def test_training_reduces_loss_and_writes_the_run_directory(tiny_overrides, tmp_
     assert json.loads((run / "summary.json").read_text())["losses"] == losses
 
 
+def test_unknown_peak_trains_and_logs_no_mfu(tiny_overrides, tmp_path, monkeypatch):
+    """A GPU without a known data-sheet peak: training runs and MFU is left out, not a crash."""
+    import trainer.train as train_module
+
+    monkeypatch.setattr(train_module, "peak_flops", lambda **kwargs: None)
+    cfg = make_cfg(tiny_overrides, "trainer.max_steps=2", "optim.warmup_steps=1", "trainer.eval_every=0",
+                   "logging.wandb_mode=disabled")
+    result = train(cfg, run_dir=tmp_path / "run")
+    assert len(result.losses) == 2
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records and all("train[2/2]/loss" in r or "train[1/2]/loss" in r for r in records)
+    assert not any(k.endswith("/mfu") for r in records for k in r)
+
+
 def test_same_seed_same_losses_bitwise(tiny_overrides, tmp_path):
     cfg = make_cfg(tiny_overrides, "trainer.max_steps=4", "optim.warmup_steps=2", "trainer.eval_every=0",
                    "logging.wandb_mode=disabled")
