@@ -31,7 +31,7 @@ $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[dev]'
 	@touch $(STAMP)
 
-.PHONY: help install train test test-slow test-multinode test-faults test-gpu test-compat test-all loss-compare bench bench-ac bench-overlap model-info clean
+.PHONY: help install train test test-slow test-multinode test-faults test-gpu test-compat gpu-check gpu-wheels test-all loss-compare bench bench-ac bench-overlap model-info clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -53,8 +53,8 @@ test-multinode: $(STAMP)  ## multi-node training: two network-namespace nodes, a
 test-faults: $(STAMP)  ## fault tolerance: preemption signal -> checkpoint -> resume, killed ranks (slow)
 	$(PY) -m pytest -m slow tests/trainer/test_faults.py $(PYTEST_ARGS)
 
-test-gpu: $(STAMP)  ## tests that need a CUDA device (and flash-attn where marked)
-	$(PY) -m pytest -m "gpu" $(PYTEST_ARGS)
+test-gpu:  ## tests that need a CUDA device, run with the machine's own torch (GPU_PY=python3); fails without a GPU
+	$(GPU_PY) -m launch.gpu_check --tests-only --wheels $(GPU_WHEELS) $(ARGS)
 
 test-compat:  ## ops, TP, bf16 layouts, checkpoints, HF interop and loss-compare under another torch: make test-compat TORCH=2.11.0 (downloads it)
 	@test -x $(COMPAT_VENV)/bin/python || python3 -m venv $(COMPAT_VENV)
@@ -65,6 +65,12 @@ test-compat:  ## ops, TP, bf16 layouts, checkpoints, HF interop and loss-compare
 	$(COMPAT_VENV)/bin/python -c 'import torch; assert torch.__version__.split("+")[0] == "$(TORCH)", torch.__version__; print("torch", torch.__version__)'
 	$(COMPAT_VENV)/bin/python -m pytest -m "not slow and not gpu" $(COMPAT_TESTS) $(PYTEST_ARGS)
 	$(COMPAT_VENV)/bin/python -m launch.loss_compare
+
+gpu-check:  ## on a CUDA machine (no network needed): GPU tests, bf16 trainer runs, the GPU benchmark; JSON + markdown summary (docs/gpu.md)
+	$(GPU_PY) -m launch.gpu_check --wheels $(GPU_WHEELS) $(ARGS)
+
+gpu-wheels:  ## download what gpu-check needs besides torch (hydra, omegaconf, wandb, ...) as wheels into GPU_WHEELS for Python GPU_PYVER
+	python3 -m launch.gpu_wheels --dest $(GPU_WHEELS) --python-version $(GPU_PYVER)
 
 test-all: $(STAMP)  ## every test
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -48,6 +48,7 @@ from bench.loops import batch_tokens, build_loop_model, loop_loss
 from data import prepare_data
 from model.flops import flops_per_token, param_counts
 from model.ops.memory import saved_bytes
+from trainer.activation_memory import layer_activation_bytes
 from trainer.config import ACMode, ParallelConfig
 from trainer.device import measure_cpu_matmul_flops, peak_flops
 from trainer.optim import build_optimizer
@@ -219,6 +220,40 @@ def measure_cpu_peaks(cfg) -> dict[str, float]:
     return peaks
 
 
+def memory_prediction(row: str, *, cfg) -> Optional[dict[str, int]]:
+    """What a single-GPU bf16 (autocast) trainer row should allocate at its peak, term by term, in bytes.
+
+    static: fp32 weights, gradients and Adam's two moments, 16 bytes per parameter; autocast: the bf16
+    copies of the matmul weights that forward casts and keeps for backward, 2 bytes per matmul parameter;
+    activations: n_layers x ``layer_activation_bytes`` of the row's policy (trainer/activation_memory.py);
+    logits: B x T x V elements at about 10 bytes (the bf16 logits, the fp32 copy the loss takes, and its
+    fp32 gradient) at the turn from forward to backward. None for rows the formula does not describe.
+    """
+    if row not in OURS or OURS[row].activation_checkpoint == ACMode.every_k:
+        return None
+    counts, b, t = param_counts(cfg.model), cfg.trainer.micro_batch_size, cfg.data.seq_len
+    layer = layer_activation_bytes(cfg.model, batch=b, seq_len=t, tp=1, policy=OURS[row].activation_checkpoint,
+                                   dtype=torch.bfloat16)  # fmt: skip
+    terms = {"static": 16 * counts.total, "autocast_copies": 2 * counts.matmul,
+             "activations": cfg.model.n_layers * layer, "logits": 10 * b * t * cfg.model.vocab_size}  # fmt: skip
+    return {**terms, "predicted": sum(terms.values())}
+
+
+def memory_table(rows: list[dict], *, cfg) -> str:
+    """Measured peak allocated memory of each trainer row next to ``memory_prediction``'s terms (MiB)."""
+    lines = ["| row | peak allocated MiB | predicted MiB | measured / predicted | static | autocast copies | "
+             "activations (formula) | logits |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in rows:
+        pred = memory_prediction(row["row"], cfg=cfg)
+        if pred is None:
+            continue
+        row["memory_prediction"] = pred
+        lines.append(f"| {row['row']} | {_mib(row['peak_bytes'])} | {_mib(pred['predicted'])} | "
+                     f"{row['peak_bytes'] / pred['predicted']:.2f} | {_mib(pred['static'])} | "
+                     f"{_mib(pred['autocast_copies'])} | {_mib(pred['activations'])} | {_mib(pred['logits'])} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def _mib(n: Optional[float]) -> str:
     return "-" if n is None else f"{n / 2**20:,.0f}"
 
@@ -267,7 +302,12 @@ def main(argv: list[str] | None = None) -> None:
     counts = param_counts(cfg.model)
     flops_tok = flops_per_token(cfg.model, seq_len=cfg.data.seq_len)
     tokens_per_step = cfg.trainer.micro_batch_size * cfg.data.seq_len
-    peaks = {"peak": peak_flops(device=device, dtype=dtype, override=None)} if cuda else measure_cpu_peaks(cfg)
+    if cuda:
+        peaks = {"peak": peak_flops(device=device, dtype=dtype, override=cfg.trainer.peak_flops)}
+        if peaks["peak"] is None:
+            raise ValueError(f"no data-sheet peak for {torch.cuda.get_device_name()}: pass trainer.peak_flops=<FLOP/s>")
+    else:
+        peaks = measure_cpu_peaks(cfg)
     print(f"model: {counts.total / 1e6:.1f}M parameters, dim {cfg.model.dim}, {cfg.model.n_layers} layers, "
           f"vocab {cfg.model.vocab_size}; batch {cfg.trainer.micro_batch_size} x seq {cfg.data.seq_len}; {dtype} on "
           f"{device.type}; {flops_tok / 1e6:.0f} MFLOP/token; peak {peaks['peak'] / 1e9:.1f} GFLOP/s; workdir {workdir}",
@@ -289,6 +329,9 @@ def main(argv: list[str] | None = None) -> None:
     text, rows = table(results, tokens_per_step=tokens_per_step, flops_tok=flops_tok, peak=peaks["peak"], kept=kept,
                        base=base, memory="peak GPU" if cuda else "peak RSS")  # fmt: skip
     print(text)
+    memory = memory_table(rows, cfg=cfg) if cuda else None
+    if memory:
+        print(memory)
     compile_s = None
     if "ours_compile" in results:
         steady = statistics.median(results["ours_compile"].step_s)
@@ -323,7 +366,8 @@ def main(argv: list[str] | None = None) -> None:
     path = write_results("train_speed_gpu" if cuda else "train_speed", {
         "config": {**vars(opts), "workdir": str(workdir), "overrides": list(model)},
         "model": {"parameters": counts.total, "flops_per_token": flops_tok, "tokens_per_step": tokens_per_step},
-        "peaks": peaks, "rows": rows, "table": text, "compile_s": compile_s, "breakdown": breakdown, "scaling": scaling,
+        "peaks": peaks, "rows": rows, "table": text, "memory_table": memory, "compile_s": compile_s,
+        "breakdown": breakdown, "scaling": scaling,
     })  # fmt: skip
     print(f"written {path}")
 

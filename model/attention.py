@@ -6,7 +6,6 @@ All backends take and return the (B, T, H, D) layout of the projections, so call
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 
@@ -17,15 +16,23 @@ from compat import flash_attention_forward
 from model.config import AttnBackend
 
 
-@torch.compiler.assume_constant_result  # torch.compile: a fact of the environment, not traced
-@functools.cache
+# Facts of the environment, decided once per process. Under torch.compile the deciding functions are
+# marked constant (evaluated eagerly while tracing, their result baked into the graph). They cache in a
+# dict rather than through functools.cache: Dynamo traces *into* an lru_cache wrapper, ignoring the mark.
+_DECIDED: dict[tuple, bool] = {}
+
+
+@torch.compiler.assume_constant_result
 def flash_attn_available() -> bool:
     """True when the optional flash-attn package imports (it only builds on CUDA machines)."""
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    if ("flash_attn",) not in _DECIDED:
+        try:
+            import flash_attn  # noqa: F401
+        except ImportError:
+            _DECIDED[("flash_attn",)] = False
+        else:
+            _DECIDED[("flash_attn",)] = True
+    return _DECIDED[("flash_attn",)]
 
 
 def resolve_backend(backend: AttnBackend, *, q: torch.Tensor) -> AttnBackend:
@@ -68,14 +75,20 @@ def flash_kernel_shape_ok(*, capability: tuple[int, int], dtype: torch.dtype, he
     )
 
 
-@torch.compiler.assume_constant_result  # torch.compile: a fact of the device, decided once, not traced
-@functools.cache
+@torch.compiler.assume_constant_result
 def cuda_flash_kernel_runs(*, device_index: int | None, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether the hand-written core may call torch's CUDA flash kernel for these inputs on this GPU.
 
     The documented limits first; then one tiny call of the kernel itself, since a torch build may lack it
-    for an architecture (a new GPU generation) that the limits allow. Cached per (GPU, dtype, head dim).
+    for an architecture (a new GPU generation) that the limits allow. Decided once per (GPU, dtype, head dim).
     """
+    key = ("cuda_flash", device_index, dtype, head_dim)
+    if key not in _DECIDED:
+        _DECIDED[key] = _cuda_flash_kernel_runs(device_index=device_index, dtype=dtype, head_dim=head_dim)
+    return _DECIDED[key]
+
+
+def _cuda_flash_kernel_runs(*, device_index: int | None, dtype: torch.dtype, head_dim: int) -> bool:
     device = torch.device("cuda", torch.cuda.current_device() if device_index is None else device_index)
     capability = torch.cuda.get_device_capability(device)
     if not flash_kernel_shape_ok(capability=capability, dtype=dtype, head_dim=head_dim):

@@ -5,8 +5,14 @@ recomputes the cheap element-wise ones, by writing the layer's backward by hand.
 ``recompute``: True ("selective") saves only matmul inputs/outputs, the attention kernel's output and
 log-sum-exp, and the RMSNorm input and reciprocal RMS, and redoes element-wise work in backward; False
 ("none") saves the element-wise intermediates as well. The two modes do the same arithmetic in the same
-order, so they give bitwise-identical outputs and gradients; only memory differs. Each module's
-docstring states its equations and exactly what it saves.
+order, so they give bitwise-identical outputs and gradients; only memory differs. (On CPU. On CUDA the
+flash attention backward accumulates with atomic adds, so any two runs, and the two modes, may differ in
+the last bits: the GPU tests, tests/gpu/, compare with tolerances.) Each module's docstring states its
+equations and exactly what it saves.
+
+Under autocast (bf16 without FSDP) the ops follow autocast's rule for a matmul: inputs are cast to the
+autocast dtype before the Function, which then runs with autocast off in forward and backward
+(``model.ops.amp``). Under FSDP's bf16 parameters there is no autocast and the inputs already are bf16.
 
 Implementation: plain ``torch.autograd.Function``s behind small functions. STYLE prefers
 ``torch.library.custom_op`` with ``register_fake``/``register_autograd`` for code that must run under

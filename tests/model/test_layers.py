@@ -164,7 +164,7 @@ def fake_gpu(monkeypatch):
     """A CUDA device of a chosen compute capability, as far as ``cuda_flash_kernel_runs`` looks."""
     import model.attention as attention
 
-    attention.cuda_flash_kernel_runs.cache_clear()
+    attention._DECIDED.clear()
     state = {"capability": (9, 0), "probes": 0, "probe_error": None}
 
     def probe(**kwargs):
@@ -177,7 +177,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
     monkeypatch.setattr(attention, "_probe_flash_kernel", probe)
     yield state
-    attention.cuda_flash_kernel_runs.cache_clear()
+    attention._DECIDED.clear()
 
 
 def test_cuda_core_falls_back_where_the_kernel_cannot_run(fake_gpu):
@@ -200,3 +200,19 @@ def test_pre_ampere_gpu_never_calls_the_flash_kernel(fake_gpu):
     fake_gpu["capability"] = (7, 0)  # V100
     assert not cuda_flash_kernel_runs(device_index=0, dtype=torch.bfloat16, head_dim=128)
     assert fake_gpu["probes"] == 0
+
+
+def test_flash_decisions_are_constants_under_compile(fake_gpu):
+    """torch.compile evaluates the decisions once, eagerly (no graph break, no probe inside the graph)."""
+    from model.attention import cuda_flash_kernel_runs, flash_attn_available
+
+    def f(x):
+        if flash_attn_available() or not cuda_flash_kernel_runs(device_index=0, dtype=x.dtype, head_dim=64):
+            return x + 10
+        return x * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    for batch in (2, 3, 5):  # new shapes recompile; the decision is not made again
+        assert torch.equal(compiled(torch.ones(batch, 64, dtype=torch.bfloat16)), torch.full((batch, 64), 2.0,
+                                                                                          dtype=torch.bfloat16))  # fmt: skip
+    assert fake_gpu["probes"] == 1

@@ -116,7 +116,7 @@ def forward_backward(fn, inputs, dy=None) -> tuple[torch.Tensor, tuple[torch.Ten
     leaves = [t.detach().requires_grad_() for t in inputs]
     out = fn(*leaves)
     if dy is None:
-        dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+        dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype).to(out.device)
     grads = torch.autograd.grad(out, leaves, dy)
     return out.detach(), grads, dy
 
@@ -173,18 +173,18 @@ def test_gradients_only_for_inputs_that_need_them(name):
 # --- autocast (the single-process and TP-only bf16 path) -----------------------------------------------------
 
 
-def _autocast_forward_backward(fn, inputs, dy=None):
-    """Forward under CPU bf16 autocast on fp32 leaves, backward outside it (as the trainer does)."""
+def autocast_forward_backward(fn, inputs, dy=None):
+    """Forward under bf16 autocast (on the inputs' device) on fp32 leaves, backward outside it, as the trainer."""
     leaves = [t.detach().requires_grad_() for t in inputs]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(inputs[0].device.type, dtype=torch.bfloat16):
         out = fn(*leaves)
     if dy is None:
-        dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+        dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype).to(out.device)
     grads = torch.autograd.grad(out, leaves, dy)
     return out.detach(), grads, dy
 
 
-def _rel_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
+def rel_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
     return ((actual.double() - exact.double()).norm() / exact.double().norm()).item()
 
 
@@ -198,22 +198,28 @@ def test_autocast_bf16_matches_reference(name, shape, recompute):
     saved by forward)."""
     op = OPS[name]
     inputs = op_inputs(name, shape, torch.float32)
-    out, grads, dy = _autocast_forward_backward(functools.partial(op.fn, recompute=recompute), inputs)
-    ref_out, ref_grads, _ = _autocast_forward_backward(op.reference, inputs, dy)
+    out, grads, dy = autocast_forward_backward(functools.partial(op.fn, recompute=recompute), inputs)
+    ref_out, ref_grads, _ = autocast_forward_backward(op.reference, inputs, dy)
     exact_out, exact_grads, _ = forward_backward(op.reference, inputs, dy.float())
-    for what, actual, reference, exact in zip(("output", *op.args), (out, *grads), (ref_out, *ref_grads),
-                                              (exact_out, *exact_grads)):  # fmt: skip
-        assert actual.dtype == reference.dtype, (what, actual.dtype, reference.dtype)
-        assert exact.abs().max() > GUARD_FACTOR * AUTOCAST_FLOOR, f"{what} too close to zero to test"
-        error, ref_error = _rel_error(actual, exact), _rel_error(reference, exact)
-        assert error <= AUTOCAST_VS_REFERENCE * ref_error + AUTOCAST_FLOOR, (name, what, error, ref_error)
-        assert error <= AUTOCAST_MAX_REL, (name, what, error)
+    assert_as_close_as_reference(names=("output", *op.args), actual=(out, *grads), reference=(ref_out, *ref_grads),
+                                 exact=(exact_out, *exact_grads), label=name)  # fmt: skip
+
+
+def assert_as_close_as_reference(*, names, actual, reference, exact, label: str,
+                                 max_rel: float = AUTOCAST_MAX_REL) -> None:  # fmt: skip
+    """Low-precision results no further from ``exact`` than the reference op's, in the same dtypes."""
+    for what, a, r, e in zip(names, actual, reference, exact, strict=True):
+        assert a.dtype == r.dtype, (label, what, a.dtype, r.dtype)
+        assert e.abs().max() > GUARD_FACTOR * AUTOCAST_FLOOR, f"{label} {what} too close to zero to test"
+        error, ref_error = rel_error(a, e), rel_error(r, e)
+        assert error <= AUTOCAST_VS_REFERENCE * ref_error + AUTOCAST_FLOOR, (label, what, error, ref_error)
+        assert error <= max_rel, (label, what, error)
 
 
 def test_autocast_bf16_backward_runs_without_the_callers_autocast():
     """A backward called inside an autocast region (allowed on CPU) gives the same gradients as outside."""
     inputs = op_inputs("swiglu", RANDOM, torch.float32)
-    _, outside, dy = _autocast_forward_backward(swiglu, inputs)
+    _, outside, dy = autocast_forward_backward(swiglu, inputs)
     leaves = [t.detach().requires_grad_() for t in inputs]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = torch.autograd.grad(swiglu(*leaves), leaves, dy)

@@ -70,25 +70,28 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _run_layout(*, world_size: int, tp: int, fsdp_one_rank: bool, dtype: torch.dtype, modes=AC_MODES) -> dict:
-    """{mode: (first-step gradients by name, losses of STEPS steps)} on this rank; every rank must call it."""
-    cpu = torch.device("cpu")
+def run_layout(*, world_size: int, tp: int, fsdp_one_rank: bool, dtype: torch.dtype, modes=AC_MODES,
+               device: torch.device = torch.device("cpu"), compile: bool = False) -> dict:  # fmt: skip
+    """{mode: (first-step gradients by name, losses of STEPS steps)} on this rank; every rank must call it.
+
+    Also used by the GPU tests (tests/gpu/) with ``device`` a CUDA device."""
     dims = ParallelDims.from_config(ParallelConfig(tp=tp, fsdp_one_rank=fsdp_one_rank), world_size=world_size)
-    meshes = dims.build_meshes(device_type="cpu")
+    meshes = dims.build_meshes(device_type=device.type)
     dp_rank = meshes.dp.get_local_rank() if meshes is not None else 0
     local = slice(dp_rank * GLOBAL_BATCH // dims.dp, (dp_rank + 1) * GLOBAL_BATCH // dims.dp)
-    batches = [{k: v[local] for k, v in b.items()} for b in _batches()]
-    ctx = ComputeContext(device=cpu, dtype=dtype, dp_mesh=meshes.dp if meshes is not None else None, dp=dims.dp,
+    batches = [{k: v[local].to(device) for k, v in b.items()} for b in _batches()]
+    ctx = ComputeContext(device=device, dtype=dtype, dp_mesh=meshes.dp if meshes is not None else None, dp=dims.dp,
                          tp_enabled=dims.tp_enabled, fsdp_mixed_precision=dims.fsdp_enabled)  # fmt: skip
     records = {}
     for mode in modes:
-        parallel = ParallelConfig(tp=tp, fsdp_one_rank=fsdp_one_rank, activation_checkpoint=mode)
-        model = build_model(ARGS, device=cpu, seed=0, meshes=meshes, dims=dims, parallel=parallel, compute_dtype=dtype)
+        parallel = ParallelConfig(tp=tp, fsdp_one_rank=fsdp_one_rank, activation_checkpoint=mode, compile=compile)
+        model = build_model(ARGS, device=device, seed=0, meshes=meshes, dims=dims, parallel=parallel,
+                            compute_dtype=dtype)  # fmt: skip
         first = batches[0]
         count = global_token_count([first], ctx=ctx)
         with ctx.loss_context():
             (token_loss_sum(model, first, ctx=ctx) * ctx.dp / count).backward()
-        grads = {_plain_name(n): _full(p.grad).detach().clone() for n, p in model.named_parameters()}
+        grads = {_plain_name(n): _full(p.grad).detach().cpu().clone() for n, p in model.named_parameters()}
         model.zero_grad(set_to_none=True)
         optimizer = build_optimizer(model, OPTIM)
         scheduler = build_lr_scheduler(optimizer, OPTIM, max_steps=STEPS)
@@ -124,16 +127,16 @@ class _Spies:
 def _layout_worker(rank: int, world_size: int, tp: int, fsdp_one_rank: bool, out: str) -> None:
     spies = _Spies()
     spies.install(setattr)  # a spawned process of its own: nothing to restore
-    records = _run_layout(world_size=world_size, tp=tp, fsdp_one_rank=fsdp_one_rank, dtype=torch.bfloat16)
+    records = run_layout(world_size=world_size, tp=tp, fsdp_one_rank=fsdp_one_rank, dtype=torch.bfloat16)
     if rank == 0:
         torch.save({"records": records, "rope": spies.rope_dtypes, "all_reduce": spies.all_reduce_dtypes}, out)
 
 
 @functools.cache
-def _fp32_reference() -> tuple[dict, list]:
-    return _run_layout(world_size=1, tp=1, fsdp_one_rank=False, dtype=torch.float32, modes=(ACMode.selective,))[
-        "selective"
-    ]
+def fp32_reference(device: torch.device = torch.device("cpu")) -> tuple[dict, list]:
+    """The fp32 single-process run that every bf16 layout is compared with."""
+    return run_layout(world_size=1, tp=1, fsdp_one_rank=False, dtype=torch.float32, modes=(ACMode.selective,),
+                      device=device)["selective"]  # fmt: skip
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -142,25 +145,33 @@ def test_bf16_tracks_fp32_in_every_layout_and_ac_policy(layout, tmp_path):
     out = tmp_path / "records.pt"
     run_workers(_layout_worker, world_size=nproc, args=(tp, fsdp_one_rank, str(out)))
     saved = torch.load(out, weights_only=False)
-    ref_grads, ref_losses = _fp32_reference()
+    ref_grads, ref_losses = fp32_reference()
 
     assert saved["rope"] == {torch.float32}, f"apply_rope received a {saved['rope']} RoPE table"
     assert torch.bfloat16 not in saved["all_reduce"], "a gradient was all-reduced in bf16"
 
+    check_against_fp32(saved["records"], reference=(ref_grads, ref_losses), label=layout)
     first_mode, (first_grads, first_losses) = next(iter(saved["records"].items()))
     for mode, (grads, losses) in saved["records"].items():
+        # CPU: recomputation repeats the same bf16 arithmetic, so every policy equals the first one exactly.
+        # (Not on CUDA, where the flash backward's atomic adds reorder sums: tests/gpu/ uses a tolerance.)
+        assert losses == first_losses, (mode, losses, first_mode, first_losses)
+        for name in grads:
+            assert torch.equal(grads[name], first_grads[name]), (mode, name)
+
+
+def check_against_fp32(records: dict, *, reference: tuple[dict, list], label: str) -> None:
+    """Every mode's first-step gradients and losses within GRAD_RTOL / LOSS_RTOL of the fp32 reference."""
+    ref_grads, ref_losses = reference
+    for mode, (grads, losses) in records.items():
         worst = max(((grads[n].float() - g).norm() / g.norm()).item() for n, g in ref_grads.items())
         loss_rel = max(abs(a - b) / b for a, b in zip(losses, ref_losses))
-        print(f"{layout} {mode}: grad rel err max {worst:.2e}, loss rel err max {loss_rel:.2e}")
+        print(f"{label} {mode}: grad rel err max {worst:.2e}, loss rel err max {loss_rel:.2e}")
         assert set(grads) == set(ref_grads)
         for name, ref in ref_grads.items():
             assert ref.norm() > 1e-3, name  # a real gradient, not one that passes by being ~0
             assert grads[name].dtype == torch.float32, (name, grads[name].dtype)  # fp32 master gradients
             err = ((grads[name].float() - ref).norm() / ref.norm()).item()
-            assert err <= GRAD_RTOL, (layout, mode, name, err)
+            assert err <= GRAD_RTOL, (label, mode, name, err)
         assert losses != ref_losses  # bf16 really ran
-        assert loss_rel <= LOSS_RTOL, (layout, mode, losses, ref_losses)
-        # CPU: recomputation repeats the same bf16 arithmetic, so every policy equals the first one exactly.
-        assert losses == first_losses, (mode, losses, first_mode, first_losses)
-        for name in grads:
-            assert torch.equal(grads[name], first_grads[name]), (mode, name)
+        assert loss_rel <= LOSS_RTOL, (label, mode, losses, ref_losses)
