@@ -14,6 +14,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from conf.schema import Config, to_config
+from trainer.runs import namespace_values
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -58,13 +59,8 @@ def compose_config(overrides: Sequence[str] = ()) -> Config:
 
 
 def read_metrics(run_dir: Path) -> dict[str, list[float]]:
-    """The trainer's per-log values from ``metrics.jsonl``, by name (``train[3/4]/step_time_s`` -> ``step_time_s``)."""
-    values: dict[str, list[float]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        for key, value in json.loads(line).items():
-            if key.startswith("train["):
-                values.setdefault(key.rsplit("/", 1)[1], []).append(value)
-    return values
+    """The trainer's per-log training values from ``metrics.jsonl``, by name (``train/step_time_s`` -> ``step_time_s``)."""
+    return namespace_values(run_dir, "train")
 
 
 def run_children(cmds: Sequence[Sequence[str]], *, logs: Sequence[Path], env: Optional[dict[str, str]] = None,

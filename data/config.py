@@ -75,6 +75,9 @@ class DataConfig:
     """Input bytes per shard: consecutive files are grouped until this size (one file is never split)."""
     progress: bool = True
     """Show a tqdm progress bar on stderr while tokenizing."""
+    prepare_timeout_minutes: float = 720.0
+    """How long the other ranks wait for rank 0 to train the tokenizer and write the shards (a large corpus
+    takes hours on one node); the process group's own timeout is 10 minutes, too short for that."""
 
 
 def _fail(key: str, problem: str, fix: str) -> ValueError:
@@ -99,6 +102,8 @@ def validate_data_config(cfg: Any) -> None:
         raise _fail("data.seq_len", f"got {cfg.seq_len}", "use a positive sequence length")
     if cfg.num_proc < 1:
         raise _fail("data.num_proc", f"got {cfg.num_proc}", "use 1 or more worker processes")
+    if cfg.prepare_timeout_minutes <= 0:
+        raise _fail("data.prepare_timeout_minutes", f"got {cfg.prepare_timeout_minutes}", "use a positive number")
     if cfg.shard_bytes < 1:
         raise _fail("data.shard_bytes", f"got {cfg.shard_bytes}", "use a positive byte count")
     if cfg.tokenizer.path is None and cfg.tokenizer.vocab_size < 260:

@@ -219,12 +219,9 @@ def run_tests(interp: Interpreter, *, out: Path, timeout_s: int) -> StageResult:
 
 def _run_summary(run_dir: Path) -> dict:
     """Loss, throughput, MFU and memory of one trainer run, from its summary.json and metrics.jsonl."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    metrics: dict[str, list] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        for key, value in json.loads(line).items():
-            if key.startswith("train["):
-                metrics.setdefault(key.rsplit("/", 1)[1], []).append(value)
+    from trainer.runs import namespace_values, read_summary  # standard library only: no hydra needed
+
+    summary, metrics = read_summary(run_dir), namespace_values(run_dir, "train")
     losses = summary["losses"]
     return {"first_loss": losses[0], "last_loss": losses[-1], "val_losses": summary["val_losses"],
             "tokens_per_sec": summary["tokens_per_sec"], "mfu": max(metrics.get("mfu", [float("nan")])),

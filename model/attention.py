@@ -27,7 +27,7 @@ def flash_attn_available() -> bool:
     """True when the optional flash-attn package imports (it only builds on CUDA machines)."""
     if ("flash_attn",) not in _DECIDED:
         try:
-            import flash_attn  # noqa: F401
+            import flash_attn  # noqa: F401  (only whether it imports)
         except ImportError:
             _DECIDED[("flash_attn",)] = False
         else:

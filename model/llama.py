@@ -20,6 +20,7 @@ way; the trainer sets the flag from its activation-checkpointing policy.
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Optional
 
 import torch
@@ -107,11 +108,6 @@ class Attention(nn.Module):
             out = causal_attention(q, k, v, backend=self.backend)
         return out.flatten(-2)
 
-    def init_weights(self, *, std: float, out_std: float) -> None:
-        for lin in (self.wq, self.wk, self.wv):
-            nn.init.trunc_normal_(lin.weight, std=std, a=-3 * std, b=3 * std)
-        nn.init.trunc_normal_(self.wo.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
-
 
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x), hidden F = ``ModelArgs.ffn_hidden_dim``."""
@@ -127,11 +123,6 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.swiglu(x, self.w1.weight, self.w3.weight, self.w2.weight, recompute=self.recompute)
 
-    def init_weights(self, *, std: float, out_std: float) -> None:
-        for lin in (self.w1, self.w3):
-            nn.init.trunc_normal_(lin.weight, std=std, a=-3 * std, b=3 * std)
-        nn.init.trunc_normal_(self.w2.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
-
 
 class TransformerBlock(nn.Module):
     """Pre-norm block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
@@ -146,12 +137,6 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), rope)
         return h + self.feed_forward(self.ffn_norm(h))
-
-    def init_weights(self, *, std: float, out_std: float) -> None:
-        self.attention_norm.reset_parameters()
-        self.ffn_norm.reset_parameters()
-        self.attention.init_weights(std=std, out_std=out_std)
-        self.feed_forward.init_weights(std=std, out_std=out_std)
 
 
 class Transformer(nn.Module):
@@ -190,20 +175,56 @@ class Transformer(nn.Module):
         self.rope = self._rope_table(device=device if device is not None else self.rope.device)
 
     @torch.no_grad()
-    def init_weights(self, *, buffer_device: Optional[torch.device] = None) -> None:
-        """Fill every parameter and buffer; the caller seeds the RNG (same seed -> same weights).
+    def init_weights(self, *, seed: Optional[int] = None, buffer_device: Optional[torch.device] = None) -> None:
+        """Fill every parameter and buffer; the same ``seed`` gives the same weights.
 
-        Input projections and embeddings: N(0, init_std) truncated at 3 sigma. Projections that write into
-        the residual stream (wo, w2) are scaled by 1/sqrt(2 * n_layers) (GPT-2's rule) so the residual's
-        variance does not grow with depth. The output head uses std d^-1/2 so initial logits are O(1)
-        and the first loss is close to ln(V).
+        Each parameter is drawn from a generator of its own, seeded by ``seed`` and its name
+        (``parameter_generator``), so its values do not depend on the order or the subset of parameters
+        initialised: a sharded model whose ranks each draw every full parameter and keep their shard gets
+        exactly these weights (trainer/init.py). ``seed=None`` takes one from torch's global RNG, so
+        ``torch.manual_seed`` still decides.
         """
         self.init_buffers(device=buffer_device)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        for name, param in self.named_parameters():
+            self.init_parameter_(name, param, generator=parameter_generator(seed=seed, name=name, device=param.device))
+
+    def init_parameter_(self, name: str, tensor: torch.Tensor, *, generator: Optional[torch.Generator] = None) -> None:
+        """Fill ``tensor``, the full (unsharded) parameter ``name``, by LLaMA's initialisation.
+
+        Input projections and embeddings: N(0, init_std), projections truncated at 3 sigma. Projections that
+        write into the residual stream (wo, w2) are scaled by 1/sqrt(2 * n_layers) (GPT-2's rule) so the
+        residual's variance does not grow with depth. The output head uses std d^-1/2 so initial logits
+        are O(1) and the first loss is close to ln(V). RMSNorm gains: ones.
+
+        Args:
+            name: as ``named_parameters`` gives it (``layers.3.attention.wo.weight``).
+        """
         std = self.args.init_std
-        out_std = std / math.sqrt(2 * self.args.n_layers)
-        nn.init.normal_(self.tok_embeddings.weight, std=std)
-        for layer in self.layers.values():
-            layer.init_weights(std=std, out_std=out_std)
-        self.norm.reset_parameters()
-        head_std = self.args.dim**-0.5
-        nn.init.trunc_normal_(self.output.weight, std=head_std, a=-3 * head_std, b=3 * head_std)
+        if name.endswith("norm.weight"):
+            nn.init.ones_(tensor)
+            return
+        if name == "tok_embeddings.weight":
+            nn.init.normal_(tensor, std=std, generator=generator)
+            return
+        if name == "output.weight":
+            std = self.args.dim**-0.5
+        elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            std = std / math.sqrt(2 * self.args.n_layers)
+        elif not name.endswith(_INPUT_PROJECTIONS):
+            raise ValueError(f"no initialisation rule for parameter {name!r}")
+        nn.init.trunc_normal_(tensor, std=std, a=-3 * std, b=3 * std, generator=generator)
+
+
+_INPUT_PROJECTIONS = tuple(f"{m}.weight" for m in ("wq", "wk", "wv", "w1", "w3"))
+
+
+def parameter_seed(*, seed: int, name: str) -> int:
+    """The seed of parameter ``name``'s generator: stable across processes, runs and Python versions."""
+    return (seed * 0x9E3779B97F4A7C15 + zlib.crc32(name.encode())) % 2**63
+
+
+def parameter_generator(*, seed: int, name: str, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` for parameter ``name`` (see ``Transformer.init_weights``)."""
+    return torch.Generator(device=device).manual_seed(parameter_seed(seed=seed, name=name))

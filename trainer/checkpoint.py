@@ -21,6 +21,7 @@ previous checkpoint untouched and loadable.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -28,9 +29,10 @@ import pickle
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -63,6 +65,16 @@ SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "num_kv_heads", "vocab_size", "ffn
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, damaged, or made for another model."""
+
+
+@contextlib.contextmanager
+def single_process_dcp() -> Iterator[None]:
+    """Silences DCP's warning that no process group exists when there is none: one process is a layout we
+    support, not a mistake (DCP then saves and loads without collectives)."""
+    with warnings.catch_warnings():
+        if not dist.is_initialized():
+            warnings.filterwarnings("ignore", message="torch.distributed is (disabled|unavailable)", category=UserWarning)
+        yield
 
 
 def _is_rank0() -> bool:
@@ -256,7 +268,8 @@ class Checkpointer:
             future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group)
             self._pending = _Pending(future=future, tmp=tmp, final=final, meta=meta)
         else:
-            dcp.save(state, checkpoint_id=str(tmp))
+            with single_process_dcp():
+                dcp.save(state, checkpoint_id=str(tmp))
             self._finalize(tmp=tmp, final=final, meta=meta)
             _barrier()
         stall = time.perf_counter() - started
@@ -358,7 +371,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 def _dcp_load(state: dict[str, Any], *, path: Path) -> None:
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
+        with single_process_dcp():
+            dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
     # DCP's CheckpointException derives from BaseException, not Exception; it wraps each rank's error.
     except CheckpointException as err:
         causes = "; ".join(f"{type(exc).__name__}: {exc}" for exc, _ in err.failures.values())

@@ -104,13 +104,6 @@ class ReduceDtype(str, enum.Enum):
     bf16 = "bf16"  # half the communication volume, at the cost of rounding in the reduction
 
 
-class WeightInit(str, enum.Enum):
-    rank0 = "rank0"  # rank 0 initialises the full model under the seed and broadcasts it: the same weights
-    #                  for every layout (needs the full model in rank 0's host memory: 4 bytes/parameter)
-    sharded = "sharded"  # each rank initialises only its shards (DTensor RNG): for models too big for one host;
-    #                      deterministic for a given layout, but the values differ between layouts
-
-
 class ACMode(str, enum.Enum):
     none = "none"  # keep every activation the layer's backward uses, element-wise intermediates included
     selective = "selective"  # keep matmul outputs, recompute the cheap element-wise work (LLaMA paper §2.4)
@@ -142,8 +135,6 @@ class ParallelConfig:
     """Dtype of the gradient reduce-scatter/all-reduce when computing in bf16."""
     defer_grad_sync: bool = True
     """With gradient accumulation, reduce gradients only after the last micro-batch, not after each."""
-    weight_init: WeightInit = WeightInit.rank0
-    """rank0 (identical weights for any layout) | sharded (no full copy anywhere; for the largest models)."""
     overlap_comm: bool = True
     """Overlap communication with compute: TP backward runs the independent GEMM while its all-gather or
     reduce-scatter is in flight; false waits at once (same arithmetic; for measuring what overlap buys)."""
@@ -159,7 +150,6 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         self.reduce_dtype = ReduceDtype(self.reduce_dtype)
-        self.weight_init = WeightInit(self.weight_init)
         self.activation_checkpoint = ACMode(self.activation_checkpoint)
         if self.ac_every_k < 1:
             raise ValueError(f"parallel.ac_every_k must be >= 1, got {self.ac_every_k}")
@@ -176,8 +166,12 @@ class CheckpointConfig:
 
     dir: Optional[str] = None
     """Where checkpoints go; None means ``<run_dir>/checkpoints``."""
-    every_steps: int = 0
-    """Save every this many steps; 0 saves only at the end (and on a preemption signal)."""
+    every_steps: int = 1000
+    """Save every this many steps (0: not by step count). A run that dies without a stop signal (a node
+    failure, an OOM kill) restarts from the newest of these."""
+    every_minutes: float = 60.0
+    """Also save when this many minutes have passed since the last save (or the start), whatever the step
+    count (0: not by time): the bound on lost work when steps are slow or their speed unknown."""
     save_final: bool = True
     """Save after the last step."""
     keep_last_k: int = 3
@@ -194,8 +188,8 @@ class CheckpointConfig:
     """On SIGUSR2 or SIGTERM, save a checkpoint at the end of the current step and stop (Slurm preemption)."""
 
     def __post_init__(self) -> None:
-        if self.every_steps < 0 or self.keep_last_k < 0:
-            raise ValueError("checkpoint.every_steps and checkpoint.keep_last_k must be >= 0")
+        if self.every_steps < 0 or self.keep_last_k < 0 or self.every_minutes < 0:
+            raise ValueError("checkpoint.every_steps, checkpoint.every_minutes and checkpoint.keep_last_k must be >= 0")
 
 
 @dataclass
@@ -211,7 +205,12 @@ class LoggingConfig:
     entity: Optional[str] = None
     """wandb entity (team); None is the key's default."""
     run_name: Optional[str] = None
-    """wandb run name; None uses the run directory's name."""
+    """wandb run name; None uses the run directory's name (under --multirun: the job's overrides)."""
+    group: Optional[str] = None
+    """wandb group; None: runs are ungrouped, except that --multirun groups its jobs under the sweep's name."""
+    system_metrics: Optional[bool] = None
+    """wandb samples GPU utilisation, memory and power (and CPU, disk, network); None: on with CUDA, off on
+    CPU (a sampler thread would compete with training for the cores)."""
     profile_step: int = 0
     """If > 0: record steps profile_step .. profile_step + profile_steps - 1 with torch.profiler and
     write a chrome trace per rank to <run_dir>/profile/rank<r>.json."""

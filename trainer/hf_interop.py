@@ -22,7 +22,6 @@ DCP's pickled ``.metadata`` is read by an unpickler that only builds DCP's own m
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
@@ -30,7 +29,6 @@ import math
 import os
 import shutil
 import sys
-import warnings
 from fractions import Fraction
 from pathlib import Path
 from types import ModuleType
@@ -43,7 +41,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from model.config import ModelArgs
 from model.llama import Transformer
-from trainer.checkpoint import FORMAT, META, VERSION, CheckpointError, SafeFileSystemReader, validate
+from trainer.checkpoint import FORMAT, META, VERSION, CheckpointError, SafeFileSystemReader, single_process_dcp, validate
 
 logger = logging.getLogger(__name__)
 
@@ -227,14 +225,6 @@ def _model_fields(args: ModelArgs) -> dict[str, Any]:
 # --- our checkpoints --------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _single_process() -> Iterator[None]:
-    """Silences DCP's warning that no process group exists: one process is what we ask for (``no_dist``)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        yield
-
-
 def _read_meta(checkpoint_dir: Path) -> tuple[dict[str, Any], ModelArgs]:
     meta = validate(checkpoint_dir)
     config = meta.get("config")
@@ -257,7 +247,7 @@ def _load_weights(model: Transformer, checkpoint_dir: Path) -> None:
         not_tensors = [k for k in keys if not isinstance(stored.get(k), TensorStorageMetadata)]
         if not_tensors:
             raise ValueError(f"no tensor stored for {not_tensors[:5]}")
-        with _single_process():
+        with single_process_dcp():
             dcp.load(state, storage_reader=reader, no_dist=True)  # fills the model's tensors in place
     # DCP's CheckpointException derives from BaseException, not Exception; it wraps each rank's error.
     except CheckpointException as err:
@@ -436,7 +426,7 @@ def import_hf(hf_dir: str | os.PathLike, out_checkpoint_dir: str | os.PathLike) 
         raise ValueError(f"{hf_dir}: weight shapes do not match config.json (stored, expected): {wrong}")
 
     staging = _staging_dir(out)
-    with _single_process():
+    with single_process_dcp():
         dcp.save({"model": sd}, checkpoint_id=str(staging), no_dist=True)
     tokenizer_path = None
     if (hf_dir / TOKENIZER_MODEL).is_file():

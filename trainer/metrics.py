@@ -1,5 +1,13 @@
 """Metrics: one ``log`` call writes the console line, a JSONL record and the wandb point.
 
+Every metric is one series under its namespace (``train/loss``, ``train/lr``, ``val/loss``, ...), with the
+optimizer step as x-axis and the training tokens seen so far (``tokens``) logged beside it as the
+alternative x-axis a dashboard can switch to. The console line keeps its ``train[step/max]`` prefix.
+
+A run resumed from a checkpoint continues the same JSONL file and the same wandb run (its id is in the
+checkpoint). The steps between that checkpoint and the interruption were logged by the run that died and
+are trained again; they are not logged a second time, so no series has a step twice.
+
 Only the process that owns the logger writes (rank 0 once training is distributed); the others get
 ``enabled=False`` and every call is a no-op.
 """
@@ -13,32 +21,83 @@ from pathlib import Path
 from typing import Any, Optional
 
 from trainer.config import LoggingConfig, WandbMode
+from trainer.runs import METRICS_FILE, read_records
 
 logger = logging.getLogger(__name__)
+
+TOKENS = "tokens"
+"""The alternative x-axis: training tokens consumed (all ranks) when the record was logged."""
+
+
+def logged_steps(path: Path) -> dict[str, int]:
+    """The last step logged per namespace (``train``, ``val``) in a metrics.jsonl; {} if there is none."""
+    last: dict[str, int] = {}
+    if not path.is_file():
+        return last
+    for record in read_records(path.parent):
+        for key in record:
+            if "/" in key:
+                namespace = key.split("/", 1)[0]
+                last[namespace] = max(last.get(namespace, 0), int(record["step"]))
+    return last
+
+
+def _set_aside(path: Path) -> Optional[Path]:
+    """Rename an existing file to ``<name>.<n>`` (first free n) so that a fresh run does not append to it."""
+    if not path.exists():
+        return None
+    n = 1
+    while path.with_name(f"{path.name}.{n}").exists():
+        n += 1
+    target = path.with_name(f"{path.name}.{n}")
+    path.rename(target)
+    return target
+
+
+def system_metrics_enabled(setting: Optional[bool], *, device_type: str) -> bool:
+    """``logging.system_metrics``: None means on with CUDA (GPU utilisation, memory, power), off on CPU."""
+    return device_type == "cuda" if setting is None else setting
 
 
 class MetricLogger:
     def __init__(self, cfg: LoggingConfig, *, run_dir: Path, run_config: dict[str, Any], enabled: bool = True,
-                 wandb_id: Optional[str] = None):  # fmt: skip
+                 wandb_id: Optional[str] = None, resumed: bool = False, system_metrics: bool = False):  # fmt: skip
+        """
+        Args:
+            wandb_id: the wandb run to continue (from the checkpoint resumed), else a new run.
+            resumed: the run continues from a checkpoint; steps already in metrics.jsonl are not logged again.
+                Otherwise an existing metrics.jsonl (an earlier run in this directory) is renamed, not appended to.
+            system_metrics: let wandb sample GPU utilisation, memory and power (``logging.system_metrics``).
+        """
         self.enabled = enabled
         self._wandb_run = None
         self._jsonl = None
+        self._already_logged: dict[str, int] = {}
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl_path = run_dir / "metrics.jsonl"
+        self.jsonl_path = run_dir / METRICS_FILE
+        if resumed:
+            self._already_logged = logged_steps(self.jsonl_path)
+        elif (old := _set_aside(self.jsonl_path)) is not None:
+            logger.warning("%s held an earlier run's metrics; moved to %s", self.jsonl_path, old.name)
         self._jsonl = self.jsonl_path.open("a", buffering=1)  # line-buffered: a crash loses no record
         if cfg.wandb_mode != WandbMode.disabled:
-            self._wandb_run = _init_wandb(cfg, run_dir=run_dir, run_config=run_config, run_id=wandb_id)
+            self._wandb_run = _init_wandb(cfg, run_dir=run_dir, run_config=run_config, run_id=wandb_id,
+                                          system_metrics=system_metrics)  # fmt: skip
 
-    def log(self, metrics: dict[str, float], *, step: int, prefix: str = "train") -> None:
+    def log(self, metrics: dict[str, float], *, step: int, tokens: int, namespace: str,
+            console: Optional[str] = None) -> None:  # fmt: skip
+        """Log ``metrics`` as ``<namespace>/<name>`` at ``step``; ``console`` prefixes the log line."""
         if not self.enabled:
             return
-        record = {"step": step, **{f"{prefix}/{k}": v for k, v in metrics.items()}}
+        if step <= self._already_logged.get(namespace, 0):
+            return  # logged before the interruption this run resumed from
+        record = {"step": step, TOKENS: tokens, **{f"{namespace}/{k}": v for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         if self._wandb_run is not None:
             self._wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=step)
-        logger.info("%s step %d | %s", prefix, step, _format(metrics))
+        logger.info("%s step %d | %s", console or namespace, step, _format(metrics))
 
     def close(self) -> None:
         if self._jsonl is not None:
@@ -54,16 +113,18 @@ class MetricLogger:
         return None if self._wandb_run is None else self._wandb_run.id
 
 
-def _init_wandb(cfg: LoggingConfig, *, run_dir: Path, run_config: dict[str, Any], run_id: Optional[str]):
+def _init_wandb(cfg: LoggingConfig, *, run_dir: Path, run_config: dict[str, Any], run_id: Optional[str],
+                system_metrics: bool):  # fmt: skip
     import wandb
 
-    # console="off": wandb would otherwise wrap stdout/stderr; x_disable_stats: no system-metrics
-    # sampler thread competing with training for the CPU.
-    settings = wandb.Settings(console="off", silent=True, x_disable_stats=True)
+    # console="off": wandb would otherwise wrap stdout/stderr. x_disable_stats: without system metrics no
+    # sampler thread competes with training for the CPU.
+    settings = wandb.Settings(console="off", silent=True, x_disable_stats=not system_metrics)
     try:
-        return wandb.init(
+        run = wandb.init(
             project=cfg.project,
             entity=cfg.entity,
+            group=cfg.group,
             name=cfg.run_name or run_dir.name,
             dir=str(run_dir),
             mode=cfg.wandb_mode.value,
@@ -79,6 +140,11 @@ def _init_wandb(cfg: LoggingConfig, *, run_dir: Path, run_config: dict[str, Any]
                 "WANDB_API_KEY), or use logging.wandb_mode=offline and `wandb sync` the run later."
             ) from err
         raise
+    # Step is the default x-axis; declaring tokens lets a chart switch to it. Summaries: the best loss.
+    run.define_metric(TOKENS, summary="max")
+    for name in ("train/loss", "val/loss", "val/perplexity"):
+        run.define_metric(name, summary="min")
+    return run
 
 
 def _format(metrics: dict[str, float]) -> str:

@@ -74,9 +74,11 @@ def _plain(x: torch.Tensor) -> torch.Tensor:
     return x.full_tensor() if isinstance(x, DTensor) else x
 
 
-def global_token_count(micro_batches: list[dict[str, torch.Tensor]], *, ctx: ComputeContext) -> int:
-    local = sum((mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches)
-    return int(dp_sum(torch.as_tensor(local, dtype=torch.int64, device=ctx.device), dp_mesh=ctx.dp_mesh).item())
+def global_token_count(micro_batches: list[dict[str, torch.Tensor]], *, ctx: ComputeContext) -> torch.Tensor:
+    """Valid labels in the global batch, as a device tensor: nothing is read back to the host here, so the
+    GPU can start the forward while the count (and its all-reduce) is still queued."""
+    local = torch.stack([(mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches]).sum()
+    return dp_sum(local.to(device=ctx.device, dtype=torch.int64), dp_mesh=ctx.dp_mesh)
 
 
 def train_step(
@@ -90,14 +92,17 @@ def train_step(
     defer_grad_sync: bool = True,
     step: int,
 ) -> StepResult:
-    """Forward/backward over the micro-batches, clip by the global norm, check for NaN/inf, then update."""
+    """Forward/backward over the micro-batches, clip by the global norm, check for NaN/inf, then update.
+
+    One host-device synchronisation per step, after backward: loss, gradient norm and token count are read
+    together for the NaN check and the result. Before the forward nothing is read back (the token count
+    stays a device tensor), so a GPU never waits for the host at the start of a step.
+    """
     lr = scheduler.get_last_lr()[0]
     num_tokens = global_token_count(micro_batches, ctx=ctx)
-    if num_tokens == 0:
-        raise ValueError(f"step {step}: the batch has no valid labels (all equal {IGNORE_INDEX})")
     # FSDP averages gradients over the dp ranks; scaling by dp turns that average into the sum that the
-    # global mean needs.
-    scale = ctx.dp / num_tokens
+    # global mean needs. clamp: a batch without valid labels must not divide by zero before it is reported.
+    scale = ctx.dp / num_tokens.clamp(min=1)
     loss_sum = torch.zeros((), device=ctx.device)
     for index, mb in enumerate(micro_batches):
         if isinstance(model, FSDPModule) and defer_grad_sync:
@@ -107,10 +112,12 @@ def train_step(
             mb_sum = token_loss_sum(model, mb, ctx=ctx)
             (mb_sum * scale).backward()
         loss_sum += _plain(mb_sum.detach())
-    loss = dp_sum(loss_sum, dp_mesh=ctx.dp_mesh) / num_tokens
+    loss = dp_sum(loss_sum, dp_mesh=ctx.dp_mesh) / num_tokens.clamp(min=1)
     # max_norm=inf still returns the norm (for logging and the NaN check) but scales nothing.
     grad_norm = clip_grad_norm_(model.parameters(), max_norm=grad_clip if grad_clip > 0 else math.inf)
-    loss_value, norm_value = loss.item(), grad_norm.item()
+    loss_value, norm_value, tokens = torch.stack([loss.double(), grad_norm.double(), num_tokens.double()]).tolist()
+    if tokens == 0:
+        raise ValueError(f"step {step}: the batch has no valid labels (all equal {IGNORE_INDEX})")
     if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
         # Raised before optimizer.step() on every rank alike (both values are global): the weights, and
         # any checkpoint of them, stay finite.
@@ -121,7 +128,7 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    return StepResult(loss=loss_value, grad_norm=norm_value, lr=lr, tokens=num_tokens)
+    return StepResult(loss=loss_value, grad_norm=norm_value, lr=lr, tokens=int(tokens))
 
 
 @torch.no_grad()

@@ -16,10 +16,14 @@ import itertools
 import json
 import logging
 import math
+import os
+import re
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -27,7 +31,7 @@ import hydra
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from conf.schema import Config, to_config
 from data import DataConfig, PackedLoader, PreparedData, prepare_data
@@ -35,10 +39,11 @@ from model.config import ModelArgs
 from model.flops import flops_per_token, param_counts
 from model.llama import Transformer
 from trainer.checkpoint import Checkpointer
-from trainer.config import ParallelConfig, WeightInit
+from trainer.config import ParallelConfig
 from trainer.device import configure_matmul_precision, memory_stats, peak_flops, resolve_device, resolve_dtype
 from trainer.distributed import DistEnv, init_distributed, shutdown_distributed
-from trainer.metrics import MetricLogger
+from trainer.initialize import init_parameters
+from trainer.metrics import MetricLogger, system_metrics_enabled
 from trainer.optim import build_lr_scheduler, build_optimizer
 from trainer.parallel_dims import Meshes, ParallelDims
 from trainer.parallelize import parallelize_llama
@@ -84,11 +89,20 @@ def check_data_fits_model(*, model: ModelArgs, prepared: PreparedData, seq_len: 
 
 
 def prepare_data_rank0_first(cfg: DataConfig, *, env: DistEnv) -> PreparedData:
-    """Rank 0 trains the tokenizer and writes the shards; the others then find them finished and load them."""
+    """Rank 0 trains the tokenizer and writes the shards; the others then find them finished and load them.
+
+    The others wait in a barrier of a gloo group of its own whose timeout is ``data.prepare_timeout_minutes``:
+    preparing a large corpus outlasts the default group's 10 minutes (NCCL's watchdog would abort the job).
+    If rank 0 fails instead, its exit ends the job (torchrun stops the other workers).
+    """
+    waiting = None
+    if env.world_size > 1:
+        waiting = dist.new_group(backend="gloo", timeout=timedelta(minutes=cfg.prepare_timeout_minutes))
     if env.is_rank0:
         prepared = prepare_data(cfg)
-    if env.world_size > 1:
-        dist.barrier()
+    if waiting is not None:
+        dist.barrier(group=waiting)
+        dist.destroy_process_group(waiting)
     if not env.is_rank0:
         prepared = prepare_data(cfg)
     return prepared
@@ -104,45 +118,35 @@ def build_model(
     parallel: Optional[ParallelConfig] = None,
     compute_dtype: torch.dtype = torch.float32,
 ) -> Transformer:
-    """Build on meta (no memory), parallelise, materialise on ``device``, then initialise under ``seed``."""
+    """Build on meta (no memory), parallelise, materialise on ``device``, then initialise under ``seed``:
+    the same weights for every layout (``trainer.initialize``)."""
     with torch.device("meta"):
         model = Transformer(args)
     if parallel is not None:
         parallelize_llama(model, meshes=meshes, dims=dims, cfg=parallel, compute_dtype=compute_dtype)
     model.to_empty(device=device)
-    if meshes is not None and parallel.weight_init == WeightInit.rank0:
-        model.init_buffers(device=device)
-        _broadcast_full_init(model, args=args, seed=seed)
-    else:
-        torch.manual_seed(seed)
-        model.init_weights(buffer_device=device)
+    model.init_buffers(device=device)
+    init_parameters(model, seed=seed)
     return model
 
 
-def _broadcast_full_init(model: Transformer, *, args: ModelArgs, seed: int) -> None:
-    """Replace the sharded init by rank 0's full, single-process init, so every layout starts identical.
-
-    Initialising DTensor shards draws other random numbers than initialising the full tensors would, so
-    without this the weights (and every loss after) would depend on the layout.
-    """
-    full = {}
-    if dist.get_rank() == 0:
-        reference = Transformer(args)
-        torch.manual_seed(seed)
-        reference.init_weights()
-        full = reference.state_dict()
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(model, full, options=options)
-
-
 def batches_to(device: torch.device, loader: Iterator[dict]) -> Iterator[dict[str, torch.Tensor]]:
+    """The loader's CPU batches on ``device``. To a GPU through pinned memory: a copy from pageable memory
+    would block the host until it is done, so the host could not queue the step's forward behind it."""
     for batch in loader:
+        if device.type == "cuda":
+            batch = {k: v.pin_memory() for k, v in batch.items()}
         yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def train(cfg: Config, *, run_dir: Path) -> TrainResult:
     """Run training as configured, writing config, metrics and wandb files under ``run_dir`` (rank 0)."""
     env = DistEnv.from_environ()
+    if cfg.parallel.tp > 1:
+        # The TP backward overlaps a collective with a GEMM by issuing the collective first; with one
+        # hardware queue per device (read when CUDA starts, so set before) kernels start in issue order
+        # and the GEMM cannot take every SM first (Megatron sets the same). No effect on CPU.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     device = resolve_device(cfg.trainer.device, local_rank=env.local_rank)
     configure_matmul_precision(device=device, tf32=cfg.trainer.tf32)
     init_distributed(env, device=device, one_rank=cfg.parallel.fsdp_one_rank)
@@ -184,7 +188,8 @@ def _train(cfg: Config, *, run_dir: Path, env: DistEnv, device: torch.device) ->
     wandb_id = _restore(cfg, checkpointer=checkpointer, model=model, optimizer=optimizer, scheduler=scheduler,
                         loader=train_loader, result=result)  # fmt: skip
     metrics = MetricLogger(cfg.logging, run_dir=run_dir, run_config=run_config, enabled=env.is_rank0,
-                           wandb_id=wandb_id)  # fmt: skip
+                           wandb_id=wandb_id, resumed=result.first_step > 1,
+                           system_metrics=system_metrics_enabled(cfg.logging.system_metrics, device_type=device.type))  # fmt: skip
     counts = param_counts(cfg.model)
     flops_tok = flops_per_token(cfg.model, seq_len=cfg.data.seq_len)
     peak = peak_flops(device=device, dtype=dtype, override=cfg.trainer.peak_flops, tf32=cfg.trainer.tf32)
@@ -288,17 +293,22 @@ class _StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def requested(self, *, device: torch.device) -> bool:
-        """True on every rank when any rank received a signal."""
-        flag = torch.tensor(int(self.received is not None), device=device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+
+
+def agree(flags: dict[str, bool], *, device: torch.device) -> dict[str, bool]:
+    """Each flag true on every rank when it is true on any (one all-reduce for all of them): a decision to
+    save or stop that differed between ranks would deadlock their collectives."""
+    values = torch.tensor([int(v) for v in flags.values()], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return dict(zip(flags, (bool(v) for v in values.tolist())))
 
 
 def _loop(run: _Run, *, stop: _StopSignals) -> None:
     cfg, tcfg, result, ctx = run.cfg, run.cfg.trainer, run.result, run.ctx
     batches = batches_to(ctx.device, run.train_loader)
+    every, every_s = cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes * 60
+    last_save = time.monotonic()
     window_start, window_steps, window_tokens, window_data_s, train_s = time.perf_counter(), 0, 0, 0.0, 0.0
     for step in range(result.first_step, tcfg.max_steps + 1):
         run.profiler.step_begin(step)
@@ -322,8 +332,8 @@ def _loop(run: _Run, *, stop: _StopSignals) -> None:
             run.metrics.log(
                 {"loss": out.loss, "lr": out.lr, "grad_norm": out.grad_norm, "tokens_per_sec": tps, **mfu,
                  "step_time_s": elapsed / window_steps, "data_wait_frac": window_data_s / elapsed,
-                 "tokens": result.tokens, **memory_stats(ctx.device)},
-                step=step, prefix=f"train[{step}/{tcfg.max_steps}]",
+                 **memory_stats(ctx.device)},
+                step=step, tokens=result.tokens, namespace="train", console=f"train[{step}/{tcfg.max_steps}]",
             )  # fmt: skip
             window_steps, window_tokens, window_data_s = 0, 0, 0.0
             window_start = time.perf_counter()
@@ -331,12 +341,18 @@ def _loop(run: _Run, *, stop: _StopSignals) -> None:
         if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.max_steps):
             val_loss = _validate(cfg, model=run.model, prepared=run.prepared, ctx=ctx, dp_rank=run.dp_rank)
             result.val_losses[step] = val_loss
-            run.metrics.log({"loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))}, step=step, prefix="val")
+            run.metrics.log({"loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))}, step=step,
+                            tokens=result.tokens, namespace="val")  # fmt: skip
             side_work = True
-        stopping = stop.enabled and stop.requested(device=ctx.device)
-        every = cfg.checkpoint.every_steps
-        if stopping or (every and step % every == 0) or (step == tcfg.max_steps and cfg.checkpoint.save_final):
+        stopping = time_due = False
+        if stop.enabled or every_s:  # one small collective after the step, only where a flag can be set
+            decided = agree({"stop": stop.received is not None,
+                             "time": bool(every_s) and time.monotonic() - last_save >= every_s}, device=ctx.device)  # fmt: skip
+            stopping, time_due = decided["stop"] and stop.enabled, decided["time"]
+        final = step == tcfg.max_steps and cfg.checkpoint.save_final
+        if stopping or time_due or final or (every and step % every == 0):
             result.checkpoint_stall_s.append(_save(run, step=step))
+            last_save = time.monotonic()
             side_work = True
         if stopping:
             logger.warning("stop signal received: checkpoint of step %d saved, stopping", step)
@@ -362,6 +378,22 @@ def _validate(cfg: Config, *, model, prepared, ctx: ComputeContext, dp_rank: int
     return evaluate(model, itertools.islice(batches_to(ctx.device, loader), cfg.trainer.eval_steps), ctx=ctx)
 
 
+_SWEEP_SYNTAX = re.compile(r",|^(range|choice|interval|glob)\(")
+
+
+def sweep_names(*, sweep_dir: str, job_overrides: list[str], command_line: list[str], job_num: int) -> tuple[str, str]:
+    """(wandb group, run name) of one ``--multirun`` job: the sweep's directory, and the job's values of the
+    swept keys (``optim.lr=0.001,parallel.tp=2``); the keys set alike for every job are left out of the name."""
+    swept = set()
+    for arg in command_line:
+        key, sep, value = arg.partition("=")
+        if sep and _SWEEP_SYNTAX.search(value):
+            swept.add(key.lstrip("+~"))
+    values = [o for o in job_overrides if o.partition("=")[0].lstrip("+~") in swept]
+    group = re.sub(r"[^\w.=-]+", "-", sweep_dir).strip("-")
+    return group, ",".join(values) or f"job{job_num}"
+
+
 def _prefix_logs_with_rank(rank: int) -> None:
     """Every log line says which rank wrote it (Hydra has already installed the handlers)."""
     fmt = logging.Formatter(f"[%(asctime)s][rank{rank}][%(name)s][%(levelname)s] - %(message)s")
@@ -372,11 +404,18 @@ def _prefix_logs_with_rank(rank: int) -> None:
 @hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     env = DistEnv.from_environ()
     _prefix_logs_with_rank(env.rank)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     cfg = to_config(cfg)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        group, name = sweep_names(sweep_dir=hydra_cfg.sweep.dir, job_overrides=list(hydra_cfg.overrides.task),
+                                  command_line=sys.argv[1:], job_num=hydra_cfg.job.num)  # fmt: skip
+        cfg.logging.group = cfg.logging.group or group
+        cfg.logging.run_name = cfg.logging.run_name or name
     result = train(cfg, run_dir=run_dir)
     if env.is_rank0 and result.losses:
         logger.info(

@@ -4,7 +4,6 @@ autograd. The tests compare the hand-written backward functions against these.""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from model.attention import causal_attention
 from model.config import AttnBackend

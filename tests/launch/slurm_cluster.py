@@ -56,13 +56,16 @@ def ensure_munge() -> bool:
 
 class LocalSlurm:
     def __init__(self, root: Path, *, nodes: tuple[str, ...] = ("n1", "n2"), ctld_port: int = 6917,
-                 node_port: int = 6921):  # fmt: skip
+                 node_port: int = 6921, gpus_per_node: int = 0):  # fmt: skip
         """``ctld_port`` and ``node_port`` (the first node's; the others count up from it) let two clusters
-        run side by side, e.g. two test files in parallel."""
+        run side by side, e.g. two test files in parallel. ``gpus_per_node`` > 0 declares that many GPUs
+        per node as a count-only GRES (no device files: jobs can ask for GPUs and get none that work, which
+        is what a misconfigured GPU node looks like)."""
         self.root = Path(root)
         self.nodes = nodes
         self.ctld_port = ctld_port
         self.node_port = node_port
+        self.gpus_per_node = gpus_per_node
         self.conf = self.root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self._started_munge = False
@@ -82,9 +85,15 @@ class LocalSlurm:
             f"SlurmctldPidFile={self.root}/slurmctld.pid", f"SlurmdPidFile={self.root}/slurmd.%n.pid",
             f"SlurmctldLogFile={self.root}/slurmctld.log", f"SlurmdLogFile={self.root}/slurmd.%n.log",
         ]  # fmt: skip
+        gres = f" Gres=gpu:{self.gpus_per_node}" if self.gpus_per_node else ""
+        if self.gpus_per_node:
+            lines.append("GresTypes=gpu")
+            # Slurm counts a GPU only with a device file; /dev/null serves (nothing opens it).
+            line = f"NodeName={','.join(self.nodes)} Name=gpu File=/dev/null\n"
+            (self.root / "gres.conf").write_text(line * self.gpus_per_node)
         for index, node in enumerate(self.nodes):
             lines.append(f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={self.node_port + index} CPUs=1 "
-                         "RealMemory=8000")  # fmt: skip
+                         f"RealMemory=8000{gres}")  # fmt: skip
         lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES")
         self.conf.write_text("\n".join(lines) + "\n")
 

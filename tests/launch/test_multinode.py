@@ -110,8 +110,9 @@ def test_slurm_batch_script_trains_across_two_nodes(reference, slurm, tmp_path):
            "RDZV_PORT": "29412", "RUN_DIR": str(run_dir), "OMP_NUM_THREADS": "1"}  # fmt: skip
     overrides = [o for o in node_overrides(workdir, run_dir) if not o.startswith("hydra.run.dir")]
     job_log = tmp_path / "job.out"
+    # CPU nodes: the script asks for 8 GPUs per node unless told otherwise on the command line.
     job_id = slurm.sbatch(REPO / "launch" / "slurm.sbatch", *overrides, nodes=2, env=env, cwd=workdir,
-                          output=job_log)  # fmt: skip
+                          output=job_log, extra=("--gpus-per-node=0",))  # fmt: skip
     state = slurm.wait(job_id, timeout_s=400)
     log = job_log.read_text()
     assert state == "COMPLETED", f"job {job_id} ended {state}:\n{log[-4000:]}"
@@ -121,3 +122,22 @@ def test_slurm_batch_script_trains_across_two_nodes(reference, slurm, tmp_path):
     table, ok = compare({"single": reference_run, "slurm_2_nodes": run_dir})
     print(table)
     assert ok, table
+
+
+def test_slurm_gpu_job_without_working_gpus_fails_fast(tmp_path):
+    """Nodes that grant GPUs (GRES) the job cannot use: the script stops before any worker starts, naming
+    the problem, instead of training on CPUs with gloo."""
+    cluster = LocalSlurm(tmp_path / "gpu_slurm", ctld_port=6927, node_port=6931, gpus_per_node=1)
+    cluster.start()
+    try:
+        job_log = tmp_path / "job.out"
+        env = {"PYTHON": sys.executable, "PYTHONPATH": str(REPO), "RUN_DIR": str(tmp_path / "run")}
+        job_id = cluster.sbatch(REPO / "launch" / "slurm.sbatch", "model=debug", nodes=2, env=env, cwd=tmp_path,
+                                output=job_log, extra=("--gpus-per-node=1",))  # fmt: skip
+        state = cluster.wait(job_id, timeout_s=120)
+    finally:
+        cluster.stop()
+    log = job_log.read_text()
+    assert state == "FAILED", log
+    assert "asked for 1 GPU(s) per node, but nvidia-smi sees none" in log and "CUDA_VISIBLE_DEVICES=0" in log
+    assert "joined" not in log and not (tmp_path / "run").exists()

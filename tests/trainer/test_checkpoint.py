@@ -147,6 +147,27 @@ def test_keep_last_k_and_async_save(reference_run):
     assert losses(resumed) == losses(reference_run("fsdp2"))[5:]
 
 
+def test_periodic_checkpoints_by_time_and_by_default(tiny_overrides, tmp_path):
+    """every_minutes saves by wall-clock time (here: after every step), keep_last_k bounds what stays; and
+    a run that is not told otherwise checkpoints periodically (the quickstart half-way, 1000 steps else)."""
+    from conf.schema import to_config
+    from tests.conftest import compose_config
+    from trainer.train import train as train_in_process
+
+    cfg = to_config(compose_config([*tiny_overrides, "trainer.max_steps=4", "trainer.eval_every=0",
+                                    "optim.warmup_steps=1", "logging.wandb_mode=disabled",
+                                    "checkpoint.every_steps=0", "checkpoint.every_minutes=1e-6",
+                                    "checkpoint.keep_last_k=2", "checkpoint.save_final=false"]))  # fmt: skip
+    result = train_in_process(cfg, run_dir=tmp_path / "timed")
+    assert len(result.checkpoint_stall_s) == 4  # one per step: each step took longer than 60 us
+    assert checkpoints(tmp_path / "timed") == ["step_00000003", "step_00000004"]
+    defaults = to_config(compose_config([]))
+    assert (defaults.checkpoint.every_steps, defaults.checkpoint.every_minutes) == (100, 60.0)  # quickstart
+    assert (CheckpointConfig().every_steps, CheckpointConfig().every_minutes) == (1000, 60.0)
+    with pytest.raises(ValueError, match="checkpoint.every_minutes"):
+        CheckpointConfig(every_minutes=-1)
+
+
 def test_resumed_run_continues_the_same_wandb_run(reference_run):
     workdir = reference_run.workdir
     offline = ("logging.wandb_mode=offline",)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -95,28 +96,28 @@ def uninterrupted_fsdp2(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("victim", [0, 1])
-def test_sigkilled_rank_is_restarted_by_torchrun_and_resumes_bitwise(uninterrupted_fsdp2, tmp_path, victim):
-    """One FSDP rank is SIGKILLed mid-run; torchrun (--max-restarts=1) restarts the whole group, which
-    resumes from the newest complete checkpoint and ends with the uninterrupted run's losses and weights,
-    bit for bit (same layout, same arithmetic: only the recomputed steps are repeated)."""
+def test_sigkilled_rank_is_restarted_by_the_launcher_and_resumes_bitwise(uninterrupted_fsdp2, tmp_path, victim):
+    """One FSDP rank, at a random step, is SIGKILLed; ``launch.local --max-restarts 1`` (torchrun underneath,
+    with what restarts need set by the launcher) restarts the whole group, which resumes from the newest
+    complete checkpoint and ends with the uninterrupted run's losses and weights, bit for bit (same layout,
+    same arithmetic: only the recomputed steps are repeated)."""
     workdir = uninterrupted_fsdp2.parent
     run_dir = tmp_path / "killed"
     layout = LAYOUTS["fsdp2"]
+    kill_after = random.Random(victim).randint(4, 12)
     overrides = [*common_overrides(cache_dir=workdir / "cache", steps=KILL_STEPS), *KILL_EXTRA,
                  f"trainer.micro_batch_size={GLOBAL_BATCH // layout.dp}", f"hydra.run.dir={run_dir}"]  # fmt: skip
-    # timeout -k: a torchrun whose workers hang in a gloo collective can outlive a plain timeout.
-    cmd = ["timeout", "-k", "10", "300", sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={layout.nproc}", "--max-restarts=1", "--monitor-interval=0.5",
-           "-m", "trainer.train", *overrides]  # fmt: skip
-    # Since torch 2.5 the restarted workers share the agent's rendezvous store with the killed ones and can
-    # read their stale gloo addresses (connect refused, or a hang): pytorch/pytorch#135712, #167288.
-    # Opting out gives every worker generation a fresh store.
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    # timeout -k: a torchrun whose workers hang in a gloo collective can outlive a plain timeout. The
+    # environment does not set TORCH_DISABLE_SHARE_RDZV_TCP_STORE: the launcher must (pytorch#135712).
+    cmd = ["timeout", "-k", "10", "300", sys.executable, "-m", "launch.local", f"--nproc={layout.nproc}",
+           "--max-restarts=1", *overrides]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     log_path = tmp_path / "torchrun.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_for_steps(run_dir / "metrics.jsonl", steps=5, proc=proc, timeout_s=180)
+            wait_for_steps(run_dir / "metrics.jsonl", steps=kill_after, proc=proc, timeout_s=180)
             victim_proc = worker_with_rank(proc.pid, victim)
             victim_proc.send_signal(signal.SIGKILL)
             killed_after = (run_dir / "metrics.jsonl").read_text().count("\n")

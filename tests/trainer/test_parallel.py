@@ -3,6 +3,11 @@ tool, gloo on CPU, fp32, fixed seed). The TP layers themselves: tests/trainer/te
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -11,9 +16,13 @@ from torch import nn
 from launch.local import build_command
 from launch.loss_compare import LAYOUTS, compare, run_layout
 from model.config import ModelArgs
+from model.llama import Transformer
 from tests.distributed import run_workers
 from trainer.config import ParallelConfig
+from trainer.initialize import model_parameter_name
 from trainer.parallel_dims import ParallelDims
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_dp_shard_takes_the_rest_of_the_world():
@@ -45,6 +54,39 @@ def test_local_launcher_commands():
     two = build_command(nproc=2, overrides=["hydra.run.dir=/x"], python="py")
     assert two == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "trainer.train",
                    "hydra.run.dir=/x"]  # fmt: skip
+    # Restarts need torchrun even for one process.
+    restarting = build_command(nproc=1, overrides=["hydra.run.dir=/x"], python="py", max_restarts=3)
+    assert restarting[:6] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+                              "--max-restarts=3"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--nproc", "3", "parallel.tp=2"], "parallel.dp_replicate=1 x parallel.tp=2 does not divide the world size 3"),
+        (["--nproc", "2", "parallel.tp=2", "data.seq_len=255"], "data.seq_len=255 is not divisible by parallel.tp=2"),
+        (["--nproc", "4", "parallel.tp=4", "model=debug", "model.n_kv_heads=2"], "model.n_kv_heads=2 is not divisible"),
+        (["--nproc", "2", "model.max_step=3"], "Key 'max_step' not in 'ModelArgs'"),
+    ],
+)
+def test_local_launcher_refuses_a_bad_layout_once_before_starting(args, message, tmp_path):
+    """One message from the launcher, no worker started (nothing under torchrun, no run directory)."""
+    proc = subprocess.run([sys.executable, "-m", "launch.local", *args, f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and proc.stderr.count("error:") == 1
+    assert "torch.distributed.run" not in proc.stdout and not (tmp_path / "run").exists()
+
+
+def test_local_launcher_sets_what_restarts_need(monkeypatch):
+    import launch.local as local
+
+    monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
+    executed = {}
+    monkeypatch.setattr(local.os, "execv", lambda path, cmd: executed.update(cmd=cmd, env=dict(os.environ)))
+    local.main(["--nproc", "2", "--max-restarts", "2", "--no-check", "hydra.run.dir=/x"])
+    assert "--max-restarts=2" in executed["cmd"]
+    assert executed["env"]["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
 
 
 class _Mlp(nn.Module):
@@ -181,3 +223,69 @@ def test_fsdp_bf16_mixed_precision_tracks_fp32(tmp_path):
     assert a != b  # bf16 really ran
     for x, y in zip(a, b):
         assert abs(x - y) <= 2e-2 * x
+
+
+def _slow_rank0_prepare_worker(rank: int, world_size: int, store_path: str) -> None:
+    """A process group whose timeout (3 s) is shorter than rank 0's data preparation (6 s)."""
+    from datetime import timedelta
+
+    import trainer.train as train_module
+    from data.config import DataConfig
+    from trainer.distributed import DistEnv
+
+    dist.destroy_process_group()  # the harness's group; this one has a short timeout
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world_size), rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=3))  # fmt: skip
+
+    def prepare(cfg):
+        if rank == 0:
+            import time
+
+            time.sleep(6)
+        return f"prepared by rank {rank}"
+
+    train_module.prepare_data = prepare
+    cfg = DataConfig(prepare_timeout_minutes=0.5)
+    out = train_module.prepare_data_rank0_first(cfg, env=DistEnv(rank=rank, local_rank=rank, world_size=world_size))
+    assert out == f"prepared by rank {rank}"
+    dist.barrier()  # the default group still works afterwards
+
+
+def test_ranks_wait_for_rank0s_data_preparation_longer_than_the_group_timeout(tmp_path):
+    run_workers(_slow_rank0_prepare_worker, world_size=2, args=(str(tmp_path / "store"),))
+
+
+# Uneven FSDP shards (vocab 98 over 4 ranks: 25, 25, 24, 24 rows) and GQA heads split by TP.
+_INIT_ARGS = ModelArgs(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=98, max_seq_len=16)
+
+
+def _init_worker(rank: int, world_size: int, layouts: list[dict]) -> None:
+    """Every layout's initial weights, gathered, equal the one-process init_weights under the same seed."""
+    from trainer.train import build_model
+
+    reference = build_model(_INIT_ARGS, device=torch.device("cpu"), seed=7)
+    plain = Transformer(_INIT_ARGS)
+    plain.init_weights(seed=7)
+    for name, param in reference.named_parameters():
+        assert torch.equal(param, dict(plain.named_parameters())[name]), name
+    for layout in layouts:
+        cfg = ParallelConfig(**layout)
+        dims = ParallelDims.from_config(cfg, world_size=world_size)
+        model = build_model(_INIT_ARGS, device=torch.device("cpu"), seed=7, meshes=dims.build_meshes(device_type="cpu"),
+                            dims=dims, parallel=cfg)  # fmt: skip
+        for raw_name, param in model.named_parameters():
+            name = model_parameter_name(raw_name)
+            full = param.full_tensor() if hasattr(param, "full_tensor") else param
+            assert torch.equal(full, dict(reference.named_parameters())[name]), (layout, name)
+
+
+@pytest.mark.parametrize(
+    "world_size, layouts",
+    [
+        (2, [{}, {"tp": 2}, {"activation_checkpoint": "full"}]),
+        (4, [{"tp": 2}, {"dp_replicate": 2}, {"dp_replicate": 2, "tp": 2}]),
+    ],
+    ids=["fsdp2_tp2_fullac", "fsdp2xtp2_hsdp2x2_hsdp2xtp2"],
+)
+def test_every_layout_starts_from_the_same_weights(world_size, layouts):
+    run_workers(_init_worker, world_size=world_size, args=(layouts,))

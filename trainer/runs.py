@@ -1,0 +1,122 @@
+"""Read run directories, and draw their loss curves.
+
+    python -m trainer.runs plot RUN_DIR [RUN_DIR ...] [--out loss.png] [--x tokens|step]   # llama-runs plot
+
+The plot shows training and validation loss against training tokens (the LLaMA paper's Figure 1 plots
+7B-65B this way), one colour per run, training as a line and validation as dots, read from each run's
+``metrics.jsonl``. Runs of different batch sizes compare fairly against tokens, not steps.
+
+This module needs only the standard library (matplotlib is imported when a plot is drawn), so tools that
+run where the training stack is not installed (``launch.gpu_check``) can read run directories too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+METRICS_FILE = "metrics.jsonl"  # trainer.metrics writes it
+SUMMARY_FILE = "summary.json"  # trainer.train writes it
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    """Every record of ``<run_dir>/metrics.jsonl`` in order (a line cut short by a crash is skipped)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no {METRICS_FILE}: is it a training run directory?")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+@dataclass(frozen=True)
+class Series:
+    """One metric over a run: parallel lists of step, tokens and value."""
+
+    steps: list[int]
+    tokens: list[int]
+    values: list[float]
+
+
+def series(run_dir: Path, key: str) -> Series:
+    """The ``key`` series (``train/loss``, ``val/loss``, ...) of a run, in logging order."""
+    picked = [r for r in read_records(run_dir) if key in r]
+    return Series(steps=[r["step"] for r in picked], tokens=[r.get("tokens", 0) for r in picked],
+                  values=[r[key] for r in picked])  # fmt: skip
+
+
+def namespace_values(run_dir: Path, namespace: str = "train") -> dict[str, list[float]]:
+    """Every metric of a namespace by its short name: ``{"loss": [...], "step_time_s": [...], ...}``."""
+    values: dict[str, list[float]] = {}
+    for record in read_records(run_dir):
+        for key, value in record.items():
+            if key.startswith(namespace + "/"):
+                values.setdefault(key.split("/", 1)[1], []).append(value)
+    return values
+
+
+def read_summary(run_dir: Path) -> dict:
+    """The run's ``summary.json`` (written by rank 0 when training ends; ``trainer.train.TrainResult``)."""
+    return json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
+
+
+def plot_loss(run_dirs: Sequence[Path], *, out: Path, x: str = "tokens", labels: Optional[Sequence[str]] = None):
+    """Train (lines) and validation (dots) loss of each run against ``x`` into the PNG ``out``; returns the
+    matplotlib Figure (closed: its data stay readable)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    if x not in ("tokens", "step"):
+        raise ValueError(f"x must be 'tokens' or 'step', got {x!r}")
+    labels = list(labels) if labels is not None else [Path(d).name or str(d) for d in run_dirs]
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for index, (run_dir, label) in enumerate(zip(run_dirs, labels, strict=True)):
+        colour = f"C{index % 10}"
+        train, val = series(run_dir, "train/loss"), series(run_dir, "val/loss")
+        if not train.values:
+            raise ValueError(f"{run_dir}: metrics.jsonl has no train/loss records")
+        ax.plot(getattr(train, "tokens" if x == "tokens" else "steps"), train.values, color=colour,
+                label=f"{label} train")  # fmt: skip
+        if val.values:
+            ax.plot(getattr(val, "tokens" if x == "tokens" else "steps"), val.values, "o", color=colour,
+                    label=f"{label} val")  # fmt: skip
+    ax.set_xlabel("training tokens" if x == "tokens" else "step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    plot = commands.add_parser("plot", help="train/val loss of one or more runs against tokens, as a PNG")
+    plot.add_argument("run_dirs", nargs="+", type=Path)
+    plot.add_argument("--out", type=Path, default=Path("loss.png"))
+    plot.add_argument("--x", choices=("tokens", "step"), default="tokens")
+    args = parser.parse_args(argv)
+    try:
+        plot_loss(args.run_dirs, out=args.out, x=args.x)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({len(args.run_dirs)} run(s), loss against {args.x})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
