@@ -6,7 +6,7 @@ shared machine hits them alike; each figure is the median of the repetitions, wi
 
     python -m bench.ac_policies [--dim 512 --layers 8 --seq 512 --batch 4 --steps 3 --repeats 5]
 
-Targets (issue 4): selective within 5% of none's step time; full about one extra forward (~ +33%).
+Targets: selective within 5% of none's step time; full about one extra forward (~ +33%).
 """
 
 from __future__ import annotations
@@ -20,18 +20,16 @@ import torch.nn.functional as F
 from bench.common import summarize, write_results
 from model.config import ModelArgs
 from model.ops.memory import saved_bytes
-from trainer.activation_memory import layer_activation_bytes
+from trainer.activation_checkpointing import policy as ac_policy
+from trainer.build import build_model
 from trainer.config import ParallelConfig
-from trainer.parallel_dims import ParallelDims
-from trainer.train import build_model
 
 POLICIES = ("none", "selective", "full")
 
 
 def _setup(args: ModelArgs, policy: str):
     parallel = ParallelConfig(activation_checkpoint=policy)
-    model = build_model(args, device=torch.device("cpu"), seed=0, dims=ParallelDims.from_config(parallel, world_size=1),
-                        parallel=parallel)  # fmt: skip
+    model = build_model(args, device=torch.device("cpu"), seed=0, parallel=parallel)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     return model, optimizer
 
@@ -81,7 +79,7 @@ def main() -> None:
     print(f"{'policy':<10} {'step s':>8} {'spread':>15} {'vs none':>8} {'layer MiB':>10} {'model MiB':>10} {'vs none':>8}")
     for policy in POLICIES:
         stats = summarize(times[policy])
-        layer = layer_activation_bytes(args, batch=opts.batch, seq_len=opts.seq, tp=1, policy=policy)
+        layer = ac_policy(policy).layer_bytes(args, layer=0, batch=opts.batch, seq_len=opts.seq, tp=1)
         row = {"policy": policy, "step_s": stats, "ratio_step_vs_none": stats["median"] / base,
                "layer_bytes_formula": layer, "model_bytes_counted": kept[policy],
                "ratio_bytes_vs_none": kept[policy] / kept["none"]}  # fmt: skip

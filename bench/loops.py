@@ -31,7 +31,7 @@ from model.llama import Attention, FeedForward, RMSNorm, Transformer, apply_rope
 from model.ops.reference import rms_norm_reference
 from trainer.device import peak_rss_bytes, resolve_device, resolve_dtype
 from trainer.optim import build_optimizer
-from trainer.train import build_model
+from trainer.build import build_model
 
 LOOPS = ("bare", "hf", "hf_ckpt")
 

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from bench.common import MATMUL_OPS, read_metrics, summarize, write_results
-from launch.loss_compare import LAYOUTS, run_layout
+from launch.harness import LAYOUTS, losses, run_layout
 
 MODEL = ("model=small", "model.max_seq_len=256", "data.seq_len=256", "model.vocab_size=512")
 MODES = {"on": ("parallel.overlap_comm=true", "parallel.fsdp_prefetch=true"),
@@ -52,7 +52,7 @@ def trace_overlap(trace: Path) -> dict[str, float]:
 
 
 def _losses(run_dir: Path) -> list[float]:
-    return json.loads((run_dir / "summary.json").read_text())["losses"]
+    return losses(run_dir)
 
 
 def main() -> None:
@@ -68,7 +68,7 @@ def main() -> None:
     for rep in range(opts.repeats):
         for layout in opts.layouts:
             for mode, overrides in MODES.items():
-                profile = ("logging.profile_step=4",) if opts.profile and rep == opts.repeats - 1 else ()
+                profile = ("profile.step=4",) if opts.profile and rep == opts.repeats - 1 else ()
                 run = run_layout(LAYOUTS[layout], workdir=workdir, steps=opts.steps, run_name=f"{layout}_{mode}_{rep}",
                                  extra=(*MODEL, "trainer.save_final_model=false", *overrides, *profile))  # fmt: skip
                 # Every step is logged (logging.log_every=1): skip the first two, warm-up.

@@ -46,14 +46,15 @@ from bench.breakdown import step_breakdown
 from bench.common import compose_config, read_metrics, run_children, summarize, write_results
 from bench.loops import batch_tokens, build_loop_model, loop_loss
 from data import prepare_data
+from launch.local import build_command
 from model.flops import flops_per_token, param_counts
 from model.ops.memory import saved_bytes
-from trainer.activation_memory import layer_activation_bytes
+from trainer.activation_checkpointing import policy as ac_policy
 from trainer.config import ACMode, ParallelConfig
 from trainer.device import measure_cpu_matmul_flops, peak_flops
 from trainer.optim import build_optimizer
 from trainer.parallel_dims import ParallelDims
-from trainer.train import build_model
+from trainer.build import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,10 +119,7 @@ def _trainer_cmd(bench: Bench, *, run_dir: Path, nproc: int, extra: tuple[str, .
     overrides = [*bench.model, f"trainer.max_steps={bench.steps + 1}", "trainer.eval_every=0", "logging.log_every=1",
                  "checkpoint.save_final=false", "checkpoint.save_on_signal=false", "trainer.save_final_model=false",
                  f"trainer.peak_flops={bench.peak}", f"hydra.run.dir={run_dir}", *extra]  # fmt: skip
-    if nproc == 1:
-        return [sys.executable, "-m", "trainer.train", *overrides]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "trainer.train", *overrides]  # fmt: skip
+    return build_command(nproc=nproc, overrides=overrides)
 
 
 def _peak_bytes(metrics: dict[str, list[float]], *, cuda: bool) -> int:
@@ -225,17 +223,17 @@ def memory_prediction(row: str, *, cfg) -> Optional[dict[str, int]]:
 
     static: fp32 weights, gradients and Adam's two moments, 16 bytes per parameter; autocast: the bf16
     copies of the matmul weights that forward casts and keeps for backward, 2 bytes per matmul parameter;
-    activations: n_layers x ``layer_activation_bytes`` of the row's policy (trainer/activation_memory.py);
+    activations: the row's policy's ``model_bytes`` (trainer/activation_checkpointing.py);
     logits: B x T x V elements at about 10 bytes (the bf16 logits, the fp32 copy the loss takes, and its
     fp32 gradient) at the turn from forward to backward. None for rows the formula does not describe.
     """
-    if row not in OURS or OURS[row].activation_checkpoint == ACMode.every_k:
+    if row not in OURS:
         return None
     counts, b, t = param_counts(cfg.model), cfg.trainer.micro_batch_size, cfg.data.seq_len
-    layer = layer_activation_bytes(cfg.model, batch=b, seq_len=t, tp=1, policy=OURS[row].activation_checkpoint,
-                                   dtype=torch.bfloat16)  # fmt: skip
-    terms = {"static": 16 * counts.total, "autocast_copies": 2 * counts.matmul,
-             "activations": cfg.model.n_layers * layer, "logits": 10 * b * t * cfg.model.vocab_size}  # fmt: skip
+    activations = ac_policy(OURS[row].activation_checkpoint).model_bytes(cfg.model, batch=b, seq_len=t, tp=1,
+                                                                           dtype=torch.bfloat16)  # fmt: skip
+    terms = {"static": 16 * counts.total, "autocast_copies": 2 * counts.matmul, "activations": activations,
+             "logits": 10 * b * t * cfg.model.vocab_size}  # fmt: skip
     return {**terms, "predicted": sum(terms.values())}
 
 

@@ -15,7 +15,7 @@ from omegaconf.errors import ConfigKeyError
 
 from data.config import DataConfig
 from model.config import ModelArgs
-from trainer.config import CheckpointConfig, LoggingConfig, OptimConfig, ParallelConfig, TrainerConfig
+from trainer.config import CheckpointConfig, LoggingConfig, OptimConfig, ParallelConfig, ProfileConfig, TrainerConfig
 
 
 @dataclass
@@ -27,6 +27,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """No config group: ``profile.step=5 profile.steps=2`` on the command line turns it on."""
 
 
 def register_schema() -> None:
@@ -44,7 +46,9 @@ def to_config(cfg: DictConfig) -> Config:
     with open_dict(cfg):
         cfg.pop("hydra", None)  # present only when composed with return_hydra_config
     _reject_unknown_keys(cfg, prefix="")
-    return OmegaConf.to_object(cfg)
+    config = OmegaConf.to_object(cfg)
+    config.data.check()  # what needs the whole data config (at least one source), before any process starts
+    return config
 
 
 def _reject_unknown_keys(node: DictConfig, *, prefix: str) -> None:

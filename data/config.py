@@ -1,4 +1,9 @@
-"""Typed configs for the data pipeline (OmegaConf structured configs).
+"""Typed configs for the data pipeline (OmegaConf structured configs), validated as they are built.
+
+Like every other config, a bad value fails in ``__post_init__``, when the composed config becomes
+dataclasses at start-up (before any process group exists), naming the key and the fix. The checks that
+need the whole config (at least one source) are ``DataConfig.check``, which start-up and ``prepare_data``
+both call: a schema default must be constructible without sources.
 
 OmegaConf 2.3 cannot type a field as ``typing.Literal``, so modes are ``str`` enums whose
 names equal their values; YAML then reads ``format: jsonl`` naturally.
@@ -6,19 +11,11 @@ names equal their values; YAML then reads ``format: jsonl`` naturally.
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
-
-class SourceFormat(str, enum.Enum):
-    """How a source's files are read."""
-
-    auto = "auto"
-    text = "text"
-    jsonl = "jsonl"
-    parquet = "parquet"
+from data.sources import SourceFormat
 
 
 @dataclass
@@ -38,6 +35,11 @@ class TokenizerConfig:
     num_threads: int = 2
     """Threads sentencepiece uses while training."""
 
+    def __post_init__(self) -> None:
+        if self.path is None and self.vocab_size < 260:
+            # 256 byte-fallback pieces + unk/bos/eos must fit before any merge is learned.
+            raise _fail("data.tokenizer.vocab_size", f"got {self.vocab_size}", "use at least 260")
+
 
 @dataclass
 class SourceConfig:
@@ -53,6 +55,19 @@ class SourceConfig:
     """Sampling weight in the mixture; weights are normalised, so they need not sum to 1."""
     max_files: Optional[int] = None
     """Keep only the first N files in sorted order (a deterministic cap for quick runs)."""
+
+    def __post_init__(self) -> None:
+        self.format = SourceFormat(self.format)
+
+    def check(self, *, name: str) -> None:
+        """The checks a source must pass to be used (its name in the messages: ``data.sources.<name>``)."""
+        weight = float(self.weight)
+        if not math.isfinite(weight) or weight <= 0:
+            raise _fail(f"data.sources.{name}.weight", f"got {self.weight}", "use a weight > 0 or remove the source")
+        if not self.paths:
+            raise _fail(f"data.sources.{name}.paths", "is empty", "list files, directories, globs or 'stdlib'")
+        if self.max_files is not None and self.max_files < 1:
+            raise _fail(f"data.sources.{name}.max_files", f"got {self.max_files}", "use null or a count >= 1")
 
 
 @dataclass
@@ -79,39 +94,34 @@ class DataConfig:
     """How long the other ranks wait for rank 0 to train the tokenizer and write the shards (a large corpus
     takes hours on one node); the process group's own timeout is 10 minutes, too short for that."""
 
+    def __post_init__(self) -> None:
+        for name, src in self.sources.items():
+            src.check(name=name)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise _fail("data.val_fraction", f"got {self.val_fraction}", "use a value in [0, 1)")
+        if self.seq_len < 1:
+            raise _fail("data.seq_len", f"got {self.seq_len}", "use a positive sequence length")
+        if self.num_proc < 1:
+            raise _fail("data.num_proc", f"got {self.num_proc}", "use 1 or more worker processes")
+        if self.prepare_timeout_minutes <= 0:
+            raise _fail("data.prepare_timeout_minutes", f"got {self.prepare_timeout_minutes}", "use a positive number")
+        if self.shard_bytes < 1:
+            raise _fail("data.shard_bytes", f"got {self.shard_bytes}", "use a positive byte count")
+
+    def check(self) -> None:
+        """Everything ``__post_init__`` checks, again (a config may have been changed since), and what needs
+        the whole config: at least one source."""
+        if not self.sources:
+            raise _fail("data.sources", "no sources configured", "add at least one source, e.g. data=stdlib")
+        self.__post_init__()
+        self.tokenizer.__post_init__()
+
 
 def _fail(key: str, problem: str, fix: str) -> ValueError:
     return ValueError(f"{key}: {problem}; {fix}")
 
 
-def validate_data_config(cfg: Any) -> None:
-    """Checks values a user can get wrong, naming the key and the fix (accepts a dataclass or DictConfig)."""
-    if not cfg.sources:
-        raise _fail("data.sources", "no sources configured", "add at least one source, e.g. data=stdlib")
-    for name, src in cfg.sources.items():
-        weight = float(src.weight)
-        if not math.isfinite(weight) or weight <= 0:
-            raise _fail(f"data.sources.{name}.weight", f"got {src.weight}", "use a weight > 0 or remove the source")
-        if not src.paths:
-            raise _fail(f"data.sources.{name}.paths", "is empty", "list files, directories, globs or 'stdlib'")
-        if src.max_files is not None and src.max_files < 1:
-            raise _fail(f"data.sources.{name}.max_files", f"got {src.max_files}", "use null or a count >= 1")
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise _fail("data.val_fraction", f"got {cfg.val_fraction}", "use a value in [0, 1)")
-    if cfg.seq_len < 1:
-        raise _fail("data.seq_len", f"got {cfg.seq_len}", "use a positive sequence length")
-    if cfg.num_proc < 1:
-        raise _fail("data.num_proc", f"got {cfg.num_proc}", "use 1 or more worker processes")
-    if cfg.prepare_timeout_minutes <= 0:
-        raise _fail("data.prepare_timeout_minutes", f"got {cfg.prepare_timeout_minutes}", "use a positive number")
-    if cfg.shard_bytes < 1:
-        raise _fail("data.shard_bytes", f"got {cfg.shard_bytes}", "use a positive byte count")
-    if cfg.tokenizer.path is None and cfg.tokenizer.vocab_size < 260:
-        # 256 byte-fallback pieces + unk/bos/eos must fit before any merge is learned.
-        raise _fail("data.tokenizer.vocab_size", f"got {cfg.tokenizer.vocab_size}", "use at least 260")
-
-
-def normalized_weights(cfg: Any) -> dict[str, float]:
+def normalized_weights(cfg: DataConfig) -> dict[str, float]:
     """Mixture weights scaled to sum to 1, in config order."""
     total = sum(float(src.weight) for src in cfg.sources.values())
     return {name: float(src.weight) / total for name, src in cfg.sources.items()}

@@ -14,11 +14,11 @@ import multiprocessing
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
-from data.config import normalized_weights, validate_data_config
+from data.config import DataConfig, SourceConfig, normalized_weights
 from data.shards import SPLITS, ShardTask, is_finished, read_sidecar, tokenize_shard
 from data.sources import SourceFile, is_val, iter_documents, resolve_source_files
 from data.tokenizer import LLAMA_TRAINER_SETTINGS, Tokenizer, train_tokenizer
@@ -49,16 +49,15 @@ class PreparedData:
     """Normalised mixture weights by source name."""
 
 
-def prepare_data(cfg: Any) -> PreparedData:
+def prepare_data(cfg: DataConfig) -> PreparedData:
     """Trains or loads the tokenizer and tokenizes every source, skipping finished shards.
 
     With ``num_proc > 1`` tokenization runs in spawned worker processes, so a script that calls
     this at import time must do so under ``if __name__ == "__main__":`` (as the trainer does).
 
-    Args:
-        cfg: a ``DataConfig`` (dataclass or OmegaConf DictConfig).
+    Raises ValueError naming the key for a config that cannot be prepared.
     """
-    validate_data_config(cfg)
+    cfg.check()
     files = {name: resolve_source_files(name=name, src=src) for name, src in cfg.sources.items()}
     for name, src in cfg.sources.items():
         _check_has_text(name=name, src=src, files=files[name])
@@ -75,7 +74,7 @@ def prepare_data(cfg: Any) -> PreparedData:
     return _collect(cfg, tasks=tasks, tokenizer=tokenizer)
 
 
-def _check_has_text(*, name: str, src: Any, files: list[SourceFile]) -> None:
+def _check_has_text(*, name: str, src: SourceConfig, files: list[SourceFile]) -> None:
     """Rejects a source whose files hold no document, before any training or tokenizing.
 
     Cheap for real sources: reading stops at the first non-blank document.
@@ -87,7 +86,7 @@ def _check_has_text(*, name: str, src: Any, files: list[SourceFile]) -> None:
         )
 
 
-def _get_tokenizer(cfg: Any, *, files: dict[str, list[SourceFile]]) -> Tokenizer:
+def _get_tokenizer(cfg: DataConfig, *, files: dict[str, list[SourceFile]]) -> Tokenizer:
     if cfg.tokenizer.path is not None:
         tokenizer = Tokenizer(cfg.tokenizer.path)  # raises ValueError naming data.tokenizer.path
         if tokenizer.vocab_size != cfg.tokenizer.vocab_size:
@@ -104,7 +103,7 @@ def _get_tokenizer(cfg: Any, *, files: dict[str, list[SourceFile]]) -> Tokenizer
     return Tokenizer(path)
 
 
-def _tokenizer_key(cfg: Any, *, files: dict[str, list[SourceFile]]) -> str:
+def _tokenizer_key(cfg: DataConfig, *, files: dict[str, list[SourceFile]]) -> str:
     """Hash of everything that decides a trained tokenizer, so configs never share one by mistake."""
     tok = cfg.tokenizer
     recipe = {
@@ -128,7 +127,7 @@ def _tokenizer_key(cfg: Any, *, files: dict[str, list[SourceFile]]) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def _training_lines(cfg: Any, *, files: dict[str, list[SourceFile]]) -> Iterator[str]:
+def _training_lines(cfg: DataConfig, *, files: dict[str, list[SourceFile]]) -> Iterator[str]:
     """Non-blank lines of train documents, at most ``max_sentences`` split across sources by weight.
 
     Files are visited in a hash-shuffled (but fixed) order so a capped source still contributes
@@ -140,7 +139,7 @@ def _training_lines(cfg: Any, *, files: dict[str, list[SourceFile]]) -> Iterator
         yield from _take(_train_lines(ordered, cfg=cfg, source=name), budget)
 
 
-def _train_lines(files: Iterable[SourceFile], *, cfg: Any, source: str) -> Iterator[str]:
+def _train_lines(files: Iterable[SourceFile], *, cfg: DataConfig, source: str) -> Iterator[str]:
     text_field = cfg.sources[source].text_field
     for file in files:
         for doc_id, text in iter_documents(file, source=source, text_field=text_field):
@@ -172,7 +171,7 @@ def _group_files(files: list[SourceFile], *, shard_bytes: int) -> list[tuple[Sou
 
 
 def _plan_tasks(
-    cfg: Any, *, name: str, src: Any, files: list[SourceFile], tokenizer: Tokenizer, out_dir: Path
+    cfg: DataConfig, *, name: str, src: SourceConfig, files: list[SourceFile], tokenizer: Tokenizer, out_dir: Path
 ) -> list[ShardTask]:
     return [
         ShardTask(
@@ -210,7 +209,7 @@ def _run_tasks(tasks: list[ShardTask], *, num_proc: int, progress: bool) -> None
                 bar.update(sum(entry["size"] for entry in sidecars["train"]["inputs"]))
 
 
-def _collect(cfg: Any, *, tasks: list[ShardTask], tokenizer: Tokenizer) -> PreparedData:
+def _collect(cfg: DataConfig, *, tasks: list[ShardTask], tokenizer: Tokenizer) -> PreparedData:
     """Reads the sidecars back into paths and token counts."""
     shards: dict[str, dict[str, list[str]]] = {split: {name: [] for name in cfg.sources} for split in SPLITS}
     num_tokens = {split: {name: 0 for name in cfg.sources} for split in SPLITS}

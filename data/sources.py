@@ -1,7 +1,12 @@
-"""Finding a source's files, reading documents out of them, and the train/val split."""
+"""Finding a source's files, reading documents out of them, and the train/val split.
+
+File formats: each ``SourceFormat`` has a ``Reader`` in ``READERS`` (the file suffixes ``auto`` picks it by,
+and a function yielding (doc_id, text)); adding a format is a member and a reader here, and its test.
+"""
 
 from __future__ import annotations
 
+import enum
 import glob
 import hashlib
 import json
@@ -9,16 +14,24 @@ import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from data.config import SourceFormat
+if TYPE_CHECKING:
+    from data.config import SourceConfig
 
 STDLIB_ENTRY = "stdlib"
 # Directories under the stdlib that are test suites or vendored packages, not library code; leaving
 # them out keeps the default corpus ~11 MB instead of ~31 MB.
 _STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
-_JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
-_PARQUET_SUFFIXES = frozenset({".parquet"})
+
+
+class SourceFormat(str, enum.Enum):
+    """How a source's files are read (``data.sources.<name>.format``); a ``str`` enum, as OmegaConf needs."""
+
+    auto = "auto"  # by file suffix (READERS), plain text where none matches
+    text = "text"
+    jsonl = "jsonl"
+    parquet = "parquet"
 
 
 @dataclass(frozen=True)
@@ -72,16 +85,14 @@ def _glob_base(pattern: str) -> Path:
 
 
 def _resolve_format(path: Path, fmt: SourceFormat) -> SourceFormat:
+    """``fmt``, or for ``auto`` the format whose reader claims ``path``'s suffix (else plain text)."""
     if fmt != SourceFormat.auto:
         return fmt
-    if path.suffix.lower() in _JSONL_SUFFIXES:
-        return SourceFormat.jsonl
-    if path.suffix.lower() in _PARQUET_SUFFIXES:
-        return SourceFormat.parquet
-    return SourceFormat.text
+    suffix = path.suffix.lower()
+    return next((f for f, reader in READERS.items() if suffix in reader.suffixes), SourceFormat.text)
 
 
-def resolve_source_files(*, name: str, src: Any) -> list[SourceFile]:
+def resolve_source_files(*, name: str, src: SourceConfig) -> list[SourceFile]:
     """Expands a source's ``paths`` into a deterministic, de-duplicated file list.
 
     Raises ValueError naming ``data.sources.<name>`` when nothing matches.
@@ -163,15 +174,24 @@ def _read_parquet(file: SourceFile, *, key: str, text_field: str) -> Iterator[tu
             index += 1
 
 
+@dataclass(frozen=True)
+class Reader:
+    suffixes: frozenset[str]
+    """File suffixes that ``format: auto`` reads with this reader."""
+    read: Callable[..., Iterator[tuple[str, str]]]
+    """read(file, *, key, text_field) -> (doc_id, text); ``key`` names the config key in errors."""
+
+
+READERS: dict[SourceFormat, Reader] = {
+    SourceFormat.text: Reader(frozenset(), lambda file, *, key, text_field: _read_text(file)),
+    SourceFormat.jsonl: Reader(frozenset({".jsonl", ".ndjson"}), _read_jsonl),
+    SourceFormat.parquet: Reader(frozenset({".parquet"}), _read_parquet),
+}
+
+
 def iter_documents(file: SourceFile, *, source: str, text_field: str) -> Iterator[tuple[str, str]]:
     """Yields (doc_id, text) for every non-blank document in a file of source ``source``."""
-    key = f"data.sources.{source}.text_field"
-    if file.format == SourceFormat.jsonl:
-        documents = _read_jsonl(file, key=key, text_field=text_field)
-    elif file.format == SourceFormat.parquet:
-        documents = _read_parquet(file, key=key, text_field=text_field)
-    else:
-        documents = _read_text(file)
+    documents = READERS[file.format].read(file, key=f"data.sources.{source}.text_field", text_field=text_field)
     for doc_id, text in documents:
         if text.strip():
             yield doc_id, text

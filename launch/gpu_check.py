@@ -219,14 +219,14 @@ def run_tests(interp: Interpreter, *, out: Path, timeout_s: int) -> StageResult:
 
 def _run_summary(run_dir: Path) -> dict:
     """Loss, throughput, MFU and memory of one trainer run, from its summary.json and metrics.jsonl."""
-    from trainer.runs import namespace_values, read_summary  # standard library only: no hydra needed
+    from trainer.runs import TrainResult, namespace_values  # standard library only: no hydra needed
 
-    summary, metrics = read_summary(run_dir), namespace_values(run_dir, "train")
-    losses = summary["losses"]
-    return {"first_loss": losses[0], "last_loss": losses[-1], "val_losses": summary["val_losses"],
-            "tokens_per_sec": summary["tokens_per_sec"], "mfu": max(metrics.get("mfu", [float("nan")])),
+    summary, metrics = TrainResult.read(run_dir), namespace_values(run_dir, "train")
+    return {"first_loss": summary.losses[0], "last_loss": summary.losses[-1],
+            "val_losses": {str(k): v for k, v in summary.val_losses.items()}, "tokens_per_sec": summary.tokens_per_sec,
+            "mfu": max(metrics.get("mfu", [float("nan")])),
             "peak_allocated_gib": max(metrics.get("cuda_max_allocated_gib", [float("nan")])),
-            "wall_time_s": summary["wall_time_s"], "checkpoint": (run_dir / "checkpoints").is_dir()}  # fmt: skip
+            "wall_time_s": summary.wall_time_s, "checkpoint": (run_dir / "checkpoints").is_dir()}  # fmt: skip
 
 
 def train_run_ok(details: dict) -> bool:

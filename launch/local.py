@@ -32,15 +32,20 @@ def default_run_dir() -> str:
     return time.strftime("outputs/%Y-%m-%d/%H-%M-%S")
 
 
-def build_command(*, nproc: int, overrides: list[str], python: str = sys.executable, max_restarts: int = 0) -> list[str]:
-    if not any(o.startswith("hydra.run.dir=") for o in overrides):
-        overrides = [*overrides, f"hydra.run.dir={default_run_dir()}"]
-    if nproc == 1 and max_restarts == 0:
+def build_command(*, nproc: int, overrides: list[str], python: str = sys.executable, max_restarts: int = 0,
+                  rendezvous: tuple[str, ...] = ()) -> list[str]:  # fmt: skip
+    """The command that trains with ``overrides`` on ``nproc`` processes here: the one place that spells
+    torchrun's command line (the launcher, the layout harness, the benchmarks and tests use it).
+
+    Args:
+        rendezvous: torchrun's rendezvous arguments for a multi-node run (``--nnodes``, ``--rdzv-*``, ...);
+            empty: ``--standalone``, a rendezvous on a free local port, so several jobs can share the machine.
+    """
+    if nproc == 1 and max_restarts == 0 and not rendezvous:
         return [python, "-m", "trainer.train", *overrides]
-    # --standalone: a rendezvous on a free local port, so several jobs can share the machine.
     restarts = [f"--max-restarts={max_restarts}"] if max_restarts else []
-    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *restarts,
-            "-m", "trainer.train", *overrides]  # fmt: skip
+    return [python, "-m", "torch.distributed.run", *(rendezvous or ("--standalone",)), f"--nproc-per-node={nproc}",
+            *restarts, "-m", "trainer.train", *overrides]  # fmt: skip
 
 
 def check_layout(*, nproc: int, overrides: list[str]) -> None:
@@ -96,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as err:  # ValueError from the checks, Hydra's ConfigCompositionException, ...
             print(f"error: {_explain(err)}", file=sys.stderr)
             sys.exit(2)
+    if not any(o.startswith("hydra.run.dir=") for o in overrides):
+        overrides = [*overrides, f"hydra.run.dir={default_run_dir()}"]
     command = build_command(nproc=args.nproc, overrides=overrides, max_restarts=args.max_restarts)
     if args.max_restarts:
         os.environ.update(RESTART_ENV)

@@ -37,7 +37,8 @@ class ModelArgs:
     n_heads: int = 4
     """Attention (query) heads; head_dim = dim / n_heads."""
     n_kv_heads: Optional[int] = None
-    """Key/value heads for grouped-query attention (Llama 2); None means n_heads (plain multi-head)."""
+    """Key/value heads for grouped-query attention (Llama 2); None means n_heads (plain multi-head), and
+    after construction the field always holds the number."""
     vocab_size: int = 512
     """Vocabulary size; must equal the tokenizer's."""
     multiple_of: int = 32
@@ -48,7 +49,7 @@ class ModelArgs:
     """RMSNorm epsilon (1e-6 in LLaMA 1, 1e-5 in Llama 2)."""
     rope_theta: float = 10000.0
     """Rotary embedding base."""
-    max_seq_len: int = 256
+    max_seq_len: int = 128
     """Longest sequence the rotary table covers (the training context length)."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of input projections and embeddings."""
@@ -58,14 +59,14 @@ class ModelArgs:
     def __post_init__(self) -> None:
         # OmegaConf.to_object hands enums through; a plain string (direct construction) is converted here.
         self.attn_backend = AttnBackend(self.attn_backend)
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
         if self.dim % self.n_heads != 0:
             raise ValueError(f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}")
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim = model.dim / model.n_heads = {self.head_dim} must be even for RoPE")
-        if self.n_heads % self.num_kv_heads != 0:
-            raise ValueError(
-                f"model.n_heads={self.n_heads} must be divisible by model.n_kv_heads={self.num_kv_heads}"
-            )
+        if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(f"model.n_heads={self.n_heads} must be divisible by model.n_kv_heads={self.n_kv_heads}")
         for key in ("dim", "n_layers", "vocab_size", "multiple_of", "max_seq_len"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"model.{key} must be positive, got {getattr(self, key)}")
@@ -73,10 +74,6 @@ class ModelArgs:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     @property
     def ffn_hidden_dim(self) -> int:

@@ -39,7 +39,7 @@ class ParamCounts:
 
 def param_counts(args: ModelArgs) -> ParamCounts:
     d, hidden, hd = args.dim, args.ffn_hidden_dim, args.head_dim
-    attn = d * args.n_heads * hd * 2 + d * args.num_kv_heads * hd * 2  # wq, wo; wk, wv
+    attn = d * args.n_heads * hd * 2 + d * args.n_kv_heads * hd * 2  # wq, wo; wk, wv
     ffn = 3 * d * hidden  # w1, w2, w3
     norms_per_layer = 2 * d
     embedding = args.vocab_size * d

@@ -12,9 +12,10 @@ parameter and buffer is (re)filled there, so nothing depends on what the constru
 
 The transformer layer's backward is hand-written (``model.ops``, LLaMA paper §2.4): RMSNorm, the
 projections, the attention core and the SwiGLU feed-forward are autograd Functions. Each module with
-element-wise work between its matmuls has a ``recompute`` flag: True ("selective" activation
-checkpointing) recomputes that cheap work in backward, False keeps it. The arithmetic is the same either
-way; the trainer sets the flag from its activation-checkpointing policy.
+element-wise work between its matmuls is ``Recomputable``: its ``recompute`` flag, True ("selective"
+activation checkpointing), recomputes that cheap work in backward, False keeps it. The arithmetic is the
+same either way. A model built alone keeps everything (False), as plain autograd would; the trainer's
+activation-checkpointing policy (trainer/activation_checkpointing.py) sets the flag.
 """
 
 from __future__ import annotations
@@ -28,20 +29,26 @@ from torch import nn
 
 from model import ops
 from model.attention import causal_attention, core_supports
-from model.config import ModelArgs
+from model.config import AttnBackend, ModelArgs
 
 
 def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-class RMSNorm(nn.Module):
+class Recomputable(nn.Module):
+    """A module whose hand-written backward either recomputes its element-wise work or keeps it."""
+
+    recompute: bool = False
+    """True: save only what the matmuls need and redo the element-wise work in backward (less memory)."""
+
+
+class RMSNorm(Recomputable):
     """y = x / sqrt(mean(x^2) + eps) * g, computed in at least fp32 and cast back (a bf16 mean-square loses bits)."""
 
     def __init__(self, dim: int, *, eps: float):
         super().__init__()
         self.eps = eps
-        self.recompute = True
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,41 +82,41 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return out.flatten(-2).type_as(x)
 
 
-class Attention(nn.Module):
+def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor, *, head_dim: int,
+                   backend: AttnBackend, recompute: bool) -> torch.Tensor:  # fmt: skip
+    """RoPE and causal attention between the projections: (B, T, H*D), (B, T, Hkv*D) x2 -> (B, T, H*D).
+
+    Head counts come from the projections' output widths: under tensor parallelism each rank holds
+    n_heads / tp of them (trainer/tensor_parallel.py calls this on its local heads).
+    """
+    q = apply_rope(q.unflatten(-1, (-1, head_dim)), rope)  # (B, T, H, D)
+    k = apply_rope(k.unflatten(-1, (-1, head_dim)), rope)  # (B, T, Hkv, D)
+    v = v.unflatten(-1, (-1, head_dim))
+    if core_supports(backend, q=q):
+        out = ops.attention_core(q, k, v, recompute=recompute)
+    else:  # flash-attn's own Function, or the plain-ops reference
+        out = causal_attention(q, k, v, backend=backend)
+    return out.flatten(-2)
+
+
+class Attention(Recomputable):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.n_heads = args.n_heads
-        self.n_kv_heads = args.num_kv_heads
         self.head_dim = args.head_dim
         self.backend = args.attn_backend
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, self.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, self.n_kv_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
-        self.recompute = True
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         q, k, v = (ops.linear(x, lin.weight) for lin in (self.wq, self.wk, self.wv))
-        out = self.core(q, k, v, rope)  # (B, T, H * D)
+        out = rope_attention(q, k, v, rope, head_dim=self.head_dim, backend=self.backend,
+                             recompute=self.recompute)  # (B, T, H * D)  # fmt: skip
         return ops.linear(out, self.wo.weight)
 
-    def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        """RoPE and causal attention between the projections: (B, T, H*D), (B, T, Hkv*D) x2 -> (B, T, H*D).
 
-        Head counts come from the projections' output widths, not from self.n_heads: under tensor
-        parallelism each rank holds n_heads / tp of them.
-        """
-        q = apply_rope(q.unflatten(-1, (-1, self.head_dim)), rope)  # (B, T, H, D)
-        k = apply_rope(k.unflatten(-1, (-1, self.head_dim)), rope)  # (B, T, Hkv, D)
-        v = v.unflatten(-1, (-1, self.head_dim))
-        if core_supports(self.backend, q=q):
-            out = ops.attention_core(q, k, v, recompute=self.recompute)
-        else:  # flash-attn's own Function, or the plain-ops reference
-            out = causal_attention(q, k, v, backend=self.backend)
-        return out.flatten(-2)
-
-
-class FeedForward(nn.Module):
+class FeedForward(Recomputable):
     """SwiGLU: w2(silu(w1 x) * w3 x), hidden F = ``ModelArgs.ffn_hidden_dim``."""
 
     def __init__(self, args: ModelArgs):
@@ -118,7 +125,6 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(args.dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, args.dim, bias=False)
         self.w3 = nn.Linear(args.dim, hidden, bias=False)
-        self.recompute = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.swiglu(x, self.w1.weight, self.w3.weight, self.w2.weight, recompute=self.recompute)
@@ -140,7 +146,13 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """tokens (B, T) -> logits (B, T, V)."""
+    """tokens (B, T) -> logits (B, T, V).
+
+    A pipeline stage is this model with the parts it does not own removed (docs/pipeline.md): the embedding,
+    the final norm and the head set to None, blocks deleted from ``layers`` (a ModuleDict keyed by layer
+    index, so the remaining names, and checkpoints, are unchanged). ``forward`` then maps what the stage
+    receives to what it sends: tokens or hidden states (B, T, d) in, hidden states or logits out.
+    """
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -163,11 +175,12 @@ class Transformer(nn.Module):
         seq_len = tokens.shape[1]
         if seq_len > self.args.max_seq_len:
             raise ValueError(f"sequence length {seq_len} exceeds model.max_seq_len={self.args.max_seq_len}")
-        h = self.tok_embeddings(tokens)  # (B, T, d)
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # (B, T, d)
         rope = self.rope[:seq_len]
         for layer in self.layers.values():
             h = layer(h, rope)
-        return self.output(self.norm(h))  # (B, T, V)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h  # (B, T, V), or (B, T, d) before the last stage
 
     @torch.no_grad()
     def init_buffers(self, *, device: Optional[torch.device] = None) -> None:

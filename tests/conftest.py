@@ -89,7 +89,7 @@ def reference_run(tmp_path_factory):
     """``reference_run(name)``: the debug model trained for 10 steps under layout ``name`` (see
     launch/loss_compare.py), run once per session on first use and shared by the tests that compare
     against it. The returned run directory holds summary.json, final_model.pt and checkpoints/."""
-    from launch.loss_compare import LAYOUTS, run_layout
+    from launch.harness import LAYOUTS, run_layout
 
     workdir = tmp_path_factory.mktemp("reference_runs")
     cache: dict[str, Path] = {}

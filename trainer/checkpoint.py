@@ -2,16 +2,18 @@
 
 Layout of ``checkpoint.dir`` (default ``<run_dir>/checkpoints``):
 
-    step_00000100/       complete: DCP files (.metadata, __<rank>_<n>.distcp) + meta.json
+    step_00000100/       complete: DCP files (.metadata, __<rank>_<n>.distcp), tokenizer.model, meta.json
     step_00000200.tmp/   being written, or left by a crash: never loaded, removed at the next start
 
 What goes where:
 - DCP (tensors, sharded, reshardable on load): ``model`` and ``optimizer`` state dicts, keyed by parameter
   name (``get_model_state_dict`` / ``get_optimizer_state_dict``), so a checkpoint saved under one layout
   loads under another.
-- ``meta.json`` (plain JSON, no pickles): step, token count, LR-scheduler state, data-loader state, RNG
-  states, the resolved config, the wandb run id, and the size of every file in the directory so that a
-  truncated or missing file is named before anything is loaded.
+- ``meta.json`` (plain JSON, no pickles; ``trainer.checkpoint_meta.CheckpointMeta``): step, token count,
+  LR-scheduler state, data-loader state, RNG states, the resolved config, the wandb run id, the tokenizer's
+  file name, and the size of every file in the directory so that a truncated or missing file is named
+  before anything is loaded.
+- ``tokenizer.model``: the run's tokenizer, so a checkpoint is evaluated or exported on its own.
 
 Atomicity: everything is written under ``step_N.tmp`` and renamed to ``step_N`` only once the DCP
 metadata (written last by DCP's coordinator) and meta.json are on disk; a crash mid-save leaves the
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import logging
 import os
 import pickle
@@ -48,25 +49,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from model.config import ModelArgs
 from compat import dcp_finish_metadata, dcp_metadata_stream, dcp_place_loaded_bytes
+from model.config import ModelArgs
+from trainer.checkpoint_meta import TOKENIZER, CheckpointError, CheckpointMeta
 from trainer.config import CheckpointConfig
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "llama-pretrain-checkpoint"
-VERSION = 1
-META = "meta.json"
 _COMPLETE = re.compile(r"^step_(\d{8})$")
-# What decides parameter shapes: a checkpoint whose values differ cannot be loaded into this model. The
-# SwiGLU width is compared as the resulting size: several (multiple_of, ffn_dim_multiplier) give the same.
-SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "num_kv_heads", "vocab_size", "ffn_hidden_dim")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, damaged, or made for another model."""
-
-
 @contextlib.contextmanager
 def single_process_dcp() -> Iterator[None]:
     """Silences DCP's warning that no process group exists when there is none: one process is a layout we
@@ -106,53 +96,6 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_COMPLETE.match(p.name).group(1)))
 
 
-def validate(path: Path) -> dict[str, Any]:
-    """Read meta.json and check every recorded file is there with its recorded size; returns the meta.
-
-    Raises CheckpointError naming the checkpoint and what is wrong.
-    """
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} does not exist (or is not a directory)")
-    meta_path = path / META
-    if not meta_path.is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete or damaged: {META} is missing")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"checkpoint {path} is damaged: {META} is not valid JSON ({err})") from err
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CheckpointError(
-            f"checkpoint {path} has format {meta.get('format')!r} version {meta.get('version')!r}; "
-            f"this trainer reads {FORMAT!r} version {VERSION}"
-        )
-    for name, size in meta.get("files", {}).items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint {path} is damaged: file {name} is missing")
-        if file.stat().st_size != size:
-            raise CheckpointError(
-                f"checkpoint {path} is damaged: file {name} has {file.stat().st_size} bytes, {size} were written "
-                "(truncated copy?)"
-            )
-    return meta
-
-
-def _shapes(args: ModelArgs) -> dict[str, Any]:
-    return {f: getattr(args, f) for f in SHAPE_FIELDS}
-
-
-def check_model_matches(meta: dict[str, Any], args: ModelArgs, *, path: Path) -> None:
-    fields = meta.get("config", {}).get("model")
-    try:
-        saved = _shapes(ModelArgs(**fields))
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path}: {META} has no valid config.model ({err})") from err
-    diff = {f: (saved[f], v) for f, v in _shapes(args).items() if saved[f] != v}
-    if diff:
-        listing = ", ".join(f"model.{f}: checkpoint {a} vs config {b}" for f, (a, b) in diff.items())
-        raise CheckpointError(f"checkpoint {path} was saved for a different model shape ({listing})")
-
-
 def _tensor_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict[str, Any]:
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
@@ -161,10 +104,12 @@ def _tensor_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimi
     return state
 
 
-def _load_tensors(path: Path, *, model, optimizer: Optional[torch.optim.Optimizer], args: ModelArgs) -> dict[str, Any]:
-    """Validate ``path`` against ``args`` and load the model (and optimizer, if given) from it; returns its meta."""
-    meta = validate(path)
-    check_model_matches(meta, args, path=path)
+def load_tensors(path: Path, *, model, optimizer: Optional[torch.optim.Optimizer], args: ModelArgs) -> CheckpointMeta:
+    """Validate ``path`` against ``args`` and load the model (and optimizer, if given) from it; returns its meta.
+
+    Works with and without a process group (one process: a plain model; several: sharded DTensors)."""
+    meta = CheckpointMeta.read(path)
+    meta.check_model_matches(args, path=path)
     state = _tensor_state(model, optimizer)
     _dcp_load(state, path=path)
     set_model_state_dict(model, state["model"])
@@ -186,14 +131,20 @@ class _Pending:
     future: Any
     tmp: Path
     final: Path
-    meta: dict[str, Any]
+    meta: CheckpointMeta
 
 
 class Checkpointer:
     """Saves checkpoints during a run and restores one at its start. Every method is collective."""
 
-    def __init__(self, cfg: CheckpointConfig, *, run_dir: Path):
+    def __init__(self, cfg: CheckpointConfig, *, run_dir: Path, tokenizer: Optional[Path] = None):
+        """
+        Args:
+            tokenizer: the run's sentencepiece model, copied into every checkpoint (a few hundred KB) so
+                that evaluating or exporting one needs nothing else.
+        """
         self.cfg = cfg
+        self.tokenizer = Path(tokenizer) if tokenizer is not None else None
         self.root = Path(cfg.dir) if cfg.dir else Path(run_dir) / "checkpoints"
         self._pending: Optional[_Pending] = None
         # Async writes run their collectives from a background thread; a group of their own keeps them
@@ -219,26 +170,28 @@ class Checkpointer:
             found = complete_checkpoints(self.root)
             return found[-1] if found else None
         path = Path(self.cfg.resume)
-        validate(path)  # an explicit path must be usable: fail now, naming it
+        CheckpointMeta.read(path)  # an explicit path must be usable: fail now, naming it
         return path
 
-    def load(self, path: Path, *, model, optimizer, scheduler, loader, args: ModelArgs) -> dict[str, Any]:
+    def load(self, path: Path, *, model, optimizer, scheduler, loader, args: ModelArgs) -> CheckpointMeta:
         """Restore model, optimizer, scheduler, loader and RNG from ``path``; returns its meta."""
         started = time.perf_counter()
-        meta = _load_tensors(path, model=model, optimizer=optimizer, args=args)
-        scheduler.load_state_dict(meta["scheduler"])
-        loader.load_state_dict(meta["loader"])
-        rng = meta.get("rng", [])
+        meta = load_tensors(path, model=model, optimizer=optimizer, args=args)
+        if meta.scheduler is None or meta.loader is None:
+            raise CheckpointError(f"checkpoint {path} holds weights only (step {meta.step}): it cannot be resumed; "
+                                  f"start from it with checkpoint.init_from={path} checkpoint.resume=null")  # fmt: skip
+        scheduler.load_state_dict(meta.scheduler)
+        loader.load_state_dict(meta.loader)
         rank = dist.get_rank() if dist.is_initialized() else 0
-        if len(rng) == (dist.get_world_size() if dist.is_initialized() else 1):
-            torch.set_rng_state(_decode_rng(rng[rank]))  # per-rank streams only mean something at equal size
-        logger.info("resumed from %s (step %d, %d tokens) in %.2f s", path, meta["step"], meta["tokens"],
+        if len(meta.rng) == (dist.get_world_size() if dist.is_initialized() else 1):
+            torch.set_rng_state(_decode_rng(meta.rng[rank]))  # per-rank streams only mean something at equal size
+        logger.info("resumed from %s (step %d, %d tokens) in %.2f s", path, meta.step, meta.tokens,
                     time.perf_counter() - started)  # fmt: skip
         return meta
 
     def load_model_only(self, path: Path, *, model, args: ModelArgs) -> None:
         """Take just the weights from ``path`` (``checkpoint.init_from``)."""
-        _load_tensors(path, model=model, optimizer=None, args=args)
+        load_tensors(path, model=model, optimizer=None, args=args)
         logger.info("initialised the model from %s", path)
 
     # --- save -----------------------------------------------------------------------------------------
@@ -257,12 +210,11 @@ class Checkpointer:
         loader_states = _all_gather(loader.state_dict())
         # The loader's state is global counters, the same on every rank; a difference is a bug upstream.
         assert all(s == loader_states[0] for s in loader_states), "data-loader states differ between ranks"
-        meta = {
-            "format": FORMAT, "version": VERSION, "step": step, "tokens": tokens, "time": time.time(),
-            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-            "scheduler": scheduler.state_dict(), "loader": loader_states[0], "rng": _all_gather(_encode_rng()),
-            "config": run_config, "wandb_id": wandb_id,
-        }  # fmt: skip
+        meta = CheckpointMeta(
+            step=step, tokens=tokens, time=time.time(), world_size=dist.get_world_size() if dist.is_initialized() else 1,
+            scheduler=scheduler.state_dict(), loader=loader_states[0], rng=_all_gather(_encode_rng()),
+            config=run_config, wandb_id=wandb_id,
+        )  # fmt: skip
         state = _tensor_state(model, optimizer)
         if self.cfg.async_save:
             future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group)
@@ -299,14 +251,14 @@ class Checkpointer:
         pending.future.result()  # re-raises a failed write
         self._finalize(tmp=pending.tmp, final=pending.final, meta=pending.meta)
 
-    def _finalize(self, *, tmp: Path, final: Path, meta: dict[str, Any]) -> None:
-        """Rank 0: record file sizes, write meta.json last, then make the checkpoint visible by renaming."""
+    def _finalize(self, *, tmp: Path, final: Path, meta: CheckpointMeta) -> None:
+        """Rank 0: add the tokenizer, write meta.json last, then make the checkpoint visible by renaming."""
         if not _is_rank0():
             return
-        meta["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        meta_tmp = tmp / (META + ".partial")
-        meta_tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(meta_tmp, tmp / META)
+        if self.tokenizer is not None:
+            shutil.copyfile(self.tokenizer, tmp / TOKENIZER)
+            meta.tokenizer = TOKENIZER
+        meta.write(tmp)
         if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)

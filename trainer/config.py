@@ -7,8 +7,10 @@ and the command line use plain strings, and a wrong one fails at start-up naming
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
+
+from trainer.activation_checkpointing import ACMode
 
 
 class Device(str, enum.Enum):
@@ -104,13 +106,6 @@ class ReduceDtype(str, enum.Enum):
     bf16 = "bf16"  # half the communication volume, at the cost of rounding in the reduction
 
 
-class ACMode(str, enum.Enum):
-    none = "none"  # keep every activation the layer's backward uses, element-wise intermediates included
-    selective = "selective"  # keep matmul outputs, recompute the cheap element-wise work (LLaMA paper §2.4)
-    full = "full"  # keep only each block's input; recompute the block's forward during backward
-    every_k = "every_k"  # full recomputation on every k-th block (parallel.ac_every_k), none on the others
-
-
 @dataclass
 class ParallelConfig:
     """How the processes split the work: data-parallel replicate x data-parallel shard x tensor parallel.
@@ -198,6 +193,9 @@ class LoggingConfig:
 
     log_every: int = 10
     """Log training metrics every this many steps (and at the first and last)."""
+    sinks: list[str] = field(default_factory=lambda: ["jsonl", "wandb"])
+    """Where records go besides the console (trainer/metrics.py ``SINKS``): jsonl (<run_dir>/metrics.jsonl,
+    what resume and the tools read), wandb (as wandb_mode says)."""
     wandb_mode: WandbMode = WandbMode.offline
     """offline | online | disabled. Offline needs no network or API key."""
     project: str = "llama-pretrain"
@@ -211,18 +209,23 @@ class LoggingConfig:
     system_metrics: Optional[bool] = None
     """wandb samples GPU utilisation, memory and power (and CPU, disk, network); None: on with CUDA, off on
     CPU (a sampler thread would compete with training for the cores)."""
-    profile_step: int = 0
-    """If > 0: record steps profile_step .. profile_step + profile_steps - 1 with torch.profiler and
-    write a chrome trace per rank to <run_dir>/profile/rank<r>.json."""
-    profile_steps: int = 2
-    """How many steps the profiler records."""
 
     def __post_init__(self) -> None:
         self.wandb_mode = WandbMode(self.wandb_mode)
         if self.log_every <= 0:
             raise ValueError(f"logging.log_every must be positive, got {self.log_every}")
-        if self.profile_step < 0 or self.profile_steps < 1:
-            raise ValueError(
-                f"logging.profile_step must be >= 0 (0: off) and logging.profile_steps >= 1; got "
-                f"{self.profile_step} and {self.profile_steps}"
-            )
+
+
+@dataclass
+class ProfileConfig:
+    """torch.profiler traces of a few steps (``profile.step=5``), for finding where a step's time goes."""
+
+    step: int = 0
+    """If > 0: record steps step .. step + steps - 1 and write a chrome trace per rank to
+    <run_dir>/profile/rank<r>.json."""
+    steps: int = 2
+    """How many steps the profiler records."""
+
+    def __post_init__(self) -> None:
+        if self.step < 0 or self.steps < 1:
+            raise ValueError(f"profile.step must be >= 0 (0: off) and profile.steps >= 1; got {self.step} and {self.steps}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -61,8 +62,12 @@ def init_distributed(env: DistEnv, *, device: torch.device, timeout_s: int = 600
 
 def shutdown_distributed() -> None:
     # Destroy explicitly: an implicit teardown at interpreter exit sometimes aborts gloo
-    # ("terminate called without an active exception", shared/ENVIRONMENT.md).
+    # ("terminate called without an active exception", shared/ENVIRONMENT.md). Collect first: a work
+    # handle still referenced from a reference cycle (a module's hooks, an autograd context) would
+    # otherwise outlive the group and be destroyed during interpreter finalisation, which is what aborts
+    # (pytorch/pytorch#179291 describes the mechanism).
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

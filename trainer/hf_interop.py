@@ -36,12 +36,11 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from model.config import ModelArgs
 from model.llama import Transformer
-from trainer.checkpoint import FORMAT, META, VERSION, CheckpointError, SafeFileSystemReader, single_process_dcp, validate
+from trainer.checkpoint import load_tensors, single_process_dcp
+from trainer.checkpoint_meta import TOKENIZER, CheckpointMeta
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ def _name_pairs(args: ModelArgs) -> Iterator[tuple[str, str, Optional[int]]]:
     """(our name, HF name, heads to permute over or None) for every parameter."""
     for ours, hf in _GLOBAL_NAMES:
         yield ours, hf, None
-    heads = {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.num_kv_heads}
+    heads = {"attention.wq.weight": args.n_heads, "attention.wk.weight": args.n_kv_heads}
     for i in range(args.n_layers):
         for ours, hf in _LAYER_NAMES:
             yield f"layers.{i}.{ours}", f"model.layers.{i}.{hf}", heads.get(ours)
@@ -139,7 +138,7 @@ def hf_config(
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim, "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads, "num_key_value_heads": args.num_kv_heads, "head_dim": args.head_dim,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
         "vocab_size": args.vocab_size, "hidden_act": "silu", "rms_norm_eps": args.norm_eps,
         "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta}, "rope_theta": args.rope_theta,
         "max_position_embeddings": args.max_seq_len,
@@ -225,45 +224,15 @@ def _model_fields(args: ModelArgs) -> dict[str, Any]:
 # --- our checkpoints --------------------------------------------------------------------------------------
 
 
-def _read_meta(checkpoint_dir: Path) -> tuple[dict[str, Any], ModelArgs]:
-    meta = validate(checkpoint_dir)
-    config = meta.get("config")
-    fields = config.get("model") if isinstance(config, dict) else None
-    if not isinstance(fields, dict):
-        raise CheckpointError(f"checkpoint {checkpoint_dir}: {META} has no config.model (the model's fields)")
-    try:
-        return meta, ModelArgs(**fields)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {checkpoint_dir}: {META} config.model is invalid: {err}") from err
-
-
-def _load_weights(model: Transformer, checkpoint_dir: Path) -> None:
-    state = {"model": model.state_dict()}
-    try:
-        reader = SafeFileSystemReader(checkpoint_dir)
-        stored = reader.read_metadata().state_dict_metadata
-        # A key stored as bytes rather than a tensor would be read with torch.load(weights_only=False).
-        keys = [f"model.{k}" for k in state["model"]]
-        not_tensors = [k for k in keys if not isinstance(stored.get(k), TensorStorageMetadata)]
-        if not_tensors:
-            raise ValueError(f"no tensor stored for {not_tensors[:5]}")
-        with single_process_dcp():
-            dcp.load(state, storage_reader=reader, no_dist=True)  # fills the model's tensors in place
-    # DCP's CheckpointException derives from BaseException, not Exception; it wraps each rank's error.
-    except CheckpointException as err:
-        causes = "; ".join(f"{type(exc).__name__}: {exc}" for exc, _ in err.failures.values())
-        raise CheckpointError(f"checkpoint {checkpoint_dir}: model weights could not be loaded: {causes}") from err
-    except Exception as err:  # pickle errors, a missing .metadata, our own checks
-        raise CheckpointError(f"checkpoint {checkpoint_dir}: model weights could not be loaded: {err}") from err
-
-
-def _load_checkpoint(checkpoint_dir: Path) -> tuple[Transformer, ModelArgs, dict[str, Any]]:
-    meta, args = _read_meta(checkpoint_dir)
+def _load_checkpoint(checkpoint_dir: Path) -> tuple[Transformer, ModelArgs, CheckpointMeta]:
+    meta = CheckpointMeta.read(checkpoint_dir)
+    args = meta.model_args(path=checkpoint_dir)
     with torch.device("meta"):
         model = Transformer(args)
     model.to_empty(device="cpu")
     model.init_buffers(device=torch.device("cpu"))  # the RoPE table is not in checkpoints
-    _load_weights(model, checkpoint_dir)
+    with single_process_dcp():
+        load_tensors(checkpoint_dir, model=model, optimizer=None, args=args)
     return model, args, meta
 
 
@@ -274,18 +243,6 @@ def load_model_from_checkpoint(checkpoint_dir: str | os.PathLike) -> tuple[Trans
     """
     model, args, _ = _load_checkpoint(Path(checkpoint_dir))
     return model, args
-
-
-def _tokenizer_path(meta: dict[str, Any], checkpoint_dir: Path) -> Optional[Path]:
-    """The sentencepiece model meta.json names, if it exists (relative paths: to the checkpoint, then cwd)."""
-    named = meta.get("tokenizer_path")
-    if not named:
-        return None
-    for candidate in (checkpoint_dir / named, Path(named)):
-        if candidate.is_file():
-            return candidate
-    logger.warning("checkpoint %s names tokenizer %s, which does not exist: exported without it", checkpoint_dir, named)
-    return None
 
 
 # --- export -----------------------------------------------------------------------------------------------
@@ -358,7 +315,10 @@ def export_hf(
             f"{out_dir} exists and is not an empty directory; pass --overwrite (overwrite=True) to write into it"
         )
     model, args, meta = _load_checkpoint(checkpoint_dir)
-    sp_model = _tokenizer_path(meta, checkpoint_dir)
+    sp_model = meta.tokenizer_path(path=checkpoint_dir)
+    if sp_model is None:
+        logger.warning("checkpoint %s holds no tokenizer (%s): exported without one", checkpoint_dir,
+                       "none recorded" if not meta.tokenizer else f"{meta.tokenizer} is missing")  # fmt: skip
     tokenizer_json, special_ids = _tokenizer_files(sp_model, args=args) if sp_model is not None else ({}, {})
 
     staging = _staging_dir(out_dir)
@@ -376,7 +336,7 @@ def export_hf(
     for file in staging.iterdir():  # each file appears whole: a crash never leaves a truncated one in out_dir
         os.replace(file, out_dir / file.name)
     staging.rmdir()
-    logger.info("exported %s (step %s) to %s", checkpoint_dir, meta.get("step"), out_dir)
+    logger.info("exported %s (step %s) to %s", checkpoint_dir, meta.step, out_dir)
     return out_dir
 
 
@@ -428,16 +388,11 @@ def import_hf(hf_dir: str | os.PathLike, out_checkpoint_dir: str | os.PathLike) 
     staging = _staging_dir(out)
     with single_process_dcp():
         dcp.save({"model": sd}, checkpoint_id=str(staging), no_dist=True)
-    tokenizer_path = None
+    meta = CheckpointMeta(step=0, config={"model": _model_fields(args)})
     if (hf_dir / TOKENIZER_MODEL).is_file():
-        shutil.copyfile(hf_dir / TOKENIZER_MODEL, staging / TOKENIZER_MODEL)
-        tokenizer_path = str(out.resolve() / TOKENIZER_MODEL)
-    meta = {
-        "format": FORMAT, "version": VERSION, "step": 0, "config": {"model": _model_fields(args)},
-        "tokenizer_path": tokenizer_path,
-        "files": {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()},
-    }  # fmt: skip
-    _write_json(staging / META, meta)
+        shutil.copyfile(hf_dir / TOKENIZER_MODEL, staging / TOKENIZER)
+        meta.tokenizer = TOKENIZER
+    meta.write(staging)
     if out.exists():
         out.rmdir()  # empty, checked above
     os.replace(staging, out)

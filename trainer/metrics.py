@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from trainer.config import LoggingConfig, WandbMode
 from trainer.runs import METRICS_FILE, read_records
@@ -59,6 +60,52 @@ def system_metrics_enabled(setting: Optional[bool], *, device_type: str) -> bool
     return device_type == "cuda" if setting is None else setting
 
 
+@dataclass(frozen=True)
+class SinkContext:
+    """What a sink may need to start: the run's directory and config, where it resumes, the device."""
+
+    cfg: LoggingConfig
+    run_dir: Path
+    run_config: dict[str, Any]
+    resumed: bool
+    wandb_id: Optional[str]
+    system_metrics: bool
+
+
+class JsonlSink:
+    """``<run_dir>/metrics.jsonl``: one JSON object per record, the file ``trainer.runs`` and the tools read."""
+
+    def __init__(self, ctx: SinkContext):
+        self.path = ctx.run_dir / METRICS_FILE
+        if not ctx.resumed and (old := _set_aside(self.path)) is not None:
+            logger.warning("%s held an earlier run's metrics; moved to %s", self.path, old.name)
+        self._file = self.path.open("a", buffering=1)  # line-buffered: a crash loses no record
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class WandbSink:
+    """A wandb run (offline by default), continued on resume; its id goes into checkpoints."""
+
+    def __init__(self, ctx: SinkContext):
+        self.run = _init_wandb(ctx.cfg, run_dir=ctx.run_dir, run_config=ctx.run_config, run_id=ctx.wandb_id,
+                               system_metrics=ctx.system_metrics)  # fmt: skip
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+SINKS: dict[str, Callable[[SinkContext], Any]] = {"jsonl": JsonlSink, "wandb": WandbSink}
+"""The backends ``logging.sinks`` names; a new one is a class with ``write(record)`` and ``close()``, here."""
+
+
 class MetricLogger:
     def __init__(self, cfg: LoggingConfig, *, run_dir: Path, run_config: dict[str, Any], enabled: bool = True,
                  wandb_id: Optional[str] = None, resumed: bool = False, system_metrics: bool = False):  # fmt: skip
@@ -70,21 +117,22 @@ class MetricLogger:
             system_metrics: let wandb sample GPU utilisation, memory and power (``logging.system_metrics``).
         """
         self.enabled = enabled
-        self._wandb_run = None
-        self._jsonl = None
+        self._sinks: dict[str, Any] = {}
         self._already_logged: dict[str, int] = {}
         if not enabled:
             return
+        unknown = [name for name in cfg.sinks if name not in SINKS]
+        if unknown:
+            raise ValueError(f"logging.sinks: unknown {unknown}; choose from {sorted(SINKS)}")
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl_path = run_dir / METRICS_FILE
-        if resumed:
-            self._already_logged = logged_steps(self.jsonl_path)
-        elif (old := _set_aside(self.jsonl_path)) is not None:
-            logger.warning("%s held an earlier run's metrics; moved to %s", self.jsonl_path, old.name)
-        self._jsonl = self.jsonl_path.open("a", buffering=1)  # line-buffered: a crash loses no record
-        if cfg.wandb_mode != WandbMode.disabled:
-            self._wandb_run = _init_wandb(cfg, run_dir=run_dir, run_config=run_config, run_id=wandb_id,
-                                          system_metrics=system_metrics)  # fmt: skip
+        if resumed:  # the JSONL file is the record of what was logged before the interruption
+            self._already_logged = logged_steps(run_dir / METRICS_FILE)
+        ctx = SinkContext(cfg=cfg, run_dir=run_dir, run_config=run_config, resumed=resumed, wandb_id=wandb_id,
+                          system_metrics=system_metrics)  # fmt: skip
+        for name in cfg.sinks:
+            if name == "wandb" and cfg.wandb_mode == WandbMode.disabled:
+                continue
+            self._sinks[name] = SINKS[name](ctx)
 
     def log(self, metrics: dict[str, float], *, step: int, tokens: int, namespace: str,
             console: Optional[str] = None) -> None:  # fmt: skip
@@ -94,23 +142,20 @@ class MetricLogger:
         if step <= self._already_logged.get(namespace, 0):
             return  # logged before the interruption this run resumed from
         record = {"step": step, TOKENS: tokens, **{f"{namespace}/{k}": v for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
-        if self._wandb_run is not None:
-            self._wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        for sink in self._sinks.values():
+            sink.write(record)
         logger.info("%s step %d | %s", console or namespace, step, _format(metrics))
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
-        if self._wandb_run is not None:
-            self._wandb_run.finish()
-            self._wandb_run = None
+        sinks, self._sinks = self._sinks, {}
+        for sink in sinks.values():
+            sink.close()
 
     @property
     def wandb_id(self) -> Optional[str]:
         """The wandb run's id, saved in checkpoints so a resumed run continues the same wandb run."""
-        return None if self._wandb_run is None else self._wandb_run.id
+        sink = self._sinks.get("wandb")
+        return None if sink is None else sink.run.id
 
 
 def _init_wandb(cfg: LoggingConfig, *, run_dir: Path, run_config: dict[str, Any], run_id: Optional[str],

@@ -1,4 +1,8 @@
-"""The parallel layout, validated once, and the device mesh built from it.
+"""The parallel layout, validated once, and the device meshes built from it: the one owner of the layout.
+
+Every process has a ``ParallelDims``, one process included (``ParallelDims.single()``); components ask it
+what they need (``dims.tp_enabled``, ``dims.tp_mesh``, ``dims.dp_mesh``) instead of receiving meshes,
+flags and degrees separately.
 
 Mesh axes (names used everywhere else):
 - ``dp_replicate``: HSDP replicas; gradients all-reduced across it.
@@ -7,20 +11,34 @@ Mesh axes (names used everywhere else):
   consecutive ranks, i.e. on one node when tp <= GPUs per node.
 - ``dp`` (flattened ``dp_replicate`` x ``dp_shard``): ranks that see different data; the data loader and
   the global token count use it.
+A pipeline axis would go outermost (docs/pipeline.md says where it plugs in).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from model.config import ModelArgs
 from compat import flatten_mesh
+from model.config import ModelArgs
 from trainer.config import ParallelConfig
 
 AXES = ("dp_replicate", "dp_shard", "tp")
+
+
+@dataclass(frozen=True)
+class Meshes:
+    """The meshes each component needs, built once from the layout."""
+
+    world: DeviceMesh
+    fsdp: DeviceMesh
+    """(dp_replicate, dp_shard): FSDP shards over the second axis and, for HSDP, replicates over the first."""
+    dp: DeviceMesh
+    """The two flattened: ranks that see different data (loader, token count, loss)."""
+    tp: DeviceMesh
 
 
 @dataclass(frozen=True)
@@ -31,10 +49,17 @@ class ParallelDims:
     world_size: int
     fsdp_one_rank: bool = False
     """FSDP even at data-parallel degree 1 (``parallel.fsdp_one_rank``)."""
+    meshes: Optional[Meshes] = dataclasses.field(default=None, compare=False, repr=False)
+    """Set by ``with_meshes``; None for one process without FSDP (nothing to communicate), or before."""
+
+    @classmethod
+    def single(cls) -> ParallelDims:
+        """One process, nothing parallel."""
+        return cls(dp_replicate=1, dp_shard=1, tp=1, world_size=1)
 
     @classmethod
     def from_config(cls, cfg: ParallelConfig, *, world_size: int) -> ParallelDims:
-        """Resolve ``dp_shard=-1`` and check that the degrees multiply to ``world_size``."""
+        """Resolve ``dp_shard=-1`` and check that the degrees multiply to ``world_size`` (no meshes yet)."""
         dp_shard = cfg.dp_shard
         if dp_shard == -1:
             rest, remainder = divmod(world_size, cfg.dp_replicate * cfg.tp)
@@ -66,9 +91,30 @@ class ParallelDims:
     def tp_enabled(self) -> bool:
         return self.tp > 1
 
+    @property
+    def needs_meshes(self) -> bool:
+        """Whether anything communicates (or FSDP runs over a mesh of one)."""
+        return self.world_size > 1 or self.fsdp_one_rank
+
+    @property
+    def dp_mesh(self) -> Optional[DeviceMesh]:
+        return None if self.meshes is None else self.meshes.dp
+
+    @property
+    def fsdp_mesh(self) -> Optional[DeviceMesh]:
+        return None if self.meshes is None else self.meshes.fsdp
+
+    @property
+    def tp_mesh(self) -> Optional[DeviceMesh]:
+        return None if self.meshes is None else self.meshes.tp
+
+    def dp_rank(self) -> int:
+        """This process's index among the data-parallel ranks (0 for one process)."""
+        return 0 if self.meshes is None else self.meshes.dp.get_local_rank()
+
     def check_model(self, args: ModelArgs) -> None:
         """TP splits heads, kv heads and the vocabulary evenly across the ``tp`` ranks."""
-        for key, value in (("n_heads", args.n_heads), ("n_kv_heads", args.num_kv_heads),
+        for key, value in (("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads),
                            ("vocab_size", args.vocab_size)):  # fmt: skip
             if value % self.tp:
                 raise ValueError(
@@ -84,24 +130,13 @@ class ParallelDims:
                 f"each sequence evenly across the tp ranks; choose a seq_len that is a multiple of {self.tp}"
             )
 
-    def build_meshes(self, *, device_type: str) -> Optional[Meshes]:
-        """The 3-D world mesh (dp_replicate, dp_shard, tp) and its sub-meshes; None for one process (unless
-        ``fsdp_one_rank``, which shards over a mesh of one)."""
-        if self.world_size == 1 and not self.fsdp_one_rank:
-            return None
+    def with_meshes(self, *, device_type: str) -> ParallelDims:
+        """These dims with their meshes built (a collective: every rank calls it; needs a process group
+        where ``needs_meshes``). The 3-D world mesh (dp_replicate, dp_shard, tp) and its sub-meshes."""
+        if not self.needs_meshes or self.meshes is not None:
+            return self
         world = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.tp), mesh_dim_names=AXES)
         fsdp = world["dp_replicate", "dp_shard"]
         # Keep the handle flattening returns: slicing a flattened axis back out of the root is deprecated.
-        return Meshes(world=world, fsdp=fsdp, dp=flatten_mesh(fsdp, "dp"), tp=world["tp"])
-
-
-@dataclass(frozen=True)
-class Meshes:
-    """The meshes each component needs, built once from the layout."""
-
-    world: DeviceMesh
-    fsdp: DeviceMesh
-    """(dp_replicate, dp_shard): FSDP shards over the second axis and, for HSDP, replicates over the first."""
-    dp: DeviceMesh
-    """The two flattened: ranks that see different data (loader, token count, loss)."""
-    tp: DeviceMesh
+        meshes = Meshes(world=world, fsdp=fsdp, dp=flatten_mesh(fsdp, "dp"), tp=world["tp"])
+        return dataclasses.replace(self, meshes=meshes)

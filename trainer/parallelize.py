@@ -1,8 +1,8 @@
 """Apply parallelism to a LLaMA model from outside, in a fixed order:
 
 1. tensor + sequence parallelism on the ``tp`` axis (``trainer.tensor_parallel``);
-2. activation checkpointing (wraps blocks; must see the TP-transformed modules): none | selective | full |
-   every_k;
+2. activation checkpointing (trainer/activation_checkpointing.py; wraps blocks, so it must see the
+   TP-transformed modules): none | selective | full | every_k;
 3. ``torch.compile`` per block (compiles what 1-2 produced);
 4. FSDP2 ``fully_shard`` per block, then the root (shards the DTensor parameters of 1 over the ``dp`` axes).
 
@@ -13,7 +13,6 @@ here; the caller materialises it afterwards (``to_empty`` + ``init_weights``).
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch import nn
@@ -21,68 +20,34 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from model.llama import Transformer
-from compat import checkpoint_wrapper, set_unshard_async_op
-from trainer.config import ACMode, ParallelConfig, ReduceDtype
-from trainer.parallel_dims import Meshes, ParallelDims
+from compat import set_unshard_async_op
+from trainer.activation_checkpointing import policy
+from trainer.config import ParallelConfig, ReduceDtype
+from trainer.parallel_dims import ParallelDims
 from trainer.tensor_parallel import apply_tensor_parallel
 
 
-def parallelize_llama(
-    model: Transformer,
-    *,
-    meshes: Optional[Meshes],
-    dims: ParallelDims,
-    cfg: ParallelConfig,
-    compute_dtype: torch.dtype,
-) -> Transformer:
-    """Apply the configured parallelism and activation checkpointing; ``meshes`` is None for one process."""
-    if meshes is not None and dims.tp_enabled:
-        apply_tensor_parallel(model, tp_mesh=meshes.tp, overlap=cfg.overlap_comm)
-    apply_activation_checkpointing(model, mode=cfg.activation_checkpoint, every_k=cfg.ac_every_k)
+def parallelize_llama(model: Transformer, *, dims: ParallelDims, cfg: ParallelConfig,
+                      compute_dtype: torch.dtype) -> Transformer:  # fmt: skip
+    """Apply the configured parallelism and activation checkpointing (``dims`` with its meshes built)."""
+    if dims.tp_enabled:
+        apply_tensor_parallel(model, tp_mesh=dims.tp_mesh, overlap=cfg.overlap_comm)
+    policy(cfg.activation_checkpoint, every_k=cfg.ac_every_k).apply(model)
     if cfg.compile:
         apply_compile(model)
-    if meshes is not None and dims.fsdp_enabled:
+    if dims.fsdp_enabled:
         reduce_dtype = torch.float32 if cfg.reduce_dtype == ReduceDtype.fp32 else torch.bfloat16
         # Replicate x shard = HSDP when dp_replicate > 1; with dp_replicate == 1 the first axis has size 1
         # and this is plain FSDP.
         apply_fsdp(
             model,
-            dp_mesh=meshes.fsdp,
+            dp_mesh=dims.fsdp_mesh,
             param_dtype=compute_dtype,
             reduce_dtype=reduce_dtype,
             reshard_after_forward=cfg.reshard_after_forward,
             prefetch=cfg.fsdp_prefetch,
         )
     return model
-
-
-def apply_activation_checkpointing(model: Transformer, *, mode: ACMode, every_k: int) -> None:
-    """Choose what each block keeps for backward; the arithmetic is the same in every mode.
-
-    Every mode runs the model's hand-written backward (``model.ops``). ``none`` makes those Functions keep
-    their element-wise intermediates too (``recompute=False``); ``selective`` has them recompute that cheap
-    work (``recompute=True``). ``full`` and ``every_k`` wrap whole blocks so that backward reruns their
-    forward and only the block input is kept; the blocks ``every_k`` does not wrap run as ``none``.
-
-    Non-reentrant checkpointing (``torch.utils.checkpoint`` with use_reentrant=False) composes with FSDP2
-    and the TP layers. Recomputation repeats the same operations on the same inputs, so on CPU the losses are
-    bitwise those of ``none`` (tested, fp32 and bf16); only memory and time change. On CUDA they agree to
-    rounding, not bitwise: the flash backward's atomic adds reorder sums from run to run. The wrapper keeps parameter names unchanged in
-    state dicts, so checkpoints move freely between modes.
-    """
-    _set_recompute(model, recompute=mode != ACMode.none)
-    if mode in (ACMode.none, ACMode.selective):
-        return
-    k = 1 if mode == ACMode.full else every_k
-    for name, block in list(model.layers.items()):
-        # Blocks left unwrapped by every_k run as none. In a wrapped block the flag matters only in the
-        # recomputed forward, whose saved tensors live for that block's backward alone: keeping the
-        # element-wise intermediates there costs one block's worth of them, briefly, and saves computing
-        # them a third time (a small saving: element-wise work is ~1% of the step on the bench model).
-        _set_recompute(block, recompute=False)
-        if int(name) % k == 0:
-            # No RNG is used in the blocks (no dropout), so there is no RNG state to stash and restore.
-            model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
 def apply_compile(model: Transformer) -> None:
@@ -95,13 +60,6 @@ def apply_compile(model: Transformer) -> None:
     """
     for block in model.layers.values():
         block.compile()
-
-
-def _set_recompute(module: nn.Module, *, recompute: bool) -> None:
-    """Set the ``recompute`` flag of every model module under ``module`` that has one."""
-    for sub in module.modules():
-        if hasattr(sub, "recompute"):
-            sub.recompute = recompute
 
 
 def apply_fsdp(

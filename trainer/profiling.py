@@ -1,6 +1,6 @@
 """On-request torch.profiler traces of a few training steps, one chrome trace per rank.
 
-``logging.profile_step=k`` records steps k .. k + profile_steps - 1 and writes
+``profile.step=k`` records steps k .. k + profile.steps - 1 and writes
 ``<run_dir>/profile/rank<r>.json`` (open in chrome://tracing or https://ui.perfetto.dev). The trace shows
 each collective (``c10d::`` / ``gloo:`` / ``nccl:`` events, and FSDP's ``FSDP::all_gather``) next to
 the matmuls of the same step, which is how the communication/compute overlap is read off.

@@ -13,14 +13,52 @@ run where the training stack is not installed (``launch.gpu_check``) can read ru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 METRICS_FILE = "metrics.jsonl"  # trainer.metrics writes it
-SUMMARY_FILE = "summary.json"  # trainer.train writes it
+SUMMARY_FILE = "summary.json"  # TrainResult.write writes it
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports; rank 0 writes it to ``<run_dir>/summary.json`` (``write``/``read``)."""
+
+    losses: list[float] = field(default_factory=list)
+    """Training loss of every step this process ran (the global batch's mean), from ``first_step`` on."""
+    first_step: int = 1
+    """1, or the step after the checkpoint this run resumed from."""
+    val_losses: dict[int, float] = field(default_factory=dict)
+    """Validation loss by step."""
+    tokens: int = 0
+    """Training tokens consumed, all ranks together."""
+    tokens_per_sec: float = 0.0
+    """Global throughput over the whole run, evaluation excluded."""
+    wall_time_s: float = 0.0
+    world_size: int = 1
+    checkpoint_stall_s: list[float] = field(default_factory=list)
+    """Seconds each checkpoint save held training up."""
+    stopped_by_signal: bool = False
+
+    def write(self, run_dir: Path) -> Path:
+        path = Path(run_dir) / SUMMARY_FILE
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=1))
+        return path
+
+    @classmethod
+    def read(cls, run_dir: Path) -> TrainResult:
+        """The summary of a finished run (JSON turns the val_losses' step keys into strings: turned back)."""
+        path = Path(run_dir) / SUMMARY_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{run_dir} has no {SUMMARY_FILE}: the run did not finish (or is not a run directory)")
+        fields = json.loads(path.read_text())
+        fields["val_losses"] = {int(k): v for k, v in fields.get("val_losses", {}).items()}
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in fields.items() if k in known})
 
 
 def read_records(run_dir: Path) -> list[dict]:
@@ -61,11 +99,6 @@ def namespace_values(run_dir: Path, namespace: str = "train") -> dict[str, list[
             if key.startswith(namespace + "/"):
                 values.setdefault(key.split("/", 1)[1], []).append(value)
     return values
-
-
-def read_summary(run_dir: Path) -> dict:
-    """The run's ``summary.json`` (written by rank 0 when training ends; ``trainer.train.TrainResult``)."""
-    return json.loads((Path(run_dir) / SUMMARY_FILE).read_text())
 
 
 def plot_loss(run_dirs: Sequence[Path], *, out: Path, x: str = "tokens", labels: Optional[Sequence[str]] = None):

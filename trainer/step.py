@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from trainer.distributed import clip_grad_norm_, dp_sum
+from trainer.parallel_dims import ParallelDims
 
 IGNORE_INDEX = -100
 """Labels equal to this contribute neither loss nor token count (padding, masked spans)."""
@@ -29,27 +30,33 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class ComputeContext:
-    """How this process computes: device, precision, and the parallel layout's effect on the loss."""
+    """How this process computes: device and precision, and what the parallel layout means for the loss."""
 
     device: torch.device
     dtype: torch.dtype
-    dp_mesh: Optional[DeviceMesh] = None
-    """Data-parallel ranks (the flattened dp axis); None for one process."""
-    dp: int = 1
-    """Data-parallel degree (dp_replicate x dp_shard)."""
-    tp_enabled: bool = False
-    """Logits are vocabulary-sharded DTensors: use the vocabulary-parallel cross-entropy."""
-    fsdp_mixed_precision: bool = False
-    """FSDP casts parameters to ``dtype`` itself; autocast would only add casts."""
+    dims: ParallelDims = field(default_factory=ParallelDims.single)
+    """The layout (with its meshes); one process by default."""
+
+    @property
+    def dp_mesh(self) -> Optional[DeviceMesh]:
+        """Data-parallel ranks (the flattened dp axis); None for one process."""
+        return self.dims.dp_mesh
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree (dp_replicate x dp_shard)."""
+        return self.dims.dp
 
     def autocast(self):
-        if self.dtype == torch.float32 or self.fsdp_mixed_precision:
+        # Under FSDP, FSDP casts the parameters to ``dtype`` itself; autocast would only add casts.
+        if self.dtype == torch.float32 or self.dims.fsdp_enabled:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     def loss_context(self):
-        """Wraps forward *and* backward: the vocabulary-parallel loss has its own backward."""
-        return loss_parallel() if self.tp_enabled else contextlib.nullcontext()
+        """Wraps forward *and* backward: under TP the logits are vocabulary-sharded DTensors, and the
+        vocabulary-parallel cross-entropy has its own backward."""
+        return loss_parallel() if self.dims.tp_enabled else contextlib.nullcontext()
 
 
 @dataclass

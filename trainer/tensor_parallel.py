@@ -41,7 +41,7 @@ from torch.distributed.tensor import Placement, Replicate, Shard, distribute_ten
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from model import ops
-from model.llama import Attention, FeedForward, RMSNorm, Transformer
+from model.llama import Attention, FeedForward, Recomputable, RMSNorm, Transformer, rope_attention
 from model.ops.amp import autocast_off, matmul_inputs, no_autocast_backward
 from model.ops.linear import input_grad, weight_grad
 from model.ops.swiglu import gate, gate_backward
@@ -61,7 +61,7 @@ class _Pending:
 
     def wait(self) -> torch.Tensor:
         self._work.wait()
-        self._source = None
+        self._work = self._source = None  # no work handle outlives its collective
         return self._finish(self._buffer)
 
 
@@ -267,39 +267,49 @@ def sequence_parallel_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------------
-# The model's modules, with their forward routed through the Functions above. Each subclass keeps the
-# architecture's own code for everything that is not communication (Attention.core: RoPE + attention
-# on the local heads) and the parameter names, so state dicts are those of the unsharded model.
+# The model's modules in their tensor-parallel form: new modules built from the plain ones, holding the
+# same child Linear modules and Parameters (now DTensors), so parameter names, state dicts and checkpoints
+# are those of the unsharded model. They put in place of the plain ones only the communication; the
+# architecture's own code does the rest (``rope_attention``: RoPE + attention on the local heads).
 
 
-class SequenceParallelRMSNorm(RMSNorm):
+class SequenceParallelRMSNorm(Recomputable):
     """RMSNorm on a sequence shard (B, T/t, d); the gain's gradient is summed over the tp ranks."""
 
-    tp_group: ProcessGroup
+    def __init__(self, norm: RMSNorm, *, group: ProcessGroup):
+        super().__init__()
+        self.weight = norm.weight  # the same Parameter: same name, same tensor
+        self.eps, self.recompute, self.tp_group = norm.eps, norm.recompute, group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = _SumGradOverGroup.apply(self.weight.to_local(), self.tp_group)
         return ops.rms_norm(x, weight, eps=self.eps, recompute=self.recompute)
 
 
-class TensorParallelAttention(Attention):
+class TensorParallelAttention(Recomputable):
     """(B, T/t, d) -> (B, T/t, d): q/k/v column-parallel from the gathered sequence, wo row-parallel."""
 
-    tp_group: ProcessGroup
-    overlap: bool
+    def __init__(self, attn: Attention, *, group: ProcessGroup, overlap: bool):
+        super().__init__()
+        self.wq, self.wk, self.wv, self.wo = attn.wq, attn.wk, attn.wv, attn.wo  # the same children
+        self.head_dim, self.backend, self.recompute = attn.head_dim, attn.backend, attn.recompute
+        self.tp_group, self.overlap = group, overlap
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         weights = (self.wq.weight.to_local(), self.wk.weight.to_local(), self.wv.weight.to_local())
         q, k, v = column_parallel_from_sequence(x, weights, group=self.tp_group, overlap=self.overlap)
-        out = self.core(q, k, v, rope)  # (B, T, H/t * D): this rank's heads
+        out = rope_attention(q, k, v, rope, head_dim=self.head_dim, backend=self.backend,
+                             recompute=self.recompute)  # (B, T, H/t * D): this rank's heads  # fmt: skip
         return row_parallel_to_sequence(out, self.wo.weight.to_local(), group=self.tp_group)
 
 
-class TensorParallelFeedForward(FeedForward):
+class TensorParallelFeedForward(Recomputable):
     """(B, T/t, d) -> (B, T/t, d): SwiGLU with its hidden units split over the tp ranks."""
 
-    tp_group: ProcessGroup
-    overlap: bool
+    def __init__(self, ffn: FeedForward, *, group: ProcessGroup, overlap: bool):
+        super().__init__()
+        self.w1, self.w2, self.w3 = ffn.w1, ffn.w2, ffn.w3  # the same children
+        self.recompute, self.tp_group, self.overlap = ffn.recompute, group, overlap
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w1, w3, w2 = (lin.weight.to_local() for lin in (self.w1, self.w3, self.w2))
@@ -311,18 +321,6 @@ def _distribute_parameters(module: nn.Module, *, mesh: DeviceMesh, placement: Pl
     for name, param in list(module.named_parameters(recurse=False)):
         dparam = nn.Parameter(distribute_tensor(param, mesh, [placement]), requires_grad=param.requires_grad)
         module.register_parameter(name, dparam)
-
-
-def _become(module: nn.Module, cls: type, **attrs) -> None:
-    """Turn ``module`` into its tensor-parallel subclass in place.
-
-    Changing the class (rather than building a new module) keeps the child modules, their parameter names
-    and the ``recompute`` flag exactly as the model made them; the subclasses add only a forward.
-    """
-    assert issubclass(cls, type(module)), (cls, type(module))
-    module.__class__ = cls
-    for name, value in attrs.items():
-        setattr(module, name, value)
 
 
 def apply_tensor_parallel(model: Transformer, *, tp_mesh: DeviceMesh, overlap: bool = True) -> None:
@@ -344,16 +342,19 @@ def apply_tensor_parallel(model: Transformer, *, tp_mesh: DeviceMesh, overlap: b
             "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
         },
     )
-    norms = [model.norm]
     for block in model.layers.values():
-        norms += [block.attention_norm, block.ffn_norm]
         attn, ffn = block.attention, block.feed_forward
         for lin in (attn.wq, attn.wk, attn.wv, ffn.w1, ffn.w3):
             _distribute_parameters(lin, mesh=tp_mesh, placement=Shard(0))
         for lin in (attn.wo, ffn.w2):
             _distribute_parameters(lin, mesh=tp_mesh, placement=Shard(1))
-        _become(attn, TensorParallelAttention, tp_group=group, overlap=overlap)
-        _become(ffn, TensorParallelFeedForward, tp_group=group, overlap=overlap)
-    for norm in norms:
-        _distribute_parameters(norm, mesh=tp_mesh, placement=Replicate())
-        _become(norm, SequenceParallelRMSNorm, tp_group=group)
+        block.attention = TensorParallelAttention(attn, group=group, overlap=overlap)
+        block.feed_forward = TensorParallelFeedForward(ffn, group=group, overlap=overlap)
+        block.attention_norm = _sequence_parallel_norm(block.attention_norm, mesh=tp_mesh)
+        block.ffn_norm = _sequence_parallel_norm(block.ffn_norm, mesh=tp_mesh)
+    model.norm = _sequence_parallel_norm(model.norm, mesh=tp_mesh)
+
+
+def _sequence_parallel_norm(norm: RMSNorm, *, mesh: DeviceMesh) -> SequenceParallelRMSNorm:
+    _distribute_parameters(norm, mesh=mesh, placement=Replicate())
+    return SequenceParallelRMSNorm(norm, group=mesh.get_group())

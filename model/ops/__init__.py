@@ -17,7 +17,7 @@ autocast dtype before the Function, which then runs with autocast off in forward
 Implementation: plain ``torch.autograd.Function``s behind small functions. STYLE prefers
 ``torch.library.custom_op`` with ``register_fake``/``register_autograd`` for code that must run under
 ``torch.compile``; these Functions already compile (Dynamo traces an autograd.Function's forward and
-backward: ``parallel.compile=true``, tested against eager in tests/trainer/test_activation_checkpoint.py).
+backward: ``parallel.compile=true``, tested against eager in tests/trainer/test_activation_checkpointing.py).
 A custom op's backward may only see what ``setup_context`` saves from the inputs and outputs, so the
 intermediates of the ``recompute=False`` mode (and swiglu's a, b) would have to become extra outputs;
 that change of interface buys nothing while the Functions compile as they are.

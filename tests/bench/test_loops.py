@@ -15,7 +15,7 @@ from model.config import ModelArgs
 from model.llama import Attention, FeedForward, RMSNorm
 from trainer.config import ParallelConfig
 from trainer.parallel_dims import ParallelDims
-from trainer.train import build_model
+from trainer.build import build_model
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, max_seq_len=32)
 

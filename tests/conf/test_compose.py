@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.errors import ConfigKeyError
 
 from conf.schema import Config, to_config
 from tests.conftest import compose_config

@@ -23,7 +23,7 @@ def test_stdlib_config_is_the_builtin_corpus():
 
 def test_llama_mixture_config_has_the_paper_proportions(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAMA_DATA_ROOT", str(tmp_path))
-    cfg = _compose("llama_mixture")
+    cfg = OmegaConf.to_object(_compose("llama_mixture"))
     weights = {name: src.weight for name, src in cfg.sources.items()}
     assert weights == {"common_crawl": 67.0, "c4": 15.0, "github": 4.5, "wikipedia": 4.5, "books": 4.5,
                        "arxiv": 2.5, "stack_exchange": 2.0}  # fmt: skip
@@ -41,9 +41,28 @@ def test_stdlib_end_to_end_from_a_dictconfig(tmp_path):
     cfg.val_fraction = 0.2
     cfg.num_proc = 1
     cfg.progress = False
-    prepared = prepare_data(cfg)
+    prepared = prepare_data(OmegaConf.to_object(cfg))
     assert prepared.vocab_size == 1000 and prepared.weights == {"python_stdlib": 1.0}
     assert Path(prepared.tokenizer_path).is_relative_to(tmp_path / "cache" / "tokenizer")
     assert all(prepared.num_tokens[split]["python_stdlib"] > 1000 for split in ("train", "val"))
     batch = next(PackedLoader(prepared, split="val", seq_len=64, batch_size=2))
     assert batch["inputs"].shape == (2, 64)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.val_fraction=1.0", r"data\.val_fraction: got 1\.0"),
+        ("data.sources.python_stdlib.weight=0", r"data\.sources\.python_stdlib\.weight: got 0"),
+        ("data.sources.python_stdlib.format=csv", r"python_stdlib\.format"),
+        ("data.tokenizer.vocab_size=100", r"data\.tokenizer\.vocab_size: got 100"),
+        ("data.prepare_timeout_minutes=0", r"data\.prepare_timeout_minutes"),
+    ],
+)
+def test_a_bad_data_value_fails_when_the_config_is_built(override, message):
+    """At start-up (composed config -> dataclasses), before any data is read or process group started."""
+    from conf.schema import to_config
+    from tests.conftest import compose_config
+
+    with pytest.raises(Exception, match=message):
+        to_config(compose_config([override]))

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from launch.loss_compare import LAYOUTS, common_overrides, compare, run_layout
-from tests.launch.slurm_cluster import LocalSlurm
+from launch.harness import LAYOUTS, common_overrides, run_layout
+from launch.local import build_command
+from launch.loss_compare import compare
 
 pytestmark = pytest.mark.slow
 
@@ -76,10 +77,10 @@ def test_fsdp_across_two_network_namespaces(reference, two_namespaces, tmp_path)
         # The endpoint's hostname does not resolve to its veth address, so node 0 is told it hosts the
         # rendezvous store (is_host=1); --local-addr and GLOO_SOCKET_IFNAME keep all traffic on the veth.
         host_conf = ["--rdzv-conf", "is_host=1"] if index == 0 else ["--rdzv-conf", "is_host=0"]
+        rendezvous = ("--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=netns-test",
+                      *host_conf, f"--local-addr={ip}")  # fmt: skip
         cmd = ["ip", "netns", "exec", ns, "env", f"GLOO_SOCKET_IFNAME={veth}", "timeout", "-k", "10", "300",
-               sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=netns-test", *host_conf,
-               f"--local-addr={ip}", "-m", "trainer.train", *node_overrides(workdir, run_dir)]  # fmt: skip
+               *build_command(nproc=1, overrides=node_overrides(workdir, run_dir), rendezvous=rendezvous)]  # fmt: skip
         log = open(tmp_path / f"node{index}.log", "w")
         procs.append((subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     for proc, log in procs:
@@ -93,18 +94,9 @@ def test_fsdp_across_two_network_namespaces(reference, two_namespaces, tmp_path)
     assert ok, table
 
 
-@pytest.fixture
-def slurm(tmp_path):
-    cluster = LocalSlurm(tmp_path / "slurm")
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-def test_slurm_batch_script_trains_across_two_nodes(reference, slurm, tmp_path):
+def test_slurm_batch_script_trains_across_two_nodes(reference, local_slurm, tmp_path):
     workdir, reference_run = reference
+    slurm = local_slurm()
     run_dir = workdir / "slurm_run"
     env = {"PYTHON": sys.executable, "PYTHONPATH": str(REPO), "NPROC_PER_NODE": "1", "RDZV_HOST": "127.0.0.1",
            "RDZV_PORT": "29412", "RUN_DIR": str(run_dir), "OMP_NUM_THREADS": "1"}  # fmt: skip
@@ -124,19 +116,15 @@ def test_slurm_batch_script_trains_across_two_nodes(reference, slurm, tmp_path):
     assert ok, table
 
 
-def test_slurm_gpu_job_without_working_gpus_fails_fast(tmp_path):
+def test_slurm_gpu_job_without_working_gpus_fails_fast(local_slurm, tmp_path):
     """Nodes that grant GPUs (GRES) the job cannot use: the script stops before any worker starts, naming
     the problem, instead of training on CPUs with gloo."""
-    cluster = LocalSlurm(tmp_path / "gpu_slurm", ctld_port=6927, node_port=6931, gpus_per_node=1)
-    cluster.start()
-    try:
-        job_log = tmp_path / "job.out"
-        env = {"PYTHON": sys.executable, "PYTHONPATH": str(REPO), "RUN_DIR": str(tmp_path / "run")}
-        job_id = cluster.sbatch(REPO / "launch" / "slurm.sbatch", "model=debug", nodes=2, env=env, cwd=tmp_path,
-                                output=job_log, extra=("--gpus-per-node=1",))  # fmt: skip
-        state = cluster.wait(job_id, timeout_s=120)
-    finally:
-        cluster.stop()
+    cluster = local_slurm(ctld_port=6927, node_port=6931, gpus_per_node=1)
+    job_log = tmp_path / "job.out"
+    env = {"PYTHON": sys.executable, "PYTHONPATH": str(REPO), "RUN_DIR": str(tmp_path / "run")}
+    job_id = cluster.sbatch(REPO / "launch" / "slurm.sbatch", "model=debug", nodes=2, env=env, cwd=tmp_path,
+                            output=job_log, extra=("--gpus-per-node=1",))  # fmt: skip
+    state = cluster.wait(job_id, timeout_s=120)
     log = job_log.read_text()
     assert state == "FAILED", log
     assert "asked for 1 GPU(s) per node, but nvidia-smi sees none" in log and "CUDA_VISIBLE_DEVICES=0" in log

@@ -9,7 +9,6 @@ Needs root (daemons), as on the dev and CI machines.
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -17,10 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from launch.loss_compare import LAYOUTS, LOSS_RTOL, WEIGHT_RTOL, common_overrides, run_layout
+from launch.harness import LAYOUTS, common_overrides, final_weights, losses, run_layout
+from launch.loss_compare import LOSS_RTOL, WEIGHT_RTOL
 from tests.launch.slurm_cluster import LocalSlurm
+from trainer.runs import TrainResult, series
 
 pytestmark = pytest.mark.slow
 
@@ -46,14 +46,8 @@ def wait_for(predicate, *, timeout_s: float, what: str, slurm: LocalSlurm, job_l
 
 
 @pytest.fixture
-def slurm(tmp_path):
-    # Ports of its own, so this cluster can run beside test_multinode.py's.
-    cluster = LocalSlurm(tmp_path / "slurm", ctld_port=6937, node_port=6941)
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
+def slurm(local_slurm):
+    return local_slurm(ctld_port=6937, node_port=6941)  # ports of its own: it can run beside test_multinode.py's
 
 
 @pytest.fixture(scope="module")
@@ -105,23 +99,20 @@ def test_usr2_checkpoints_requeues_and_resumes_to_the_same_loss(uninterrupted, s
     assert (run_dir / "checkpoints" / f"step_{stopped_at:08d}" / "meta.json").is_file()
     # ... and the second start (same job id, same run directory) resumed from that checkpoint.
     assert f"job {job_id} (start 2)" in log and f"resumed from {run_dir / 'checkpoints'}/step_{stopped_at:08d}" in log
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["first_step"] == stopped_at + 1 and not summary["stopped_by_signal"]
+    summary = TrainResult.read(run_dir)
+    assert summary.first_step == stopped_at + 1 and not summary.stopped_by_signal
 
     # Every step's loss (both starts together, from metrics.jsonl) and the final weights match the
     # uninterrupted run within launch/loss_compare.py's tolerances. Both are FSDP over two gloo ranks, so
     # they are in fact expected to agree exactly; the tolerance only keeps the test layout-agnostic.
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if "train/loss" in line]
-    steps = [r["step"] for r in records]
-    losses = [r["train/loss"] for r in records]
-    assert steps == list(range(1, STEPS + 1)), "each step logged exactly once across the two starts"
-    reference = json.loads((uninterrupted / "summary.json").read_text())["losses"]
-    loss_rel = max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
-    ref_w = torch.load(uninterrupted / "final_model.pt", weights_only=True)
-    got_w = torch.load(run_dir / "final_model.pt", weights_only=True)
+    logged = series(run_dir, "train/loss")
+    assert logged.steps == list(range(1, STEPS + 1)), "each step logged exactly once across the two starts"
+    reference = losses(uninterrupted)
+    loss_rel = max(abs(a - b) / abs(b) for a, b in zip(logged.values, reference))
+    ref_w, got_w = final_weights(uninterrupted), final_weights(run_dir)
     weight_rel = max(float((got_w[k] - ref_w[k]).norm() / ref_w[k].norm()) for k in ref_w)
     print(f"job {job_id}: USR2 after step {signalled_after}, checkpoint at step {stopped_at}, resumed at "
-          f"{summary['first_step']}; final loss {summary['losses'][-1]!r} vs uninterrupted {reference[-1]!r}; "
+          f"{summary.first_step}; final loss {summary.losses[-1]!r} vs uninterrupted {reference[-1]!r}; "
           f"max loss rel diff {loss_rel:.2e}, max weight rel diff {weight_rel:.2e}")  # fmt: skip
-    assert summary["losses"][-1] == pytest.approx(reference[-1], rel=LOSS_RTOL)
+    assert summary.losses[-1] == pytest.approx(reference[-1], rel=LOSS_RTOL)
     assert loss_rel <= LOSS_RTOL and weight_rel <= WEIGHT_RTOL

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from model.attention import causal_attention, flash_attn_available
 from model.config import AttnBackend, ModelArgs
@@ -216,3 +215,24 @@ def test_flash_decisions_are_constants_under_compile(fake_gpu):
         assert torch.equal(compiled(torch.ones(batch, 64, dtype=torch.bfloat16)), torch.full((batch, 64), 2.0,
                                                                                           dtype=torch.bfloat16))  # fmt: skip
     assert fake_gpu["probes"] == 1
+
+
+def test_pipeline_stages_compose_to_the_whole_model():
+    """The seam pipeline parallelism would use (docs/pipeline.md): a stage is the model with the parts it
+    does not own removed; two stages in a row give the whole model's logits, and keep its parameter names."""
+    import copy
+
+    args = ModelArgs(dim=32, n_layers=4, n_heads=4, vocab_size=64, max_seq_len=16)
+    whole = Transformer(args)
+    whole.init_weights(seed=0)
+    first, last = copy.deepcopy(whole), copy.deepcopy(whole)
+    for name in ("2", "3"):
+        del first.layers[name]
+    first.norm = first.output = None
+    for name in ("0", "1"):
+        del last.layers[name]
+    last.tok_embeddings = None
+    tokens = torch.randint(0, 64, (2, 12))
+    torch.testing.assert_close(last(first(tokens)), whole(tokens), rtol=0, atol=0)
+    names = [*first.state_dict(), *last.state_dict()]
+    assert sorted(names) == sorted(whole.state_dict()) and len(names) == len(set(names))

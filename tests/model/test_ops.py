@@ -60,7 +60,7 @@ RANDOM = Shape("random", batch=2, seq=7, dim=24, hidden=40, heads=6, kv_heads=2,
 _DEBUG_ARGS = ModelArgs(n_kv_heads=2)  # the debug preset's widths (d=64, 4 heads), with GQA
 DEBUG = Shape(
     "debug", batch=2, seq=16, dim=_DEBUG_ARGS.dim, hidden=_DEBUG_ARGS.ffn_hidden_dim,
-    heads=_DEBUG_ARGS.n_heads, kv_heads=_DEBUG_ARGS.num_kv_heads, head_dim=_DEBUG_ARGS.head_dim,
+    heads=_DEBUG_ARGS.n_heads, kv_heads=_DEBUG_ARGS.n_kv_heads, head_dim=_DEBUG_ARGS.head_dim,
 )  # fmt: skip
 # LLaMA-7B widths with a handful of tokens: the matmuls' reduction lengths are the real ones.
 LLAMA_7B = Shape("llama7b", batch=1, seq=4, dim=4096, hidden=11008, heads=32, kv_heads=32, head_dim=128)

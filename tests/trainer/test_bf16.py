@@ -28,7 +28,7 @@ from trainer.config import ACMode, OptimConfig, ParallelConfig
 from trainer.optim import build_lr_scheduler, build_optimizer
 from trainer.parallel_dims import ParallelDims
 from trainer.step import ComputeContext, global_token_count, token_loss_sum, train_step
-from trainer.train import build_model
+from trainer.build import build_model
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, max_seq_len=32)
 GLOBAL_BATCH, SEQ, STEPS = 4, 16, 3
@@ -76,16 +76,15 @@ def run_layout(*, world_size: int, tp: int, fsdp_one_rank: bool, dtype: torch.dt
 
     Also used by the GPU tests (tests/gpu/) with ``device`` a CUDA device."""
     dims = ParallelDims.from_config(ParallelConfig(tp=tp, fsdp_one_rank=fsdp_one_rank), world_size=world_size)
-    meshes = dims.build_meshes(device_type=device.type)
-    dp_rank = meshes.dp.get_local_rank() if meshes is not None else 0
+    dims = dims.with_meshes(device_type=device.type)
+    dp_rank = dims.dp_rank()
     local = slice(dp_rank * GLOBAL_BATCH // dims.dp, (dp_rank + 1) * GLOBAL_BATCH // dims.dp)
     batches = [{k: v[local].to(device) for k, v in b.items()} for b in _batches()]
-    ctx = ComputeContext(device=device, dtype=dtype, dp_mesh=meshes.dp if meshes is not None else None, dp=dims.dp,
-                         tp_enabled=dims.tp_enabled, fsdp_mixed_precision=dims.fsdp_enabled)  # fmt: skip
+    ctx = ComputeContext(device=device, dtype=dtype, dims=dims)
     records = {}
     for mode in modes:
         parallel = ParallelConfig(tp=tp, fsdp_one_rank=fsdp_one_rank, activation_checkpoint=mode, compile=compile)
-        model = build_model(ARGS, device=device, seed=0, meshes=meshes, dims=dims, parallel=parallel,
+        model = build_model(ARGS, device=device, seed=0, dims=dims, parallel=parallel,
                             compute_dtype=dtype)  # fmt: skip
         first = batches[0]
         count = global_token_count([first], ctx=ctx)

@@ -14,26 +14,16 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from launch.loss_compare import LAYOUTS, run_layout
+from launch.harness import LAYOUTS, checkpoints, final_weights, losses, run_layout
 from model.config import ModelArgs
 from model.llama import Transformer
 from tests.conftest import PINNED_SCHEDULE, REFERENCE_STEPS
-from trainer.checkpoint import Checkpointer, CheckpointError, check_model_matches, validate
+from trainer.checkpoint import Checkpointer
+from trainer.checkpoint_meta import CheckpointError, CheckpointMeta
 from trainer.config import CheckpointConfig
+from trainer.runs import TrainResult
 
 CUT = 4
-
-
-def losses(run: Path) -> list[float]:
-    return json.loads((run / "summary.json").read_text())["losses"]
-
-
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "final_model.pt", weights_only=True)
-
-
-def checkpoints(run: Path) -> list[str]:
-    return sorted(p.name for p in (run / "checkpoints").iterdir())
 
 
 def weights_in_checkpoint(path: Path) -> dict[str, torch.Tensor]:
@@ -55,13 +45,13 @@ def test_interrupted_and_resumed_equals_uninterrupted_bitwise(name, reference_ru
     first = train(name, workdir=workdir, steps=CUT, run_name=run)
     assert checkpoints(first) == ["step_00000004"]
     second = train(name, workdir=workdir, steps=REFERENCE_STEPS, run_name=run)  # resume: auto
-    summary = json.loads((second / "summary.json").read_text())
-    assert summary["first_step"] == CUT + 1
+    summary = TrainResult.read(second)
+    assert summary.first_step == CUT + 1
     full = reference_run(name)
     assert losses(second) == losses(full)[CUT:]  # bitwise: same arithmetic, same order
-    for key, value in weights(full).items():
-        assert torch.equal(weights(second)[key], value), key
-    assert summary["tokens"] == json.loads((full / "summary.json").read_text())["tokens"]
+    for key, value in final_weights(full).items():
+        assert torch.equal(final_weights(second)[key], value), key
+    assert summary.tokens == TrainResult.read(full).tokens
 
 
 def test_resume_under_other_layouts(reference_run):
@@ -77,7 +67,7 @@ def test_resume_under_other_layouts(reference_run):
         loaded = train(target, workdir=workdir, steps=CUT, run_name=f"reshard_{target}",
                        extra=(f"checkpoint.resume={saved}",))  # fmt: skip
         for key, value in expected.items():
-            assert torch.equal(weights(loaded)[key], value), (target, key)
+            assert torch.equal(final_weights(loaded)[key], value), (target, key)
         resumed = train(target, workdir=workdir, steps=REFERENCE_STEPS, run_name=f"reshard_{target}",
                         extra=(f"checkpoint.resume={saved}",))  # fmt: skip
         # Another layout sums in another order: equal to fp32 rounding, as in the loss-compare test.
@@ -87,7 +77,7 @@ def test_resume_under_other_layouts(reference_run):
 
 def test_damaged_and_incompatible_checkpoints_are_refused_by_name(reference_run, tmp_path):
     source = reference_run("single") / "checkpoints" / f"step_{REFERENCE_STEPS:08d}"
-    meta = validate(source)
+    meta = CheckpointMeta.read(source)
 
     def copy(tag: str) -> Path:
         subprocess.run(["cp", "-r", str(source), str(tmp_path / tag)], check=True)
@@ -96,19 +86,19 @@ def test_damaged_and_incompatible_checkpoints_are_refused_by_name(reference_run,
     no_meta = copy("meta")
     (no_meta / "meta.json").unlink()
     with pytest.raises(CheckpointError, match=f"{no_meta} is incomplete or damaged: meta.json is missing"):
-        validate(no_meta)
+        CheckpointMeta.read(no_meta)
     truncated = copy("truncated")
     shard = next(truncated.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=rf"{truncated} is damaged: file {shard.name} has 100 bytes"):
-        validate(truncated)
+        CheckpointMeta.read(truncated)
     missing = copy("missing")
     (missing / ".metadata").unlink()
     with pytest.raises(CheckpointError, match=rf"{missing} is damaged: file .metadata is missing"):
-        validate(missing)
+        CheckpointMeta.read(missing)
     args = ModelArgs(dim=64, n_layers=3, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=128)
     with pytest.raises(CheckpointError, match=r"different model shape \(model.n_layers: checkpoint 2 vs config 3\)"):
-        check_model_matches(meta, args, path=source)
+        meta.check_model_matches(args, path=source)
 
 
 def test_training_refuses_a_damaged_checkpoint_instead_of_loading_part_of_it(reference_run):
@@ -141,7 +131,7 @@ def test_keep_last_k_and_async_save(reference_run):
     run = train("fsdp2", workdir=workdir, steps=5, run_name="keep_async",
                 extra=("checkpoint.every_steps=1", "checkpoint.keep_last_k=2", "checkpoint.async_save=true"))  # fmt: skip
     assert checkpoints(run) == ["step_00000004", "step_00000005"]
-    assert len(json.loads((run / "summary.json").read_text())["checkpoint_stall_s"]) == 5
+    assert len(TrainResult.read(run).checkpoint_stall_s) == 5
     # An asynchronously written checkpoint resumes exactly like a synchronous one.
     resumed = train("fsdp2", workdir=workdir, steps=REFERENCE_STEPS, run_name="keep_async")
     assert losses(resumed) == losses(reference_run("fsdp2"))[5:]
@@ -152,7 +142,7 @@ def test_periodic_checkpoints_by_time_and_by_default(tiny_overrides, tmp_path):
     a run that is not told otherwise checkpoints periodically (the quickstart half-way, 1000 steps else)."""
     from conf.schema import to_config
     from tests.conftest import compose_config
-    from trainer.train import train as train_in_process
+    from trainer.loop import train as train_in_process
 
     cfg = to_config(compose_config([*tiny_overrides, "trainer.max_steps=4", "trainer.eval_every=0",
                                     "optim.warmup_steps=1", "logging.wandb_mode=disabled",
@@ -186,14 +176,13 @@ def _load_full_optimizer_state(rank: int, world_size: int, path: str, out: str, 
     from trainer.config import OptimConfig, ParallelConfig
     from trainer.optim import build_optimizer
     from trainer.parallel_dims import ParallelDims
-    from trainer.train import build_model
+    from trainer.build import build_model
 
     meta = json.loads((Path(path) / "meta.json").read_text())
     args = ModelArgs(**meta["config"]["model"])
     parallel = ParallelConfig(tp=tp)
-    dims = ParallelDims.from_config(parallel, world_size=world_size)
-    model = build_model(args, device=torch.device("cpu"), seed=0, meshes=dims.build_meshes(device_type="cpu"),
-                        dims=dims, parallel=parallel)  # fmt: skip
+    dims = ParallelDims.from_config(parallel, world_size=world_size).with_meshes(device_type="cpu")
+    model = build_model(args, device=torch.device("cpu"), seed=0, dims=dims, parallel=parallel)
     optimizer = build_optimizer(model, OptimConfig())
     state = _tensor_state(model, optimizer)
     _dcp_load(state, path=Path(path))

@@ -6,7 +6,6 @@ tests/launch/test_preemption.py.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -19,19 +18,12 @@ import psutil
 import pytest
 import torch
 
-from launch.loss_compare import GLOBAL_BATCH, LAYOUTS, common_overrides, run_layout
+from launch.harness import GLOBAL_BATCH, LAYOUTS, checkpoints, common_overrides, final_weights, losses, run_layout
 from tests.conftest import PINNED_SCHEDULE
+from trainer.runs import TrainResult
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-
-
-def losses(run: Path) -> list[float]:
-    return json.loads((run / "summary.json").read_text())["losses"]
-
-
-def checkpoints(run: Path) -> list[str]:
-    return sorted(p.name for p in (run / "checkpoints").iterdir())
 
 
 def test_sigusr2_saves_and_stops_then_the_run_resumes(tmp_path):
@@ -50,9 +42,9 @@ def test_sigusr2_saves_and_stops_then_the_run_resumes(tmp_path):
     proc.send_signal(signal.SIGUSR2)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["stopped_by_signal"] and "stop signal received" in out
-    stopped_at = len(summary["losses"])
+    summary = TrainResult.read(run_dir)
+    assert summary.stopped_by_signal and "stop signal received" in out
+    stopped_at = len(summary.losses)
     assert 2 <= stopped_at < 400
     assert checkpoints(run_dir) == [f"step_{stopped_at:08d}"]
     # Resume to 3 steps past the stop; an uninterrupted run of that length must give the same losses.
@@ -130,18 +122,16 @@ def test_sigkilled_rank_is_restarted_by_the_launcher_and_resumes_bitwise(uninter
     assert proc.returncode == 0, out[-4000:]
     assert killed_after < KILL_STEPS, "the run ended before the kill landed: raise KILL_STEPS"
 
-    summary = json.loads((run_dir / "summary.json").read_text())
-    reference = json.loads((uninterrupted_fsdp2 / "summary.json").read_text())
-    first = summary["first_step"]
+    summary, reference = TrainResult.read(run_dir), TrainResult.read(uninterrupted_fsdp2)
+    first = summary.first_step
     # The restarted group resumed from a checkpoint saved before the kill, not from scratch.
     assert 2 < first <= killed_after + 1 and (first - 1) % 2 == 0, (first, killed_after)
     # torchrun saw the kill and started a second generation of workers, which resumed.
     assert "failed (exitcode: -9)" in out and out.count("joined gloo process group: rank 0 of 2") == 2, out[-4000:]
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{first - 1:08d}'}" in out
-    assert summary["losses"] == reference["losses"][first - 1 :]
-    final = torch.load(run_dir / "final_model.pt", weights_only=True)
-    expected = torch.load(uninterrupted_fsdp2 / "final_model.pt", weights_only=True)
+    assert summary.losses == reference.losses[first - 1 :]
+    final, expected = final_weights(run_dir), final_weights(uninterrupted_fsdp2)
     assert final.keys() == expected.keys()
     assert all(torch.equal(final[k], expected[k]) for k in expected), "final weights differ from the uninterrupted run"
     print(f"killed rank {victim} after step {killed_after}; resumed at step {first}; "
-          f"final loss {summary['losses'][-1]!r} vs uninterrupted {reference['losses'][-1]!r}")
+          f"final loss {summary.losses[-1]!r} vs uninterrupted {reference.losses[-1]!r}")

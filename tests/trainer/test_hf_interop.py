@@ -5,6 +5,7 @@ transformers is a test-only dependency (the ``dev`` extra); every model here is 
 
 import json
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch.distributed.checkpoint as dcp
 
 from model.config import ModelArgs
 from model.llama import Transformer
-from trainer.checkpoint import check_model_matches, validate
+from trainer.checkpoint_meta import TOKENIZER, CheckpointMeta
 from trainer.hf_interop import (
     _model_fields,
     args_from_hf_config,
@@ -60,10 +61,13 @@ def random_model(args: ModelArgs, *, seed: int = 0) -> Transformer:
 
 
 def write_checkpoint(model: Transformer, path, *, tokenizer_path=None) -> None:
+    """A weights-only checkpoint as the trainer's format has it (its tokenizer copied in, if given)."""
     dcp.save({"model": model.state_dict()}, checkpoint_id=str(path), no_dist=True)
-    meta = {"format": "llama-pretrain-checkpoint", "version": 1, "step": 7,
-            "config": {"model": _model_fields(model.args)}, "tokenizer_path": tokenizer_path}  # fmt: skip
-    (path / "meta.json").write_text(json.dumps(meta))
+    meta = CheckpointMeta(step=7, config={"model": _model_fields(model.args)})
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, path / TOKENIZER)
+        meta.tokenizer = TOKENIZER
+    meta.write(path)
 
 
 def tokens(vocab_size: int) -> torch.Tensor:
@@ -84,7 +88,7 @@ def test_exported_model_gives_our_logits_in_transformers(tmp_path, n_kv_heads):
 
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert hf.config.num_key_value_heads == args.num_kv_heads and hf.config.intermediate_size == args.ffn_hidden_dim
+    assert hf.config.num_key_value_heads == args.n_kv_heads and hf.config.intermediate_size == args.ffn_hidden_dim
     x = tokens(args.vocab_size)
     with torch.no_grad():
         ours, theirs = model(x), hf(x).logits
@@ -121,7 +125,7 @@ def test_imported_hf_model_gives_its_logits_in_ours(tmp_path, sharded):
     assert not (tmp_path / "ckpt.tmp").exists()
     model, args = load_model_from_checkpoint(out)
     assert (args.dim, args.n_kv_heads, args.ffn_hidden_dim, args.rope_theta) == (64, 2, 160, 5000.0)
-    check_model_matches(validate(out), args, path=out)  # what checkpoint.init_from checks before loading
+    CheckpointMeta.read(out).check_model_matches(args, path=out)  # what checkpoint.init_from checks before loading
     x = tokens(args.vocab_size)
     with torch.no_grad():
         assert_logits_close(model.eval()(x), hf(x).logits)
@@ -136,7 +140,7 @@ def test_state_dict_and_config_round_trips_are_exact():
         assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
         assert not torch.equal(hf_sd["model.layers.0.self_attn.q_proj.weight"], sd["layers.0.attention.wq.weight"])
         again = args_from_hf_config(hf_config(args))
-        for field in ("dim", "n_layers", "n_heads", "num_kv_heads", "vocab_size", "ffn_hidden_dim", "norm_eps",
+        for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim", "norm_eps",
                       "rope_theta", "max_seq_len"):  # fmt: skip
             assert getattr(again, field) == getattr(args, field), field
 
@@ -184,7 +188,11 @@ def test_unusable_checkpoints_raise_value_errors_naming_them(tmp_path):
     (tmp_path / "meta.json").rename(ckpt / "meta.json")
     for file in ckpt.glob("*.distcp"):
         file.unlink()
-    with pytest.raises(ValueError, match=f"{ckpt}: model weights could not be loaded"):
+    with pytest.raises(ValueError, match=f"{ckpt} is damaged: file __0_0.distcp is missing"):
+        load_model_from_checkpoint(ckpt)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    (ckpt / "meta.json").write_text(json.dumps({**meta, "files": {}}))  # no sizes recorded: DCP itself fails
+    with pytest.raises(ValueError, match=f"checkpoint {ckpt} could not be loaded"):
         load_model_from_checkpoint(ckpt)
 
 
@@ -200,6 +208,10 @@ def test_dcp_metadata_is_not_unpickled_freely(tmp_path):
     ckpt = tmp_path / "ckpt"
     write_checkpoint(random_model(small_args()), ckpt)
     (ckpt / ".metadata").write_bytes(pickle.dumps(_Payload(tmp_path / "pwned")))
+    # A forger records the forged file's size too: the size check passes, the unpickler must refuse.
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["files"][".metadata"] = (ckpt / ".metadata").stat().st_size
+    (ckpt / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="builtins.exec is not allowed"):
         load_model_from_checkpoint(ckpt)
     assert not (tmp_path / "pwned").exists()
@@ -235,10 +247,29 @@ def test_tokenizer_is_exported_and_loads_in_transformers(tmp_path):
     for text in texts:
         assert hf_tok.encode(text) == [1, *sp.encode(text)], text
 
-    # ...and it travels through an import, recorded in the new checkpoint's meta.json.
+    # ...and it travels through an import, inside the new checkpoint and named by its meta.json.
     ckpt = import_hf(out, tmp_path / "imported")
-    meta = json.loads((ckpt / "meta.json").read_text())
-    assert meta["tokenizer_path"] == str(ckpt.resolve() / "tokenizer.model") and (ckpt / "tokenizer.model").is_file()
+    meta = CheckpointMeta.read(ckpt)
+    assert meta.tokenizer == "tokenizer.model" and (ckpt / "tokenizer.model").read_bytes() == (tmp_path / "sp.model").read_bytes()
+
+
+def test_a_trained_checkpoint_exports_with_its_tokenizer(reference_run, tmp_path):
+    """The checkpoint `make train` (here: the trainer, one process) writes carries the run's tokenizer, and
+    the export of it is a complete Hugging Face directory."""
+    run = reference_run("single")
+    ckpt = run / "checkpoints" / "step_00000010"
+    meta = CheckpointMeta.read(ckpt)
+    tokenizers = list((reference_run.workdir / "cache").rglob("tokenizer.model"))
+    assert meta.tokenizer == "tokenizer.model" and len(tokenizers) == 1
+    assert (ckpt / "tokenizer.model").read_bytes() == tokenizers[0].read_bytes()
+    out = export_hf(ckpt, tmp_path / "hf")
+    assert (out / "tokenizer.model").read_bytes() == tokenizers[0].read_bytes()
+    assert {"config.json", "model.safetensors", "tokenizer_config.json", "special_tokens_map.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    hf_tok = transformers.LlamaTokenizer.from_pretrained(out)
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizers[0]))
+    assert hf_tok.encode("def f(x):\n    return x") == [sp.bos_id(), *sp.encode("def f(x):\n    return x")]
 
 
 def test_command_line(tmp_path, capsys):

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conf.schema import to_config
 from tests.conftest import compose_config
@@ -16,7 +17,7 @@ from trainer.config import LoggingConfig
 from trainer.metrics import MetricLogger, system_metrics_enabled
 from trainer.runs import main as runs_main
 from trainer.runs import plot_loss, series
-from trainer.train import train
+from trainer.loop import train
 
 
 def _cfg(overrides, *extra):
@@ -112,3 +113,27 @@ def test_logged_steps_survive_a_line_cut_short(tmp_path):
                     + "\n" + '{"step": 6, "train/lo')  # fmt: skip
     assert metrics_mod.logged_steps(path) == {"train": 4, "val": 5}
     assert metrics_mod.logged_steps(Path(tmp_path / "none.jsonl")) == {}
+
+
+def test_a_sink_is_one_class_in_the_registry(tmp_path, monkeypatch):
+    """A new backend: a class with write(record) and close(), registered in SINKS, named in logging.sinks."""
+    received = []
+
+    class ListSink:
+        def __init__(self, ctx):
+            self.ctx = ctx
+
+        def write(self, record):
+            received.append(record)
+
+        def close(self):
+            received.append("closed")
+
+    monkeypatch.setitem(metrics_mod.SINKS, "list", ListSink)
+    logger = MetricLogger(LoggingConfig(sinks=["list"]), run_dir=tmp_path, run_config={})
+    logger.log({"loss": 2.5}, step=3, tokens=96, namespace="train")
+    logger.close()
+    assert received == [{"step": 3, "tokens": 96, "train/loss": 2.5}, "closed"]
+    assert not (tmp_path / "metrics.jsonl").exists()  # only the sinks named are written
+    with pytest.raises(ValueError, match=r"logging.sinks: unknown \['tensorbord'\]"):
+        MetricLogger(LoggingConfig(sinks=["tensorbord"]), run_dir=tmp_path, run_config={})

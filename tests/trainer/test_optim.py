@@ -1,7 +1,6 @@
 import math
 
 import pytest
-import torch
 
 from model.config import ModelArgs
 from model.llama import Transformer

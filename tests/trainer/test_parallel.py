@@ -14,7 +14,8 @@ import torch.distributed as dist
 from torch import nn
 
 from launch.local import build_command
-from launch.loss_compare import LAYOUTS, compare, run_layout
+from launch.harness import LAYOUTS, losses, run_layout
+from launch.loss_compare import compare
 from model.config import ModelArgs
 from model.llama import Transformer
 from tests.distributed import run_workers
@@ -49,8 +50,7 @@ def test_tp_must_divide_heads_kv_heads_and_vocab():
 
 def test_local_launcher_commands():
     one = build_command(nproc=1, overrides=["model=debug"], python="py")
-    assert one[:3] == ["py", "-m", "trainer.train"] and one[3] == "model=debug"
-    assert one[4].startswith("hydra.run.dir=outputs/")
+    assert one == ["py", "-m", "trainer.train", "model=debug"]
     two = build_command(nproc=2, overrides=["hydra.run.dir=/x"], python="py")
     assert two == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "trainer.train",
                    "hydra.run.dir=/x"]  # fmt: skip
@@ -58,6 +58,9 @@ def test_local_launcher_commands():
     restarting = build_command(nproc=1, overrides=["hydra.run.dir=/x"], python="py", max_restarts=3)
     assert restarting[:6] == ["py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
                               "--max-restarts=3"]  # fmt: skip
+    nodes = build_command(nproc=1, overrides=[], python="py", rendezvous=("--nnodes=2", "--rdzv-backend=c10d"))
+    assert nodes == ["py", "-m", "torch.distributed.run", "--nnodes=2", "--rdzv-backend=c10d", "--nproc-per-node=1",
+                     "-m", "trainer.train"]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -86,6 +89,8 @@ def test_local_launcher_sets_what_restarts_need(monkeypatch):
     monkeypatch.setattr(local.os, "execv", lambda path, cmd: executed.update(cmd=cmd, env=dict(os.environ)))
     local.main(["--nproc", "2", "--max-restarts", "2", "--no-check", "hydra.run.dir=/x"])
     assert "--max-restarts=2" in executed["cmd"]
+    local.main(["--no-check", "model=debug"])  # one run directory for all ranks, named by the time
+    assert executed["cmd"][-1].startswith("hydra.run.dir=outputs/")
     assert executed["env"]["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
 
 
@@ -149,7 +154,7 @@ def _uneven_labels_worker(rank: int, world_size: int) -> None:
     from trainer.config import OptimConfig
     from trainer.optim import build_lr_scheduler, build_optimizer
     from trainer.step import IGNORE_INDEX, ComputeContext, train_step
-    from trainer.train import build_model
+    from trainer.build import build_model
 
     args = ModelArgs(vocab_size=64, max_seq_len=16)
     cpu = torch.device("cpu")
@@ -167,10 +172,9 @@ def _uneven_labels_worker(rank: int, world_size: int) -> None:
     reference = build_model(args, device=cpu, seed=0)
     ref_out = step(reference, ComputeContext(device=cpu, dtype=torch.float32), {"inputs": inputs, "labels": labels})
 
-    dims = ParallelDims.from_config(ParallelConfig(), world_size=world_size)
-    meshes = dims.build_meshes(device_type="cpu")
-    sharded = build_model(args, device=cpu, seed=0, meshes=meshes, dims=dims, parallel=ParallelConfig())
-    ctx = ComputeContext(device=cpu, dtype=torch.float32, dp_mesh=meshes.dp, dp=dims.dp, fsdp_mixed_precision=True)
+    dims = ParallelDims.from_config(ParallelConfig(), world_size=world_size).with_meshes(device_type="cpu")
+    sharded = build_model(args, device=cpu, seed=0, dims=dims, parallel=ParallelConfig())
+    ctx = ComputeContext(device=cpu, dtype=torch.float32, dims=dims)
     half = slice(2 * rank, 2 * rank + 2)
     out = step(sharded, ctx, {"inputs": inputs[half], "labels": labels[half]})
 
@@ -211,15 +215,12 @@ def test_loss_compare_flags_a_disagreeing_layout(tmp_path):
 def test_fsdp_bf16_mixed_precision_tracks_fp32(tmp_path):
     """bf16 parameters/compute with fp32 gradient reduction: close to the fp32 run, not equal (bf16 keeps
     8 bits of mantissa, so 2% on the loss after a few steps is the expected scale, not a bug)."""
-    import json
-
     fp32 = run_layout(LAYOUTS["fsdp2"], workdir=tmp_path, steps=3)
     bf16 = run_layout(
         LAYOUTS["fsdp2"].__class__("fsdp2_bf16", nproc=2, dp=2, overrides=("trainer.precision=bf16",)),
         workdir=tmp_path, steps=3,
     )  # fmt: skip
-    a = json.loads((fp32 / "summary.json").read_text())["losses"]
-    b = json.loads((bf16 / "summary.json").read_text())["losses"]
+    a, b = losses(fp32), losses(bf16)
     assert a != b  # bf16 really ran
     for x, y in zip(a, b):
         assert abs(x - y) <= 2e-2 * x
@@ -229,7 +230,7 @@ def _slow_rank0_prepare_worker(rank: int, world_size: int, store_path: str) -> N
     """A process group whose timeout (3 s) is shorter than rank 0's data preparation (6 s)."""
     from datetime import timedelta
 
-    import trainer.train as train_module
+    import trainer.loop as train_module
     from data.config import DataConfig
     from trainer.distributed import DistEnv
 
@@ -261,7 +262,7 @@ _INIT_ARGS = ModelArgs(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=9
 
 def _init_worker(rank: int, world_size: int, layouts: list[dict]) -> None:
     """Every layout's initial weights, gathered, equal the one-process init_weights under the same seed."""
-    from trainer.train import build_model
+    from trainer.build import build_model
 
     reference = build_model(_INIT_ARGS, device=torch.device("cpu"), seed=7)
     plain = Transformer(_INIT_ARGS)
@@ -270,9 +271,8 @@ def _init_worker(rank: int, world_size: int, layouts: list[dict]) -> None:
         assert torch.equal(param, dict(plain.named_parameters())[name]), name
     for layout in layouts:
         cfg = ParallelConfig(**layout)
-        dims = ParallelDims.from_config(cfg, world_size=world_size)
-        model = build_model(_INIT_ARGS, device=torch.device("cpu"), seed=7, meshes=dims.build_meshes(device_type="cpu"),
-                            dims=dims, parallel=cfg)  # fmt: skip
+        dims = ParallelDims.from_config(cfg, world_size=world_size).with_meshes(device_type="cpu")
+        model = build_model(_INIT_ARGS, device=torch.device("cpu"), seed=7, dims=dims, parallel=cfg)
         for raw_name, param in model.named_parameters():
             name = model_parameter_name(raw_name)
             full = param.full_tensor() if hasattr(param, "full_tensor") else param

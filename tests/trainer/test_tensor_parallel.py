@@ -11,8 +11,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from model.config import ModelArgs
 from model.llama import Transformer
 from tests.distributed import run_workers
-from trainer.config import ACMode
-from trainer.parallelize import apply_activation_checkpointing
+from trainer.activation_checkpointing import ACMode, policy
 from trainer.tensor_parallel import apply_tensor_parallel
 
 # GQA with one kv head per rank at tp=2, and a hidden size that is not a multiple of the width.
@@ -28,7 +27,7 @@ def _tp_model_worker(rank: int, world_size: int, recompute: bool) -> None:
     sharded = copy.deepcopy(reference)  # the same weights on every rank (same seed)
     apply_tensor_parallel(sharded, tp_mesh=init_device_mesh("cpu", (world_size,)))
     for model in (reference, sharded):
-        apply_activation_checkpointing(model, mode=ACMode.selective if recompute else ACMode.none, every_k=1)
+        policy(ACMode.selective if recompute else ACMode.none).apply(model)
     tokens = torch.randint(0, ARGS.vocab_size, (2, 8))
     probe = torch.randn(2, 8, ARGS.vocab_size, dtype=torch.float64)  # a loss that weighs every logit
 

@@ -17,7 +17,10 @@ from tests.wandb_file import read_run
 from trainer.config import OptimConfig
 from trainer.optim import build_lr_scheduler, build_optimizer
 from trainer.step import ComputeContext, train_step
-from trainer.train import build_model, sweep_names, train
+from trainer.build import build_model
+from trainer.loop import train
+from trainer.runs import TrainResult
+from trainer.train import sweep_names
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,7 +51,7 @@ def test_training_reduces_loss_and_writes_the_run_directory(tiny_overrides, tmp_
     val = [r for r in records if "val/loss" in r]
     assert [r["step"] for r in val] == [15, 30]
     assert val[-1]["val/perplexity"] == pytest.approx(math.exp(val[-1]["val/loss"]))
-    assert json.loads((run / "summary.json").read_text())["losses"] == losses
+    assert TrainResult.read(run).losses == losses
     # The offline wandb run, read back as `wandb sync` would upload it: one chart per metric, every point.
     (offline,) = (run / "wandb").glob("offline-run-*")
     wandb_run = read_run(offline)
@@ -61,7 +64,7 @@ def test_training_reduces_loss_and_writes_the_run_directory(tiny_overrides, tmp_
 
 def test_unknown_peak_trains_and_logs_no_mfu(tiny_overrides, tmp_path, monkeypatch):
     """A GPU without a known data-sheet peak: training runs and MFU is left out, not a crash."""
-    import trainer.train as train_module
+    import trainer.loop as train_module
 
     monkeypatch.setattr(train_module, "peak_flops", lambda **kwargs: None)
     cfg = make_cfg(tiny_overrides, "trainer.max_steps=2", "optim.warmup_steps=1", "trainer.eval_every=0",
@@ -181,7 +184,7 @@ def test_sweep_names():
 
 def test_profiler_writes_a_chrome_trace_of_the_requested_steps(tiny_overrides, tmp_path):
     cfg = make_cfg(tiny_overrides, "trainer.max_steps=3", "trainer.eval_every=0", "logging.wandb_mode=disabled",
-                   "logging.profile_step=2", "logging.profile_steps=1")
+                   "profile.step=2", "profile.steps=1")
     train(cfg, run_dir=tmp_path / "run")
     trace = json.loads((tmp_path / "run" / "profile" / "rank0.json").read_text())
     names = {event.get("name", "") for event in trace["traceEvents"]}

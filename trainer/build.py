@@ -1,0 +1,49 @@
+"""Build the model for a layout: the one construction path of the trainer, the benchmarks, the tests (and
+the planner to come).
+
+Order (Meta Lingua's and torchtitan's): build on the meta device (no memory) -> parallelise from outside
+(TP -> activation checkpointing -> compile -> FSDP, trainer/parallelize.py) -> materialise with
+``to_empty`` on the device -> fill buffers and initialise the weights, identically for every layout
+(trainer/initialize.py).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from model.config import ModelArgs
+from model.llama import Transformer
+from trainer.config import ParallelConfig
+from trainer.initialize import init_parameters
+from trainer.parallel_dims import ParallelDims
+from trainer.parallelize import parallelize_llama
+
+
+def build_model(
+    args: ModelArgs,
+    *,
+    device: torch.device,
+    seed: int,
+    dims: Optional[ParallelDims] = None,
+    parallel: Optional[ParallelConfig] = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Transformer:
+    """The model of ``args`` under ``dims`` (default one process; its meshes built where it needs them) and
+    ``parallel``'s settings (default: ``ParallelConfig()``, i.e. selective activation checkpointing).
+
+    Args:
+        compute_dtype: FSDP's parameter dtype (bf16 runs); without FSDP, autocast applies it instead.
+    """
+    dims = dims if dims is not None else ParallelDims.single()
+    if dims.needs_meshes and dims.meshes is None:
+        raise ValueError("build_model needs the layout's meshes: pass dims.with_meshes(device_type=...)")
+    with torch.device("meta"):
+        model = Transformer(args)
+    parallelize_llama(model, dims=dims, cfg=parallel if parallel is not None else ParallelConfig(),
+                      compute_dtype=compute_dtype)  # fmt: skip
+    model.to_empty(device=device)
+    model.init_buffers(device=device)
+    init_parameters(model, seed=seed)
+    return model
