@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import warnings
 from typing import Any, Iterator
 
@@ -96,6 +97,45 @@ def flatten_mesh(mesh: DeviceMesh, name: str) -> DeviceMesh:
     Private in 2.11-2.15 (torchtitan uses it the same way); no public spelling exists yet.
     """
     return mesh._flatten(name)
+
+
+# --- fake process group (the planner's rehearsal) -----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def fake_process_group(*, world_size: int, rank: int = 0) -> Iterator[None]:
+    """This process joins a world of ``world_size`` as ``rank`` through torch's ``fake`` backend: every
+    collective returns at once without moving data, so the real parallelisation code runs (on the meta
+    device) at any world size in one process.
+
+    The backend and its ``FakeStore`` live in ``torch.testing._internal.distributed.fake_pg`` in 2.11-2.15
+    (importing it registers the backend); torchtitan's dry runs use the same.
+    """
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already initialised in this process; the rehearsal needs its own")
+    hook = sys.excepthook  # init_process_group wraps it to prefix tracebacks with the rank; undo that after
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        sys.excepthook = hook
+
+
+def local_shard_shape(global_shape: tuple[int, ...], *, mesh_shape: tuple[int, ...], coordinate: list[int],
+                      placements: tuple) -> tuple[int, ...]:  # fmt: skip
+    """The local shape that the DTensor placements give the rank at ``coordinate`` of a mesh of
+    ``mesh_shape``: what any rank holds, asked from one process.
+
+    ``torch.distributed.tensor._utils._compute_local_shape_and_global_offset`` (private; same arguments
+    in 2.11-2.15): the function DTensor itself uses, strided shards (FSDP over TP) included.
+    """
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+    shape, _ = _compute_local_shape_and_global_offset(global_shape, mesh_shape, coordinate, placements)
+    return tuple(shape)
 
 
 # --- FSDP2 ------------------------------------------------------------------------------------------------

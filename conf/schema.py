@@ -15,6 +15,7 @@ from omegaconf.errors import ConfigKeyError
 
 from data.config import DataConfig
 from model.config import ModelArgs
+from planner.config import ClusterConfig, PlanSettings
 from trainer.config import CheckpointConfig, LoggingConfig, OptimConfig, ParallelConfig, ProfileConfig, TrainerConfig
 
 
@@ -31,12 +32,24 @@ class Config:
     """No config group: ``profile.step=5 profile.steps=2`` on the command line turns it on."""
 
 
+@dataclass
+class PlanConfig(Config):
+    """The planner's root (``conf/plan.yaml``, ``python -m launch.plan``): the training config it plans,
+    plus the cluster and the questions asked."""
+
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    plan: PlanSettings = field(default_factory=PlanSettings)
+
+
 def register_schema() -> None:
-    """Make the schema available to ``conf/config.yaml``'s defaults list as ``schema``."""
-    ConfigStore.instance().store(name="schema", node=Config)
+    """Make the schemas available to the defaults lists as the ``schema`` group: ``train`` (``config.yaml``)
+    and ``plan`` (``plan.yaml``, which includes ``config.yaml`` and overrides its schema)."""
+    store = ConfigStore.instance()
+    store.store(group="schema", name="train", node=Config, package="_global_")
+    store.store(group="schema", name="plan", node=PlanConfig, package="_global_")
 
 
-def to_config(cfg: DictConfig) -> Config:
+def to_config(cfg: DictConfig) -> Config:  # a PlanConfig for the planner's composition
     """Turn a composed DictConfig into dataclasses, running each one's ``__post_init__`` validation.
 
     Hydra's ``+key=value`` adds a key even where the schema has none, and ``to_object`` would then drop

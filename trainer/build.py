@@ -1,5 +1,5 @@
-"""Build the model for a layout: the one construction path of the trainer, the benchmarks, the tests (and
-the planner to come).
+"""Build the model for a layout: the one construction path of the trainer, the benchmarks, the tests and
+the planner (which stops at the meta device: ``build_meta_model``).
 
 Order (Meta Lingua's and torchtitan's): build on the meta device (no memory) -> parallelise from outside
 (TP -> activation checkpointing -> compile -> FSDP, trainer/parallelize.py) -> materialise with
@@ -21,6 +21,25 @@ from trainer.parallel_dims import ParallelDims
 from trainer.parallelize import parallelize_llama
 
 
+def build_meta_model(
+    args: ModelArgs,
+    *,
+    dims: ParallelDims,
+    parallel: Optional[ParallelConfig] = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Transformer:
+    """The model of ``args`` parallelised for ``dims`` (with its meshes, where it needs them) and ``parallel``
+    (default ``ParallelConfig()``), still on the meta device: every parameter is its final (sharded) local
+    tensor, with no memory behind it. ``build_model`` materialises it; the planner reads its shards."""
+    if dims.needs_meshes and dims.meshes is None:
+        raise ValueError("build_model needs the layout's meshes: pass dims.with_meshes(device_type=...)")
+    with torch.device("meta"):
+        model = Transformer(args)
+    parallelize_llama(model, dims=dims, cfg=parallel if parallel is not None else ParallelConfig(),
+                      compute_dtype=compute_dtype)  # fmt: skip
+    return model
+
+
 def build_model(
     args: ModelArgs,
     *,
@@ -37,12 +56,7 @@ def build_model(
         compute_dtype: FSDP's parameter dtype (bf16 runs); without FSDP, autocast applies it instead.
     """
     dims = dims if dims is not None else ParallelDims.single()
-    if dims.needs_meshes and dims.meshes is None:
-        raise ValueError("build_model needs the layout's meshes: pass dims.with_meshes(device_type=...)")
-    with torch.device("meta"):
-        model = Transformer(args)
-    parallelize_llama(model, dims=dims, cfg=parallel if parallel is not None else ParallelConfig(),
-                      compute_dtype=compute_dtype)  # fmt: skip
+    model = build_meta_model(args, dims=dims, parallel=parallel, compute_dtype=compute_dtype)
     model.to_empty(device=device)
     model.init_buffers(device=device)
     init_parameters(model, seed=seed)

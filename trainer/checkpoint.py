@@ -322,9 +322,13 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 
 def _dcp_load(state: dict[str, Any], *, path: Path) -> None:
+    reader = SafeFileSystemReader(path)
     try:
+        # Read (and vet) the metadata before DCP does: torch 2.11's dcp.load swallows a reader's exception
+        # and reports only "metadata is None", which would hide the unpickler's refusal and its reason.
         with single_process_dcp():
-            dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
+            reader.read_metadata()
+            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())
     # DCP's CheckpointException derives from BaseException, not Exception; it wraps each rank's error.
     except CheckpointException as err:
         causes = "; ".join(f"{type(exc).__name__}: {exc}" for exc, _ in err.failures.values())

@@ -106,9 +106,7 @@ def train(cfg: Config, *, run_dir: Path) -> TrainResult:
 
 def _train(cfg: Config, *, run_dir: Path, env: DistEnv, device: torch.device) -> TrainResult:
     started = time.perf_counter()
-    dims = ParallelDims.from_config(cfg.parallel, world_size=env.world_size)
-    dims.check_model(cfg.model)
-    dims.check_seq_len(cfg.data.seq_len)
+    dims = ParallelDims.for_run(cfg.parallel, world_size=env.world_size, model=cfg.model, seq_len=cfg.data.seq_len)
     dims = dims.with_meshes(device_type=device.type)
     dtype = resolve_dtype(cfg.trainer.precision, device=device)
     ctx = ComputeContext(device=device, dtype=dtype, dims=dims)

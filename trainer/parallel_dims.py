@@ -78,6 +78,15 @@ class ParallelDims:
         return cls(dp_replicate=cfg.dp_replicate, dp_shard=dp_shard, tp=cfg.tp, world_size=world_size,
                    fsdp_one_rank=cfg.fsdp_one_rank)  # fmt: skip
 
+    @classmethod
+    def for_run(cls, cfg: ParallelConfig, *, world_size: int, model: ModelArgs, seq_len: int) -> ParallelDims:
+        """``from_config`` plus the checks that the model and the sequence length split over the layout:
+        every error a layout can give before anything is built (training and the planner alike)."""
+        dims = cls.from_config(cfg, world_size=world_size)
+        dims.check_model(model)
+        dims.check_seq_len(seq_len)
+        return dims
+
     @property
     def dp(self) -> int:
         """Data-parallel degree: ranks that see different data."""

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Placement, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from model import ops
@@ -342,6 +342,7 @@ def apply_tensor_parallel(model: Transformer, *, tp_mesh: DeviceMesh, overlap: b
             "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
         },
     )
+    model.tok_embeddings.register_forward_pre_hook(_keep_grad_sharded)
     for block in model.layers.values():
         attn, ffn = block.attention, block.feed_forward
         for lin in (attn.wq, attn.wk, attn.wv, ffn.w1, ffn.w3):
@@ -353,6 +354,27 @@ def apply_tensor_parallel(model: Transformer, *, tp_mesh: DeviceMesh, overlap: b
         block.attention_norm = _sequence_parallel_norm(block.attention_norm, mesh=tp_mesh)
         block.ffn_norm = _sequence_parallel_norm(block.ffn_norm, mesh=tp_mesh)
     model.norm = _sequence_parallel_norm(model.norm, mesh=tp_mesh)
+
+
+def _keep_grad_sharded(embedding: nn.Module, args) -> None:
+    """Give the vocabulary-parallel embedding's gradient the weight's placement (Shard(0)).
+
+    DTensor's embedding backward returns a Replicate gradient: every TP rank would keep the whole (V, d)
+    gradient, t times its shard (the planner's real-run test found it). Slicing it back to this rank's
+    rows moves no data. A forward pre-hook, because the hook must sit on the parameter that exists when
+    training runs (``to_empty`` replaces the meta ones); under FSDP, FSDP2 redistributes the gradient to
+    the TP placement itself and this hook changes nothing.
+    """
+    weight = embedding.weight
+    if getattr(weight, "_grad_to_weight_placement", None) is not None or not isinstance(weight, DTensor):
+        return
+
+    def to_weight_placement(grad: torch.Tensor) -> torch.Tensor:
+        if isinstance(grad, DTensor) and tuple(grad.placements) != tuple(weight.placements):
+            return grad.redistribute(weight.device_mesh, weight.placements)
+        return grad
+
+    weight._grad_to_weight_placement = weight.register_hook(to_weight_placement)
 
 
 def _sequence_parallel_norm(norm: RMSNorm, *, mesh: DeviceMesh) -> SequenceParallelRMSNorm:

@@ -38,27 +38,36 @@ class SavedBytes:
         return self.activations + self.parameters
 
 
-def saved_bytes(fn: Callable[[], object], *, params: Iterable[torch.Tensor] = ()) -> SavedBytes:
+def saved_bytes(fn: Callable[[], object], *, params: Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]] = ()) -> SavedBytes:
     """Run ``fn()`` with a pack hook that adds up every tensor saved for backward.
 
     Args:
         fn: builds the autograd graph to measure (its return value is dropped).
         params: tensors to count as parameters, with any view of them; ``nn.Parameter`` objects are
             recognised without being listed. Pass buffers here too (the RoPE table): like parameters,
-            they are not activations.
+            they are not activations. A callable is asked again each time a tensor is saved: under FSDP the
+            module's parameters are swapped for the unsharded ones during forward, and a view of those (the
+            ``W.t()`` a built-in linear saves) must count as a parameter too.
     """
-    param_storages = {local_tensor(p).untyped_storage().data_ptr() for p in params}
+
+    def storages() -> set[int]:
+        return {local_tensor(p).untyped_storage().data_ptr() for p in (params() if callable(params) else params)}
+
+    param_storages = None if callable(params) else storages()
     counts = {"activations": 0, "parameters": 0}
-    seen: set[tuple[int, int, int, torch.dtype]] = set()
+    seen: dict[str, set[tuple[int, int, int, torch.dtype]]] = {"activations": set(), "parameters": set()}
 
     def pack(saved: torch.Tensor) -> torch.Tensor:
         t = local_tensor(saved)
-        # Every saved tensor stays alive while fn() runs, so a storage address cannot be reused meanwhile.
         region = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
-        if region not in seen:
-            seen.add(region)
-            is_param = isinstance(saved, nn.Parameter) or region[0] in param_storages
-            counts["parameters" if is_param else "activations"] += t.numel() * t.element_size()
+        is_param = isinstance(saved, nn.Parameter) or region[0] in (param_storages or storages())
+        kind = "parameters" if is_param else "activations"
+        # A saved activation stays alive while fn() runs, so no other activation can take its address
+        # meanwhile. A parameter's storage can go: FSDP frees an unsharded block after its forward, and an
+        # activation may then be allocated at the same address; hence one set of regions per kind.
+        if region not in seen[kind]:
+            seen[kind].add(region)
+            counts[kind] += t.numel() * t.element_size()
         return saved
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -1,0 +1,156 @@
+"""Rehearse a layout with the real code: build the configured model in a fake world of any size, on the
+meta device, and read what one rank holds from the shards that the trainer's own parallelisation made.
+
+``compat.fake_process_group`` joins a world of ``world_size`` ranks whose collectives do nothing; the
+trainer's ``ParallelDims.for_run`` (the same errors as training), the device meshes and
+``build_meta_model`` (tensor parallelism -> activation checkpointing -> FSDP2, trainer/parallelize.py)
+then run unchanged. No memory is allocated: meta tensors have shapes and storage sizes, not data. So a
+sharding bug in the trainer changes the planner's answer, instead of a formula agreeing with itself.
+
+What is read from each parameter's local tensor (``DTensor.to_local()``):
+- its elements (``numel``): what the optimizer state is made like (AdamW's moments are ``zeros_like``
+  the local shard, unpadded);
+- its storage size: FSDP2 pads every rank's shard to the same length (ceil(dim0 / dp_shard) rows), so
+  the storage is what the parameter and its gradient occupy, and the padded shard times ``dp_shard`` is
+  what its all-gather produces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from compat import fake_process_group, local_shard_shape
+from model.config import ModelArgs
+from trainer.build import build_meta_model
+from trainer.config import ParallelConfig
+from trainer.parallel_dims import ParallelDims
+
+
+@dataclass(frozen=True)
+class UnitShards:
+    """One FSDP unit (a transformer block, or the root: embedding, final norm, output head) on one rank."""
+
+    local_numel: int
+    """Elements of this rank's shards, unpadded."""
+    padded_numel: int
+    """Elements of this rank's shard storage (FSDP pads every rank's shard to the same size)."""
+    gathered_numel: int
+    """Elements of the unit's parameters after FSDP's all-gather on this rank (its tensor-parallel share,
+    padded): the size of the all-gather buffer."""
+
+
+@dataclass(frozen=True)
+class Rehearsal:
+    """What one rank of a layout holds, read from the model the trainer's code built for it."""
+
+    dims: ParallelDims
+    """The layout (without meshes: the fake world is gone)."""
+    rank: int
+    param_count: int
+    """Parameters of the whole model (global shapes)."""
+    blocks: tuple[UnitShards, ...]
+    root: UnitShards
+    param_dtype: torch.dtype
+    """Dtype of the sharded (master) parameters."""
+
+    @property
+    def local_numel(self) -> int:
+        return self.root.local_numel + sum(b.local_numel for b in self.blocks)
+
+    @property
+    def padded_numel(self) -> int:
+        return self.root.padded_numel + sum(b.padded_numel for b in self.blocks)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+def _unit(params: list[nn.Parameter], *, dims: ParallelDims) -> UnitShards:
+    local = [_local(p) for p in params]
+    padded = [t.untyped_storage().nbytes() // t.element_size() for t in local]
+    # FSDP gathers over dp_shard (HSDP replicas hold the same shard); without FSDP nothing is gathered and
+    # the local tensor is what the forward uses.
+    gather = dims.dp_shard if dims.fsdp_enabled else 1
+    return UnitShards(local_numel=sum(t.numel() for t in local), padded_numel=sum(padded),
+                      gathered_numel=sum(n * gather for n in padded))  # fmt: skip
+
+
+def read_rehearsal(model: nn.Module, *, dims: ParallelDims, rank: int) -> Rehearsal:
+    """The per-rank sizes of a built (meta or real) model: one unit per block, the rest as the root."""
+    block_ids = set()
+    blocks = []
+    for block in model.layers.values():
+        params = list(block.parameters())
+        block_ids.update(id(p) for p in params)
+        blocks.append(_unit(params, dims=dims))
+    root = [p for p in model.parameters() if id(p) not in block_ids]
+    every = list(model.parameters())
+    return Rehearsal(
+        dims=dataclasses.replace(dims, meshes=None),
+        rank=rank,
+        param_count=sum(p.numel() for p in every),
+        blocks=tuple(blocks),
+        root=_unit(root, dims=dims),
+        param_dtype=_local(every[0]).dtype,
+    )
+
+
+def rehearse(args: ModelArgs, *, parallel: ParallelConfig, world_size: int, seq_len: int, rank: int = 0,
+             compute_dtype: torch.dtype = torch.bfloat16) -> Rehearsal:  # fmt: skip
+    """Build ``args`` under ``parallel`` as rank ``rank`` of a fake world of ``world_size`` and read its shards.
+
+    Raises the trainer's own errors for a layout that does not divide the world, the heads, the
+    vocabulary or the sequence.
+    """
+    dims = ParallelDims.for_run(parallel, world_size=world_size, model=args, seq_len=seq_len)
+    with fake_process_group(world_size=world_size, rank=rank):
+        dims = dims.with_meshes(device_type="cpu")
+        model = build_meta_model(args, dims=dims, parallel=parallel, compute_dtype=compute_dtype)
+        return read_rehearsal(model, dims=dims, rank=rank)
+
+
+def every_rank_local_numel(args: ModelArgs, *, parallel: ParallelConfig, world_size: int,
+                           seq_len: int) -> Iterator[tuple[str, list[int]]]:  # fmt: skip
+    """For each parameter, the unpadded local element count of every rank of the world, from rank 0's
+    DTensor placements (``compat.local_shard_shape``: DTensor's own computation). Lets a test check that
+    the shards of all ranks partition each parameter without building the model once per rank."""
+    dims = ParallelDims.for_run(parallel, world_size=world_size, model=args, seq_len=seq_len)
+    with fake_process_group(world_size=world_size, rank=0):
+        dims = dims.with_meshes(device_type="cpu")
+        model = build_meta_model(args, dims=dims, parallel=parallel, compute_dtype=torch.bfloat16)
+        shapes: dict = {}  # the blocks repeat: one computation per (shape, mesh, placements)
+        for name, p in model.named_parameters():
+            if not isinstance(p, DTensor):
+                yield name, [p.numel()] * world_size
+                continue
+            key = (tuple(p.shape), tuple(p.device_mesh.mesh.flatten().tolist()), tuple(p.device_mesh.shape),
+                   tuple(p.placements))  # fmt: skip
+            if key not in shapes:
+                shapes[key] = _counts_per_rank(p, world_size=world_size)
+            yield name, shapes[key]
+
+
+def _counts_per_rank(p: DTensor, *, world_size: int) -> list[int]:
+    mesh_shape = tuple(p.device_mesh.shape)
+    counts = [0] * world_size
+    for index, world_rank in enumerate(p.device_mesh.mesh.flatten().tolist()):
+        shape = local_shard_shape(tuple(p.shape), mesh_shape=mesh_shape, coordinate=list(_unravel(index, mesh_shape)),
+                                  placements=tuple(p.placements))  # fmt: skip
+        counts[world_rank] = math.prod(shape)
+    return counts
+
+
+def _unravel(index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    coords = []
+    for size in reversed(shape):
+        index, c = divmod(index, size)
+        coords.append(c)
+    return tuple(reversed(coords))

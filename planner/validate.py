@@ -1,0 +1,193 @@
+"""The planner against published LLaMA-family runs: calibrate one efficiency per GPU type on one run,
+predict the others, report the errors (``make plan-validate``; the table is in docs/planner.md).
+
+    python -m planner.validate [--json bench/results/planner_validation.json]
+
+Each run is planned as published where the paper gives its layout (torchtitan's tables), and otherwise by
+the planner's own search at the published GPU count, global batch and sequence length: the prediction is
+then "the best layout we would choose". Throughput published as GPU-hours for a token count is turned into
+tokens/s per GPU as tokens / (GPU-hours x 3600).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from model.config import ModelArgs
+from planner.config import ClusterConfig
+from planner.estimate import budget
+from planner.search import Candidate, plan_one, search
+from trainer.activation_checkpointing import ACMode
+from trainer.config import ParallelConfig
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+LLAMA1 = "Touvron et al. 2023, LLaMA, Table 15 and section 2.4"
+LLAMA2 = "Touvron et al. 2023, Llama 2, Table 2 and section 2.2"
+TITAN = "torchtitan docs/performance.md (FSDP2 on 64 A100-80GB)"
+TITAN_H100 = "torchtitan docs/performance.md, Table 1 (8 H100 96GB, 500 W)"
+
+# Llama 2 34B was not released; Code Llama 34B (Roziere et al. 2023) starts from it and has this shape.
+LLAMA2_34B = {"dim": 8192, "n_layers": 48, "n_heads": 64, "n_kv_heads": 8, "vocab_size": 32000, "multiple_of": 256,
+              "max_seq_len": 4096}  # fmt: skip
+LLAMA31_8B = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 1024,
+              "ffn_dim_multiplier": 1.3, "rope_theta": 500000.0, "max_seq_len": 8192}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PublishedRun:
+    name: str
+    source: str
+    model: dict
+    cluster: str
+    gpus: int
+    seq_len: int
+    global_batch_tokens: int
+    tokens_per_sec_per_gpu: float
+    """Published, or derived from published GPU-hours and tokens."""
+    gpu_hours: Optional[float] = None
+    tokens: Optional[float] = None
+    layout: Optional[ParallelConfig] = None
+    """As published; None: the planner's search picks it."""
+    micro_batch: int = 1
+    calibrates: bool = False
+    """The one run of its GPU type that sets ``gemm_efficiency``."""
+    cluster_overrides: dict = field(default_factory=dict)
+    memory_gib: Optional[float] = None
+    """Published peak memory per GPU, where there is one."""
+
+
+def _preset(name: str) -> dict:
+    return yaml.safe_load((CONF / "model" / f"{name}.yaml").read_text()) or {}
+
+
+def _from_gpu_hours(tokens: float, gpu_hours: float) -> float:
+    return tokens / (gpu_hours * 3600)
+
+
+def published_runs() -> list[PublishedRun]:
+    m4 = 4 * 2**20  # 4M tokens per step: 2048 x 2048 (LLaMA), 1024 x 4096 (Llama 2)
+    runs = []
+    for name, tokens, hours in (("llama1_7b", 1.0e12, 82_432), ("llama1_13b", 1.0e12, 135_168),
+                                ("llama1_33b", 1.4e12, 530_432), ("llama1_65b", 1.4e12, 1_022_362)):  # fmt: skip
+        runs.append(PublishedRun(name=f"LLaMA {name.split('_')[1].upper()}", source=LLAMA1, model=_preset(name),
+                                 cluster="a100_80gb", gpus=2048, seq_len=2048, global_batch_tokens=m4,
+                                 tokens_per_sec_per_gpu=_from_gpu_hours(tokens, hours), gpu_hours=hours, tokens=tokens,
+                                 calibrates=name == "llama1_65b"))  # fmt: skip
+    for label, model, hours in (("7B", _preset("llama2_7b"), 184_320), ("13B", _preset("llama2_13b"), 368_640),
+                                ("34B", LLAMA2_34B, 1_038_336), ("70B", _preset("llama2_70b"), 1_720_320)):  # fmt: skip
+        runs.append(PublishedRun(name=f"Llama 2 {label}", source=LLAMA2, model=model, cluster="a100_80gb", gpus=2048,
+                                 seq_len=4096, global_batch_tokens=m4, tokens=2.0e12, gpu_hours=hours,
+                                 tokens_per_sec_per_gpu=_from_gpu_hours(2.0e12, hours)))  # fmt: skip
+    for label, model, micro, ac, tps in (("Llama 2 13B, mb 2, selective", _preset("llama2_13b"), 2, ACMode.selective, 1904),
+                                         ("Llama 2 70B, mb 1, selective", _preset("llama2_70b"), 1, ACMode.selective, 355),
+                                         ("Llama 2 70B, mb 2, full", _preset("llama2_70b"), 2, ACMode.full, 353)):  # fmt: skip
+        runs.append(PublishedRun(name=f"torchtitan {label}", source=TITAN, model=model, cluster="a100_80gb", gpus=64,
+                                 seq_len=4096, global_batch_tokens=64 * micro * 4096, tokens_per_sec_per_gpu=tps,
+                                 layout=ParallelConfig(activation_checkpoint=ac), micro_batch=micro))  # fmt: skip
+    runs.append(PublishedRun(name="torchtitan Llama 3.1 8B, mb 2, selective", source=TITAN_H100, model=LLAMA31_8B,
+                             cluster="h100_80gb", gpus=8, seq_len=8192, global_batch_tokens=8 * 2 * 8192,
+                             tokens_per_sec_per_gpu=5762, layout=ParallelConfig(), micro_batch=2, calibrates=True,
+                             cluster_overrides={"memory_gib": 94.5, "hbm_gbps": 2400, "gpu_power_w": 500},
+                             memory_gib=82.4))  # fmt: skip
+    return runs
+
+
+def _cluster(run: PublishedRun, **overrides) -> ClusterConfig:
+    values = yaml.safe_load((CONF / "cluster" / f"{run.cluster}.yaml").read_text())
+    return ClusterConfig(**{**values, **run.cluster_overrides, "gpus": run.gpus, **overrides})
+
+
+def predict(run: PublishedRun, *, efficiency: Optional[float] = None, rehearsals: Optional[dict] = None) -> Optional[Candidate]:
+    """The planner's layout for ``run`` (its own, or the search's fastest that fits); None if nothing fits."""
+    cluster = _cluster(run, **({} if efficiency is None else {"gemm_efficiency": efficiency}))
+    args = ModelArgs(**run.model)
+    if run.layout is not None:
+        return plan_one(args, parallel=run.layout, cluster=cluster, seq_len=run.seq_len,
+                        global_batch_tokens=run.global_batch_tokens, micro_batch=run.micro_batch)  # fmt: skip
+    found = search(args, base=ParallelConfig(), cluster=cluster, seq_len=run.seq_len,
+                   global_batch_tokens=run.global_batch_tokens, rehearsals=rehearsals)  # fmt: skip
+    return found[0] if found else None
+
+
+def calibrate(run: PublishedRun, *, rehearsals: dict) -> float:
+    """The efficiency at which the planner's prediction for ``run`` equals its published throughput
+    (bisection: throughput grows with the efficiency)."""
+    low, high = 0.05, 1.0
+    for _ in range(30):
+        mid = (low + high) / 2
+        got = predict(run, efficiency=mid, rehearsals=rehearsals)
+        if got is not None and got.estimate.tokens_per_sec_per_gpu < run.tokens_per_sec_per_gpu:
+            low = mid
+        else:
+            high = mid
+    return round((low + high) / 2, 4)
+
+
+def validate() -> list[dict]:
+    runs = published_runs()
+    rehearsals: dict = {}
+    efficiency = {run.cluster: calibrate(run, rehearsals=rehearsals) for run in runs if run.calibrates}
+    rows = []
+    for run in runs:
+        got = predict(run, efficiency=efficiency[run.cluster], rehearsals=rehearsals)
+        row = {"run": run.name, "source": run.source, "gpus": run.gpus, "cluster": run.cluster,
+               "efficiency": efficiency[run.cluster], "calibration": run.calibrates,
+               "published_tokens_per_sec_per_gpu": round(run.tokens_per_sec_per_gpu, 1),
+               "fits": got is not None}  # fmt: skip
+        if got is not None:
+            est = got.estimate
+            row["fits"] = est.fits  # a published layout (torchtitan's) may not fit in this trainer
+            row |= {"layout": got.label(), "predicted_tokens_per_sec_per_gpu": round(est.tokens_per_sec_per_gpu, 1),
+                    "error": round(est.tokens_per_sec_per_gpu / run.tokens_per_sec_per_gpu - 1, 4),
+                    "memory_gib": round(est.memory.total / 2**30, 1), "mfu": round(est.mfu, 4)}  # fmt: skip
+            if run.memory_gib is not None:
+                row["published_memory_gib"] = run.memory_gib
+            if run.gpu_hours is not None:
+                cost = budget(est, tokens=run.tokens, cluster=_cluster(run, gemm_efficiency=efficiency[run.cluster]))
+                row |= {"published_gpu_hours": run.gpu_hours, "predicted_gpu_hours": round(cost.gpu_hours),
+                        "predicted_days": round(cost.days, 1)}  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| run | GPUs | layout (planner) | published tok/s/GPU | predicted | error | GPU-hours published | predicted | "
+             "memory GiB (published) |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        if "layout" not in r:
+            lines.append(f"| {r['run']} | {r['gpus']} | **nothing fits** | {r['published_tokens_per_sec_per_gpu']:,.0f} | | | | | |")
+            continue
+        mark = " (calibration)" if r["calibration"] else ""
+        hours = f"{r['published_gpu_hours']:,}" if "published_gpu_hours" in r else ""
+        predicted_hours = f"{r['predicted_gpu_hours']:,}" if "predicted_gpu_hours" in r else ""
+        memory = f"{r['memory_gib']}" + (f" ({r['published_memory_gib']})" if "published_memory_gib" in r else "")
+        memory += "" if r["fits"] else " **does not fit**"
+        lines.append(f"| {r['run']}{mark} | {r['gpus']} | {r['layout']} | {r['published_tokens_per_sec_per_gpu']:,.0f} | "
+                     f"{r['predicted_tokens_per_sec_per_gpu']:,.0f} | {100 * r['error']:+.1f}% | {hours} | {predicted_hours} | "
+                     f"{memory} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    opts = parser.parse_args(argv)
+    rows = validate()
+    efficiencies = sorted({(r["cluster"], r["efficiency"]) for r in rows})
+    print("calibrated gemm_efficiency: " + ", ".join(f"{c} {e}" for c, e in efficiencies))
+    print(markdown(rows))
+    if opts.json is not None:
+        opts.json.parent.mkdir(parents=True, exist_ok=True)
+        opts.json.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
