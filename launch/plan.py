@@ -52,6 +52,8 @@ def run_plan(cfg: PlanConfig, *, out_dir: Path) -> str:
         text += "\n\nsearch (tp x dp_replicate x activation checkpointing x micro-batch x reshard):\n"
         text += ranking(found, top=cfg.plan.top)
         shown += found[: cfg.plan.top]
+    else:
+        text += "\n\n--search (plan.search=true) ranks the other layouts of this model on this cluster."
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.txt").write_text(text + "\n")
     picture = plot_memory(shown, cluster=cfg.cluster, path=out_dir / "memory.png")

@@ -70,8 +70,9 @@ def ranking(found: list[Candidate], *, top: int) -> str:
     return "\n".join(lines)
 
 
-def plot_memory(found: list[Candidate], *, cluster: ClusterConfig, path: Path) -> Path:
-    """A stacked bar per layout of its per-GPU memory, by item, with the GPU's capacity as a line."""
+def plot_memory(found: list[Candidate], *, cluster: ClusterConfig, path: Path, configured: bool = True) -> Path:
+    """A stacked bar per layout of its per-GPU memory, by item, with the GPU's capacity as a line (the
+    first bar marked as the configured layout when ``configured``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,7 +86,8 @@ def plot_memory(found: list[Candidate], *, cluster: ClusterConfig, path: Path) -
         ax.bar(range(len(found)), values, bottom=bottoms, label=name)
         bottoms = [b + v for b, v in zip(bottoms, values)]
     ax.axhline(cluster.memory_gib, color="black", linestyle="--", label=f"{cluster.gpu} ({cluster.memory_gib:.0f} GiB)")
-    ax.set_xticks(range(len(found)), [c.label() for c in found], rotation=30, ha="right", fontsize=8)
+    labels = [c.label() + (" (configured)" if configured and i == 0 else "") for i, c in enumerate(found)]
+    ax.set_xticks(range(len(found)), labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("GiB per GPU")
     ax.set_title(f"per-GPU memory on {cluster.gpus} x {cluster.gpu}")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
