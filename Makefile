@@ -19,7 +19,7 @@ TORCH ?= 2.15.0
 COMPAT_VENV := .venv-torch$(TORCH)
 COMPAT_TESTS := tests/model/test_ops.py tests/trainer/test_tensor_parallel.py tests/trainer/test_bf16.py \
 	tests/trainer/test_checkpoint.py tests/trainer/test_hf_interop.py tests/trainer/test_activation_checkpointing.py \
-	tests/trainer/test_compat.py
+	tests/trainer/test_compat.py tests/planner/test_rehearsal.py
 
 # make gpu-check / gpu-wheels: the GPU machine's python (with its CUDA torch) and the wheels it lacks.
 GPU_PY ?= python3
