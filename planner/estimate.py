@@ -46,6 +46,11 @@ def _bytes(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8
 
 
+def _reduce_bytes(parallel: ParallelConfig) -> int:
+    """Bytes per gradient element in FSDP's reduce-scatter / all-reduce (``parallel.reduce_dtype``)."""
+    return 4 if parallel.reduce_dtype == ReduceDtype.fp32 else 2
+
+
 @dataclass(frozen=True)
 class Workload:
     """What one optimizer step processes on each data-parallel rank."""
@@ -166,7 +171,7 @@ def memory(args: ModelArgs, *, rehearsal: Rehearsal, parallel: ParallelConfig, w
     dims = rehearsal.dims
     master = _bytes(rehearsal.param_dtype)
     e = _bytes(work.compute_dtype)
-    reduce = 4 if parallel.reduce_dtype == ReduceDtype.fp32 else 2
+    reduce = _reduce_bytes(parallel)
     if dims.fsdp_enabled:
         largest = max(b.gathered_numel for b in rehearsal.blocks)
         every_block = sum(b.gathered_numel for b in rehearsal.blocks)
@@ -227,7 +232,7 @@ def estimate(args: ModelArgs, *, rehearsal: Rehearsal, parallel: ParallelConfig,
     peak = cluster.bf16_peak if work.compute_dtype != torch.float32 else cluster.bf16_peak / 2
     rate = peak * cluster.gemm_efficiency
     e = _bytes(work.compute_dtype)
-    reduce = 4 if parallel.reduce_dtype == ReduceDtype.fp32 else 2
+    reduce = _reduce_bytes(parallel)
     global_tokens = work.micro_tokens * work.grad_accum * dims.dp
     n = args.n_layers
 
@@ -239,7 +244,8 @@ def estimate(args: ModelArgs, *, rehearsal: Rehearsal, parallel: ParallelConfig,
     block_flops = (micro_flops - head_flops) / n
     block_forward = (2 * (param_counts(args).matmul - args.vocab_size * args.dim) / n
                      + attention_flops_per_token(args, seq_len=work.seq_len) / 3 / n) * work.micro_tokens / dims.tp  # fmt: skip
-    recompute = recomputed_blocks(parallel, n_layers=n) * block_forward
+    recomputed = recomputed_blocks(parallel, n_layers=n)
+    recompute = recomputed * block_forward
     t_fwd_block = block_flops / 3 / rate
     t_elementwise = elementwise_recompute_bytes(args, parallel=parallel, tokens=work.micro_tokens, tp=dims.tp,
                                                 e=e) / (cluster.hbm_gbps * 1e9)  # fmt: skip
@@ -254,7 +260,7 @@ def estimate(args: ModelArgs, *, rehearsal: Rehearsal, parallel: ParallelConfig,
     if dims.tp_enabled:
         one = work.micro_tokens * args.dim * e * _ring(dims.tp)
         t_one = one / _bandwidth(cluster, stride=1, size=dims.tp)
-        recomputed_share = recomputed_blocks(parallel, n_layers=n) / n
+        recomputed_share = recomputed / n
         per_layer_fwd = 4 * t_one
         per_layer_bwd = (2 + 4 * recomputed_share) * t_one + max(0.0, 4 * t_one - t_bwd_block)
         t_tp = n * (per_layer_fwd + per_layer_bwd) + 4 * t_one

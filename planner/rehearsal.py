@@ -17,6 +17,7 @@ What is read from each parameter's local tensor (``DTensor.to_local()``):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -103,6 +104,17 @@ def read_rehearsal(model: nn.Module, *, dims: ParallelDims, rank: int) -> Rehear
     )
 
 
+@contextlib.contextmanager
+def fake_world_model(args: ModelArgs, *, parallel: ParallelConfig, world_size: int, seq_len: int, rank: int = 0,
+                     compute_dtype: torch.dtype = torch.bfloat16) -> Iterator[tuple[nn.Module, ParallelDims]]:  # fmt: skip
+    """The meta model rank ``rank`` builds for ``parallel`` in a fake world of ``world_size``, with its dims;
+    the fake process group lives while the context does. The layout is checked (training's errors) first."""
+    dims = ParallelDims.for_run(parallel, world_size=world_size, model=args, seq_len=seq_len)
+    with fake_process_group(world_size=world_size, rank=rank):
+        dims = dims.with_meshes(device_type="cpu")
+        yield build_meta_model(args, dims=dims, parallel=parallel, compute_dtype=compute_dtype), dims
+
+
 def rehearse(args: ModelArgs, *, parallel: ParallelConfig, world_size: int, seq_len: int, rank: int = 0,
              compute_dtype: torch.dtype = torch.bfloat16) -> Rehearsal:  # fmt: skip
     """Build ``args`` under ``parallel`` as rank ``rank`` of a fake world of ``world_size`` and read its shards.
@@ -110,10 +122,8 @@ def rehearse(args: ModelArgs, *, parallel: ParallelConfig, world_size: int, seq_
     Raises the trainer's own errors for a layout that does not divide the world, the heads, the
     vocabulary or the sequence.
     """
-    dims = ParallelDims.for_run(parallel, world_size=world_size, model=args, seq_len=seq_len)
-    with fake_process_group(world_size=world_size, rank=rank):
-        dims = dims.with_meshes(device_type="cpu")
-        model = build_meta_model(args, dims=dims, parallel=parallel, compute_dtype=compute_dtype)
+    with fake_world_model(args, parallel=parallel, world_size=world_size, seq_len=seq_len, rank=rank,
+                          compute_dtype=compute_dtype) as (model, dims):  # fmt: skip
         return read_rehearsal(model, dims=dims, rank=rank)
 
 
@@ -122,10 +132,7 @@ def every_rank_local_numel(args: ModelArgs, *, parallel: ParallelConfig, world_s
     """For each parameter, the unpadded local element count of every rank of the world, from rank 0's
     DTensor placements (``compat.local_shard_shape``: DTensor's own computation). Lets a test check that
     the shards of all ranks partition each parameter without building the model once per rank."""
-    dims = ParallelDims.for_run(parallel, world_size=world_size, model=args, seq_len=seq_len)
-    with fake_process_group(world_size=world_size, rank=0):
-        dims = dims.with_meshes(device_type="cpu")
-        model = build_meta_model(args, dims=dims, parallel=parallel, compute_dtype=torch.bfloat16)
+    with fake_world_model(args, parallel=parallel, world_size=world_size, seq_len=seq_len) as (model, _):
         shapes: dict = {}  # the blocks repeat: one computation per (shape, mesh, placements)
         for name, p in model.named_parameters():
             if not isinstance(p, DTensor):
