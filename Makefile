@@ -78,7 +78,7 @@ test-all: $(STAMP)  ## every test
 plan: $(STAMP)  ## plan a cluster run without a GPU: memory per GPU, step time, GPU-hours, carbon (docs/planner.md); ARGS='model=llama1_65b cluster.gpus=2048 parallel.tp=8 [--search]'
 	$(PY) -m launch.plan $(ARGS)
 
-plan-validate: $(STAMP)  ## the planner against published LLaMA runs: calibrate, predict, table of errors (~15 min)
+plan-validate: $(STAMP)  ## the planner against published LLaMA runs: calibrate, predict, table of errors (~11 min)
 	$(PY) -m planner.validate --json bench/results/planner_validation.json
 
 loss-compare: $(STAMP)  ## train the debug model under every parallel layout (1-4 processes) and compare losses/weights

@@ -24,7 +24,7 @@ from trainer.activation_checkpointing import policy as ac_policy
 from trainer.build import build_model
 from trainer.config import ParallelConfig
 
-POLICIES = ("none", "selective", "full")
+POLICIES = ("none", "selective", "selective_ffn", "full")
 
 
 def _setup(args: ModelArgs, policy: str):

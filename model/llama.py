@@ -43,6 +43,14 @@ class Recomputable(nn.Module):
     """True: save only what the matmuls need and redo the element-wise work in backward (less memory)."""
 
 
+class RecomputableFFN(Recomputable):
+    """The feed-forward (plain or tensor-parallel): besides its element-wise work, it can rerun its two
+    up projections in backward."""
+
+    recompute_up: bool = False
+    """True: keep only the input and rerun a = x W1^T, b = x W3^T in backward (``model.ops.swiglu``)."""
+
+
 class RMSNorm(Recomputable):
     """y = x / sqrt(mean(x^2) + eps) * g, computed in at least fp32 and cast back (a bf16 mean-square loses bits)."""
 
@@ -116,7 +124,7 @@ class Attention(Recomputable):
         return ops.linear(out, self.wo.weight)
 
 
-class FeedForward(Recomputable):
+class FeedForward(RecomputableFFN):
     """SwiGLU: w2(silu(w1 x) * w3 x), hidden F = ``ModelArgs.ffn_hidden_dim``."""
 
     def __init__(self, args: ModelArgs):
@@ -127,7 +135,8 @@ class FeedForward(Recomputable):
         self.w3 = nn.Linear(args.dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.swiglu(x, self.w1.weight, self.w3.weight, self.w2.weight, recompute=self.recompute)
+        return ops.swiglu(x, self.w1.weight, self.w3.weight, self.w2.weight, recompute=self.recompute,
+                          recompute_up=self.recompute_up)  # fmt: skip
 
 
 class TransformerBlock(nn.Module):

@@ -216,11 +216,18 @@ def recomputed_blocks(parallel: ParallelConfig, *, n_layers: int) -> int:
     return sum(ac.recomputes_block(i) for i in range(n_layers))
 
 
+def recomputed_matmul_flops_per_token(args: ModelArgs, *, parallel: ParallelConfig) -> int:
+    """Matmul FLOPs per token (whole model, unsharded) that the policy reruns outside whole-block
+    recomputation: ``selective_ffn``'s two up projections in every layer."""
+    ac = policy(parallel.activation_checkpoint, every_k=parallel.ac_every_k)
+    return sum(ac.recomputed_matmul_flops(args, layer=i) for i in range(args.n_layers))
+
+
 def elementwise_recompute_bytes(args: ModelArgs, *, parallel: ParallelConfig, tokens: int, tp: int, e: int) -> int:
     """HBM bytes per micro-batch of the element-wise work that selective checkpointing redoes in backward:
     both RMSNorms (read x, write x/rms) and the SwiGLU gate (read a and b, write silu(a) and the product),
     for every layer. Memory-bound work, priced at HBM bandwidth rather than in FLOPs."""
-    if parallel.activation_checkpoint != ACMode.selective:
+    if parallel.activation_checkpoint not in (ACMode.selective, ACMode.selective_ffn):
         return 0
     return args.n_layers * tokens * (2 * 2 * e * args.dim + 4 * e * args.ffn_hidden_dim) // tp
 
@@ -245,7 +252,8 @@ def estimate(args: ModelArgs, *, rehearsal: Rehearsal, parallel: ParallelConfig,
     block_forward = (2 * (param_counts(args).matmul - args.vocab_size * args.dim) / n
                      + attention_flops_per_token(args, seq_len=work.seq_len) / 3 / n) * work.micro_tokens / dims.tp  # fmt: skip
     recomputed = recomputed_blocks(parallel, n_layers=n)
-    recompute = recomputed * block_forward
+    recompute = (recomputed * block_forward
+                 + recomputed_matmul_flops_per_token(args, parallel=parallel) * work.micro_tokens / dims.tp)  # fmt: skip
     t_fwd_block = block_flops / 3 / rate
     t_elementwise = elementwise_recompute_bytes(args, parallel=parallel, tokens=work.micro_tokens, tp=dims.tp,
                                                 e=e) / (cluster.hbm_gbps * 1e9)  # fmt: skip

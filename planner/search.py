@@ -114,7 +114,8 @@ def _replicate_degrees(*, tp: int, cluster: ClusterConfig) -> list[int]:
     return degrees
 
 
-AC_CHOICES = ((ACMode.none, 2), (ACMode.selective, 2), (ACMode.every_k, 2), (ACMode.full, 2))
+AC_CHOICES = ((ACMode.none, 2), (ACMode.selective, 2), (ACMode.selective_ffn, 2), (ACMode.every_k, 2),
+              (ACMode.full, 2))  # fmt: skip
 
 
 def candidates(args: ModelArgs, *, base: ParallelConfig, cluster: ClusterConfig, seq_len: int,

@@ -30,13 +30,16 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 LLAMA1 = "Touvron et al. 2023, LLaMA, Table 15 and section 2.4"
 LLAMA2 = "Touvron et al. 2023, Llama 2, Table 2 and section 2.2"
-TITAN = "torchtitan docs/performance.md (FSDP2 on 64 A100-80GB)"
-TITAN_H100 = "torchtitan docs/performance.md, Table 1 (8 H100 96GB, 500 W)"
+TITAN = "torchtitan docs/performance.md, 2024 (FSDP2 on 64 A100-80GB)"
+TITAN_H100 = "torchtitan benchmarks/llama3_h100_202412_torchtitan.md, Tables 1 and 3 (H100 96GB, 500 W)"
 
 # Llama 2 34B was not released; Code Llama 34B (Roziere et al. 2023) starts from it and has this shape.
 LLAMA2_34B = {"dim": 8192, "n_layers": 48, "n_heads": 64, "n_kv_heads": 8, "vocab_size": 32000, "multiple_of": 256,
               "max_seq_len": 4096}  # fmt: skip
-LLAMA31_8B = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 1024,
+# Llama 3 / 3.1 (the same shapes; torchtitan trains them at 8,192 tokens).
+LLAMA3_8B = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 1024,
+             "ffn_dim_multiplier": 1.3, "rope_theta": 500000.0, "max_seq_len": 8192}  # fmt: skip
+LLAMA3_70B = {"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 4096,
               "ffn_dim_multiplier": 1.3, "rope_theta": 500000.0, "max_seq_len": 8192}  # fmt: skip
 
 
@@ -49,8 +52,8 @@ class PublishedRun:
     gpus: int
     seq_len: int
     global_batch_tokens: int
-    tokens_per_sec_per_gpu: float
-    """Published, or derived from published GPU-hours and tokens."""
+    tokens_per_sec_per_gpu: Optional[float]
+    """Published, or derived from published GPU-hours and tokens; None: the run was published as out of memory."""
     gpu_hours: Optional[float] = None
     tokens: Optional[float] = None
     layout: Optional[ParallelConfig] = None
@@ -85,17 +88,33 @@ def published_runs() -> list[PublishedRun]:
         runs.append(PublishedRun(name=f"Llama 2 {label}", source=LLAMA2, model=model, cluster="a100_80gb", gpus=2048,
                                  seq_len=4096, global_batch_tokens=m4, tokens=2.0e12, gpu_hours=hours,
                                  tokens_per_sec_per_gpu=_from_gpu_hours(2.0e12, hours)))  # fmt: skip
-    for label, model, micro, ac, tps in (("Llama 2 13B, mb 2, selective", _preset("llama2_13b"), 2, ACMode.selective, 1904),
-                                         ("Llama 2 70B, mb 1, selective", _preset("llama2_70b"), 1, ACMode.selective, 355),
-                                         ("Llama 2 70B, mb 2, full", _preset("llama2_70b"), 2, ACMode.full, 353)):  # fmt: skip
+    # torchtitan's AC names in ours: "selective layer" (full recomputation of every 2nd block) is our
+    # every_k with k=2, exactly; "selective op" (torch's per-op SAC keeping every other matmul output) is
+    # closest to our selective_ffn (2 of 7 matmuls rerun); "full" and "no" are ours. None: published OOM.
+    layer, op, full, no = ACMode.every_k, ACMode.selective_ffn, ACMode.full, ACMode.none
+    for label, model, seq, micro, ac, tps in (
+        ("Llama 2 13B, mb 2, no AC", _preset("llama2_13b"), 4096, 2, no, 2162),
+        ("Llama 2 13B, mb 2, selective layer", _preset("llama2_13b"), 4096, 2, layer, 1914),
+        ("Llama 2 13B, mb 2, selective op", _preset("llama2_13b"), 4096, 2, op, 1904),
+        ("Llama 2 70B, mb 2, selective layer", _preset("llama2_70b"), 4096, 2, layer, None),
+        ("Llama 2 70B, mb 2, selective op", _preset("llama2_70b"), 4096, 2, op, None),
+        ("Llama 2 70B, mb 1, selective op", _preset("llama2_70b"), 4096, 1, op, 355),
+        ("Llama 2 70B, mb 2, full", _preset("llama2_70b"), 4096, 2, full, 353),
+        ("Llama 3 8B, mb 1, selective layer", LLAMA3_8B, 8192, 1, layer, 2904),
+        ("Llama 3 8B, mb 1, selective op", LLAMA3_8B, 8192, 1, op, 2973),
+        ("Llama 3 70B, mb 1, full", LLAMA3_70B, 8192, 1, full, 331),
+    ):  # fmt: skip
         runs.append(PublishedRun(name=f"torchtitan {label}", source=TITAN, model=model, cluster="a100_80gb", gpus=64,
-                                 seq_len=4096, global_batch_tokens=64 * micro * 4096, tokens_per_sec_per_gpu=tps,
-                                 layout=ParallelConfig(activation_checkpoint=ac), micro_batch=micro))  # fmt: skip
-    runs.append(PublishedRun(name="torchtitan Llama 3.1 8B, mb 2, selective", source=TITAN_H100, model=LLAMA31_8B,
-                             cluster="h100_80gb", gpus=8, seq_len=8192, global_batch_tokens=8 * 2 * 8192,
-                             tokens_per_sec_per_gpu=5762, layout=ParallelConfig(), micro_batch=2, calibrates=True,
-                             cluster_overrides={"memory_gib": 94.5, "hbm_gbps": 2400, "gpu_power_w": 500},
-                             memory_gib=82.4))  # fmt: skip
+                                 seq_len=seq, global_batch_tokens=64 * micro * seq, tokens_per_sec_per_gpu=tps,
+                                 layout=ParallelConfig(activation_checkpoint=ac, ac_every_k=2), micro_batch=micro))  # fmt: skip
+    # Grand Teton: 96 GB HBM2e at 2.4 TB/s, 500 W, 400 Gb/s RDMA per GPU. Table 1 calibrates, Table 3 predicts.
+    teton = {"memory_gib": 94.5, "hbm_gbps": 2400, "gpu_power_w": 500, "inter_node_gbps": 50}
+    for gpus, tps, memory, calibrates in ((8, 5762, 82.4, True), (128, 5605, 67.0, False)):
+        runs.append(PublishedRun(name=f"torchtitan Llama 3.1 8B, {gpus} GPUs, mb 2, selective op", source=TITAN_H100,
+                                 model=LLAMA3_8B, cluster="h100_80gb", gpus=gpus, seq_len=8192,
+                                 global_batch_tokens=gpus * 2 * 8192, tokens_per_sec_per_gpu=tps,
+                                 layout=ParallelConfig(activation_checkpoint=op), micro_batch=2, calibrates=calibrates,
+                                 cluster_overrides=teton, memory_gib=memory))  # fmt: skip
     return runs
 
 
@@ -137,16 +156,18 @@ def validate() -> list[dict]:
     rows = []
     for run in runs:
         got = predict(run, efficiency=efficiency[run.cluster], rehearsals=rehearsals)
+        published = run.tokens_per_sec_per_gpu
         row = {"run": run.name, "source": run.source, "gpus": run.gpus, "cluster": run.cluster,
                "efficiency": efficiency[run.cluster], "calibration": run.calibrates,
-               "published_tokens_per_sec_per_gpu": round(run.tokens_per_sec_per_gpu, 1),
-               "fits": got is not None}  # fmt: skip
+               "published_tokens_per_sec_per_gpu": None if published is None else round(published, 1),
+               "published_oom": published is None, "fits": got is not None}  # fmt: skip
         if got is not None:
             est = got.estimate
             row["fits"] = est.fits  # a published layout (torchtitan's) may not fit in this trainer
             row |= {"layout": got.label(), "predicted_tokens_per_sec_per_gpu": round(est.tokens_per_sec_per_gpu, 1),
-                    "error": round(est.tokens_per_sec_per_gpu / run.tokens_per_sec_per_gpu - 1, 4),
                     "memory_gib": round(est.memory.total / 2**30, 1), "mfu": round(est.mfu, 4)}  # fmt: skip
+            if published is not None:
+                row["error"] = round(est.tokens_per_sec_per_gpu / published - 1, 4)
             if run.memory_gib is not None:
                 row["published_memory_gib"] = run.memory_gib
             if run.gpu_hours is not None:
@@ -158,21 +179,30 @@ def validate() -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
+    """The table of docs/planner.md. A run published as out of memory shows "OOM" and whether the planner
+    agrees (its prediction is then a fit check, not a throughput)."""
     lines = ["| run | GPUs | layout (planner) | published tok/s/GPU | predicted | error | GPU-hours published | predicted | "
              "memory GiB (published) |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
+        published = "OOM" if r["published_oom"] else f"{r['published_tokens_per_sec_per_gpu']:,.0f}"
         if "layout" not in r:
-            lines.append(f"| {r['run']} | {r['gpus']} | **nothing fits** | {r['published_tokens_per_sec_per_gpu']:,.0f} | | | | | |")
+            lines.append(f"| {r['run']} | {r['gpus']} | **nothing fits** | {published} | | | | | |")
             continue
         mark = " (calibration)" if r["calibration"] else ""
         hours = f"{r['published_gpu_hours']:,}" if "published_gpu_hours" in r else ""
         predicted_hours = f"{r['predicted_gpu_hours']:,}" if "predicted_gpu_hours" in r else ""
         memory = f"{r['memory_gib']}" + (f" ({r['published_memory_gib']})" if "published_memory_gib" in r else "")
-        memory += "" if r["fits"] else " **does not fit**"
-        lines.append(f"| {r['run']}{mark} | {r['gpus']} | {r['layout']} | {r['published_tokens_per_sec_per_gpu']:,.0f} | "
-                     f"{r['predicted_tokens_per_sec_per_gpu']:,.0f} | {100 * r['error']:+.1f}% | {hours} | {predicted_hours} | "
-                     f"{memory} |")  # fmt: skip
+        if r["published_oom"]:
+            predicted = "OOM (agrees)" if not r["fits"] else "**fits (disagrees)**"
+            memory += "" if r["fits"] else " does not fit"
+            error = ""
+        else:
+            predicted = f"{r['predicted_tokens_per_sec_per_gpu']:,.0f}"
+            memory += "" if r["fits"] else " **does not fit**"
+            error = f"{100 * r['error']:+.1f}%"
+        lines.append(f"| {r['run']}{mark} | {r['gpus']} | {r['layout']} | {published} | {predicted} | {error} | "
+                     f"{hours} | {predicted_hours} | {memory} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -23,6 +23,9 @@ fp32), h model width, kv = Hkv * D key/value width, F SwiGLU hidden, a query hea
         (e h each, saved once though three projections use the first); q after RoPE (e h), k and v
         (e kv each); the attention output (e h, shared by the core and wo); the log-sum-exp (c a);
         SwiGLU's two linear outputs (e F each).
+    selective_ffn: (6 e h + 2 e kv + c (2 + a)) / t
+        as selective, without SwiGLU's two linear outputs: backward reruns those two matmuls from the
+        kept input (4 h F FLOPs per token, ~1/6 of the layer's forward at LLaMA widths).
     none:      (4 e h + 2 c h + 2 e kv + 4 e F + c (2 + a)) / t
         as selective, but each RMSNorm keeps its normalised input in c instead of its input, and SwiGLU
         also keeps silu(x W1^T) and the gated product (2 e F more).
@@ -44,7 +47,7 @@ from torch import nn
 
 from compat import checkpoint_wrapper
 from model.config import ModelArgs
-from model.llama import Recomputable, Transformer
+from model.llama import Recomputable, RecomputableFFN, Transformer
 
 
 class ACMode(str, enum.Enum):
@@ -52,15 +55,22 @@ class ACMode(str, enum.Enum):
 
     none = "none"  # keep every activation the layer's backward uses, element-wise intermediates included
     selective = "selective"  # keep matmul outputs, recompute the cheap element-wise work (LLaMA paper §2.4)
+    # selective, and the feed-forward's two up projections are rerun in backward: its largest activations
+    # (2 x F ~ 5.3 h per token) go, for 2 of the layer's 7 matmuls rerun; between selective and full in
+    # memory, near torchtitan's per-op policy ("selective op", which keeps every other matmul's output)
+    selective_ffn = "selective_ffn"
     full = "full"  # keep only each block's input; recompute the block's forward during backward
     every_k = "every_k"  # full recomputation on every k-th block (parallel.ac_every_k), none on the others
 
 
-def set_recompute(module: nn.Module, *, recompute: bool) -> None:
-    """Set the flag of every ``Recomputable`` module (RMSNorm, attention, SwiGLU, their TP forms) under ``module``."""
+def set_recompute(module: nn.Module, *, recompute: bool, recompute_up: bool = False) -> None:
+    """Set the flags of every ``Recomputable`` module (RMSNorm, attention, SwiGLU, their TP forms) under
+    ``module``: ``recompute`` on all, ``recompute_up`` on the feed-forwards."""
     for sub in module.modules():
         if isinstance(sub, Recomputable):
             sub.recompute = recompute
+        if isinstance(sub, RecomputableFFN):
+            sub.recompute_up = recompute_up
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,11 @@ class ACPolicy:
     def recomputes_block(self, layer: int) -> bool:
         """Whether block ``layer``'s whole forward is rerun in backward."""
         return False
+
+    def recomputed_matmul_flops(self, args: ModelArgs, *, layer: int) -> int:
+        """Matmul FLOPs per token (unsharded) that block ``layer`` reruns in backward, whole-block
+        recomputation (``recomputes_block``) aside."""
+        return 0
 
     def layer_bytes(self, args: ModelArgs, *, layer: int, batch: int, seq_len: int, tp: int,
                     dtype: torch.dtype = torch.float32) -> int:  # fmt: skip
@@ -119,6 +134,21 @@ class Selective(ACPolicy):
 
 
 @dataclass(frozen=True)
+class SelectiveFFN(ACPolicy):
+    mode: ClassVar[ACMode] = ACMode.selective_ffn
+
+    def apply(self, model: Transformer) -> None:
+        set_recompute(model, recompute=True, recompute_up=True)
+
+    def recomputed_matmul_flops(self, args: ModelArgs, *, layer: int) -> int:
+        return 2 * 2 * args.dim * args.ffn_hidden_dim  # a = x W1^T and b = x W3^T, 2 FLOPs per multiply-add
+
+    def layer_bytes(self, args, *, layer, batch, seq_len, tp, dtype=torch.float32) -> int:
+        tokens, e, c, h, kv, f, a = _sizes(args, batch=batch, seq_len=seq_len, tp=tp, dtype=dtype)
+        return tokens * (6 * e * h + 2 * e * kv + c * (2 + a)) // tp
+
+
+@dataclass(frozen=True)
 class EveryK(ACPolicy):
     """Blocks 0, k, 2k, ... rerun their forward in backward; the others keep everything (``none``)."""
 
@@ -155,7 +185,7 @@ class Full(EveryK):
     mode: ClassVar[ACMode] = ACMode.full
 
 
-POLICIES: dict[ACMode, type[ACPolicy]] = {cls.mode: cls for cls in (KeepAll, Selective, Full, EveryK)}
+POLICIES: dict[ACMode, type[ACPolicy]] = {cls.mode: cls for cls in (KeepAll, Selective, SelectiveFFN, Full, EveryK)}
 
 
 def policy(mode: ACMode, *, every_k: int = 2) -> ACPolicy:

@@ -137,7 +137,7 @@ class ParallelConfig:
     """FSDP: each block explicitly prefetches the next block's all-gather (forward) and the previous one's
     (backward), issued asynchronously, so parameter gathering overlaps the current block's compute."""
     activation_checkpoint: ACMode = ACMode.selective
-    """none | selective | full | every_k: what the blocks recompute in backward instead of keeping."""
+    """none | selective | selective_ffn | full | every_k: what the blocks recompute in backward instead of keeping."""
     compile: bool = False
     """torch.compile each transformer block (after TP and activation checkpointing, before FSDP)."""
     ac_every_k: int = 2

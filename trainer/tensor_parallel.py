@@ -41,7 +41,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distr
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from model import ops
-from model.llama import Attention, FeedForward, Recomputable, RMSNorm, Transformer, rope_attention
+from model.llama import Attention, FeedForward, Recomputable, RecomputableFFN, RMSNorm, Transformer, rope_attention
 from model.ops.amp import autocast_off, matmul_inputs, no_autocast_backward
 from model.ops.linear import input_grad, weight_grad
 from model.ops.swiglu import gate, gate_backward
@@ -205,30 +205,41 @@ class _SequenceParallelSwiGLU(torch.autograd.Function):
                   dx = reduce_scatter_T(da W1 + db W3)
         weight:   dW2 = dY^T h,  dW1 = da^T X,  dW3 = db^T X
 
-    Saved: x (the shard), a, b and the weights; ``recompute=False`` also s and h (as ``ops.swiglu``).
+    Saved: x (the shard), a, b and the weights; ``recompute=False`` also s and h (as ``ops.swiglu``);
+    ``recompute_up=True`` only x and the weights (a, b rerun from the gathered X in backward).
     Backward order: launch all-gather(dy) and all-gather(x) -> recompute s, h (overlaps both) -> wait dY
     -> dW2, dh, da, db, dx_full (overlap the x gather) -> wait X -> launch reduce-scatter(dx_full) ->
-    dW1, dW3 (overlap it) -> wait.
+    dW1, dW3 (overlap it) -> wait. With ``recompute_up`` X is needed first: wait X -> a, b, s, h (overlap
+    the dy gather) -> wait dY -> as above.
     """
 
     @staticmethod
-    def forward(ctx, x, w1, w3, w2, group: ProcessGroup, recompute: bool, overlap: bool) -> torch.Tensor:
+    def forward(ctx, x, w1, w3, w2, group: ProcessGroup, recompute: bool, recompute_up: bool,
+                overlap: bool) -> torch.Tensor:  # fmt: skip
         x_full = gather_sequence(x, group).wait()
         a, b = F.linear(x_full, w1), F.linear(x_full, w3)
         del x_full
         s, h = gate(a, b)
         y = scatter_sequence(F.linear(h, w2), group).wait()
-        ctx.group, ctx.recompute, ctx.overlap = group, recompute, overlap
-        ctx.save_for_backward(x, a, b, w1, w3, w2, *(() if recompute else (s, h)))
+        ctx.group, ctx.recompute, ctx.recompute_up, ctx.overlap = group, recompute, recompute_up, overlap
+        if recompute_up:
+            ctx.save_for_backward(x, w1, w3, w2)
+        else:
+            ctx.save_for_backward(x, w1, w3, w2, a, b, *(() if recompute else (s, h)))
         return y
 
     @staticmethod
     @no_autocast_backward
     def backward(ctx, dy: torch.Tensor):
-        x, a, b, w1, w3, w2, *kept = ctx.saved_tensors
+        x, w1, w3, w2, *kept = ctx.saved_tensors
         dy_gathering = _launched(gather_sequence(dy, ctx.group), overlap=ctx.overlap)
         x_gathering = _launched(gather_sequence(x, ctx.group), overlap=ctx.overlap)
-        s, h = gate(a, b) if ctx.recompute else kept
+        x_full = None
+        if ctx.recompute_up:
+            x_full = x_gathering.wait()
+            kept = [F.linear(x_full, w1), F.linear(x_full, w3)]
+        a, b, *kept = kept
+        s, h = gate(a, b) if ctx.recompute or ctx.recompute_up else kept
         del kept
         dy_full = dy_gathering.wait()
         dw2 = weight_grad(dy_full, h)
@@ -236,11 +247,12 @@ class _SequenceParallelSwiGLU(torch.autograd.Function):
         da, db = gate_backward(input_grad(dy_full, w2), a=a, b=b, s=s)
         del dy_full, a, b, s
         dx_full = input_grad(da, w1) + input_grad(db, w3)
-        x_full = x_gathering.wait()
+        if x_full is None:
+            x_full = x_gathering.wait()
         scattering = _launched(scatter_sequence(dx_full, ctx.group), overlap=ctx.overlap)
         del dx_full
         dw1, dw3 = weight_grad(da, x_full), weight_grad(db, x_full)
-        return scattering.wait(), dw1, dw3, dw2, None, None, None
+        return scattering.wait(), dw1, dw3, dw2, None, None, None, None
 
 
 def column_parallel_from_sequence(x: torch.Tensor, weights: tuple[torch.Tensor, ...], *, group: ProcessGroup,
@@ -259,11 +271,12 @@ def row_parallel_to_sequence(h: torch.Tensor, weight: torch.Tensor, *, group: Pr
 
 
 def sequence_parallel_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, *,
-                             group: ProcessGroup, recompute: bool, overlap: bool) -> torch.Tensor:  # fmt: skip
+                             group: ProcessGroup, recompute: bool, overlap: bool,
+                             recompute_up: bool = False) -> torch.Tensor:  # fmt: skip
     """``_SequenceParallelSwiGLU`` under autocast's matmul rule: (B, T/t, d) -> (B, T/t, d)."""
     x, w1, w3, w2 = matmul_inputs(x, w1, w3, w2)
     with autocast_off(x.device.type):
-        return _SequenceParallelSwiGLU.apply(x, w1, w3, w2, group, recompute, overlap)
+        return _SequenceParallelSwiGLU.apply(x, w1, w3, w2, group, recompute, recompute_up, overlap)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -303,18 +316,18 @@ class TensorParallelAttention(Recomputable):
         return row_parallel_to_sequence(out, self.wo.weight.to_local(), group=self.tp_group)
 
 
-class TensorParallelFeedForward(Recomputable):
+class TensorParallelFeedForward(RecomputableFFN):
     """(B, T/t, d) -> (B, T/t, d): SwiGLU with its hidden units split over the tp ranks."""
 
     def __init__(self, ffn: FeedForward, *, group: ProcessGroup, overlap: bool):
         super().__init__()
         self.w1, self.w2, self.w3 = ffn.w1, ffn.w2, ffn.w3  # the same children
-        self.recompute, self.tp_group, self.overlap = ffn.recompute, group, overlap
+        self.recompute, self.recompute_up, self.tp_group, self.overlap = ffn.recompute, ffn.recompute_up, group, overlap
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w1, w3, w2 = (lin.weight.to_local() for lin in (self.w1, self.w3, self.w2))
         return sequence_parallel_swiglu(x, w1, w3, w2, group=self.tp_group, recompute=self.recompute,
-                                        overlap=self.overlap)  # fmt: skip
+                                        recompute_up=self.recompute_up, overlap=self.overlap)  # fmt: skip
 
 
 def _distribute_parameters(module: nn.Module, *, mesh: DeviceMesh, placement: Placement) -> None:

@@ -79,6 +79,8 @@ OPS = {
     "rms_norm": Op(("x", "g"), functools.partial(rms_norm, eps=EPS), functools.partial(rms_norm_reference, eps=EPS)),
     "linear": Op(("x", "w1"), linear, linear_reference),
     "swiglu": Op(("x", "w1", "w3", "w2"), swiglu, swiglu_reference),
+    # selective_ffn's form: only x kept, the up projections rerun in backward (``recompute`` is moot).
+    "swiglu_up": Op(("x", "w1", "w3", "w2"), functools.partial(swiglu, recompute_up=True), swiglu_reference),
     "attention_core": Op(("q", "k", "v"), attention_core, attention_core_reference),
 }
 
@@ -156,6 +158,18 @@ def test_recompute_modes_bitwise_equal(name, shape, dtype):
     out, grads, dy = forward_backward(functools.partial(op.fn, recompute=True), inputs)
     out_none, grads_none, _ = forward_backward(functools.partial(op.fn, recompute=False), inputs, dy)
     assert_all_equal((out, *grads), (out_none, *grads_none))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [RANDOM, DEBUG], ids=lambda s: s.name)
+def test_swiglu_rerunning_the_up_projections_is_bitwise_equal(shape, dtype):
+    """Rerunning a = x W1^T, b = x W3^T in backward gives the bits forward computed: the same output and
+    gradients as keeping a, b (selective) and as keeping s, h as well (none)."""
+    inputs = op_inputs("swiglu", shape, dtype)
+    out, grads, dy = forward_backward(functools.partial(swiglu, recompute_up=True), inputs)
+    for recompute in (True, False):
+        kept = forward_backward(functools.partial(swiglu, recompute=recompute), inputs, dy)
+        assert_all_equal((out, *grads), (kept[0], *kept[1]))
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -317,6 +331,8 @@ def expected_saved_bytes(name: str, shape: Shape, *, recompute: bool, dtype: tor
     if name == "swiglu":
         # selective: x (N d) + a, b (N F each); none: + s, h (N F each). Parameters: W1, W3, W2 (F d each).
         return (n * d + 2 * n * f + (0 if recompute else 2 * n * f)) * s, 3 * f * d * s
+    if name == "swiglu_up":
+        return n * d * s, 3 * f * d * s  # x alone (N d), whatever ``recompute`` says; W1, W3, W2
     if name == "attention_core":
         # Both modes (CPU kernel, no GQA expansion): q, o (B T H D) + k, v (B T Hkv D) + lse (B H T, c).
         return (2 * b * t * h * hd + 2 * b * t * hkv * hd) * s + b * h * t * c, 0

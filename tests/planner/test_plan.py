@@ -76,6 +76,39 @@ def test_step_time_responds_to_the_cluster():
     assert fast.mfu == pytest.approx(fast.model_flops_per_gpu / (fast.time.total * fast.peak_flops))
 
 
+def test_selective_ffn_sits_between_selective_and_full():
+    """The FFN-rerunning policy keeps fewer activation bytes than selective and more than full, and costs
+    its two rerun matmuls (4 d F FLOPs per token and layer) in compute time, less than full's forward."""
+    args = PRESETS["llama1_7b"]
+    r = rehearse(args, parallel=ParallelConfig(), world_size=64, seq_len=2048)
+    work = Workload(micro_batch=2, grad_accum=1, seq_len=2048, compute_dtype=torch.bfloat16)
+    est = {mode: estimate(args, rehearsal=r, parallel=ParallelConfig(activation_checkpoint=mode), work=work, cluster=A100)
+           for mode in (ACMode.selective, ACMode.selective_ffn, ACMode.full)}  # fmt: skip
+    acts = {mode: e.memory.activations for mode, e in est.items()}
+    assert acts[ACMode.full] < acts[ACMode.selective_ffn] < acts[ACMode.selective]
+    rate = A100.bf16_peak * A100.gemm_efficiency
+    rerun = 4 * args.dim * args.ffn_hidden_dim * args.n_layers * work.micro_tokens / rate
+    extra = est[ACMode.selective_ffn].time.compute - est[ACMode.selective].time.compute
+    assert extra == pytest.approx(rerun, rel=1e-9)
+    assert est[ACMode.selective_ffn].time.compute < est[ACMode.full].time.compute
+
+
+def test_validation_table_marks_published_out_of_memory_runs():
+    from planner.validate import markdown
+
+    base = {"gpus": 64, "calibration": False, "layout": "tp1 rep1 full mb2", "memory_gib": 90.0}
+    rows = [{**base, "run": "agrees", "published_oom": True, "fits": False, "published_tokens_per_sec_per_gpu": None,
+             "predicted_tokens_per_sec_per_gpu": 1.0},
+            {**base, "run": "disagrees", "published_oom": True, "fits": True, "published_tokens_per_sec_per_gpu": None,
+             "predicted_tokens_per_sec_per_gpu": 1.0},
+            {**base, "run": "ran", "published_oom": False, "fits": True, "published_tokens_per_sec_per_gpu": 100.0,
+             "predicted_tokens_per_sec_per_gpu": 90.0, "error": -0.1}]  # fmt: skip
+    lines = markdown(rows).splitlines()[2:]
+    assert "| OOM | OOM (agrees) |" in lines[0] and "does not fit" in lines[0]
+    assert "**fits (disagrees)**" in lines[1]
+    assert "| 100 | 90 | -10.0% |" in lines[2]
+
+
 def test_budget_reproduces_the_llama_papers_carbon_arithmetic():
     """Table 15 of the LLaMA paper: 65B, 1,022,362 GPU-hours -> 449 MWh -> 173 tCO2eq (400 W, PUE 1.1,
     0.385 kg/kWh). The step time is set so that the run takes the paper's GPU-hours."""

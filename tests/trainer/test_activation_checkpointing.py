@@ -69,9 +69,9 @@ def activation_bytes(mode: str) -> int:
 
 def test_recomputation_keeps_fewer_activations():
     """Whole-model ordering; the exact per-layer bytes are checked below."""
-    none, selective, full, every_2 = (activation_bytes(m) for m in MODES)
-    assert full < every_2 < none
-    assert full < selective < none
+    kept = {mode: activation_bytes(mode) for mode in MODES}
+    assert kept["full"] < kept["every_k"] < kept["none"]
+    assert kept["full"] < kept["selective_ffn"] < kept["selective"] < kept["none"]
 
 
 def test_fsdp_with_full_recomputation_matches_fsdp_without(reference_run):
@@ -102,7 +102,7 @@ def test_compiled_blocks_train_like_eager(tiny_overrides, tmp_path, mode):
     assert losses[True][-1] < losses[True][0]
 
 
-LAYER_MODES = ("none", "selective", "full")  # every_k mixes them: layer by layer, checked in test_every_k_mixes
+LAYER_MODES = ("none", "selective", "selective_ffn", "full")  # every_k mixes them: layer by layer, checked in test_every_k_mixes
 
 
 def counted_layer_bytes(mode: str, *, tp: int, world_size: int) -> int:
@@ -139,8 +139,8 @@ def test_tensor_and_sequence_parallel_layer_bytes_equal_the_formula():
 
 
 def test_the_policies_order_and_tp_splits_every_term():
-    none, selective, full = (formula(mode, tp=1) for mode in LAYER_MODES)
-    assert full < selective < none
+    none, selective, selective_ffn, full = (formula(mode, tp=1) for mode in LAYER_MODES)
+    assert full < selective_ffn < selective < none
     for mode in LAYER_MODES:  # sequence parallelism: every saved tensor is split, nothing is replicated
         assert formula(mode, tp=2) * 2 == formula(mode, tp=1)
 

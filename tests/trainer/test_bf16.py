@@ -32,7 +32,7 @@ from trainer.build import build_model
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, max_seq_len=32)
 GLOBAL_BATCH, SEQ, STEPS = 4, 16, 3
-AC_MODES = (ACMode.none, ACMode.selective, ACMode.full, ACMode.every_k)
+AC_MODES = (ACMode.none, ACMode.selective, ACMode.selective_ffn, ACMode.full, ACMode.every_k)
 OPTIM = OptimConfig(lr=3e-3, warmup_steps=1)
 LAYOUTS = {  # name: (processes, tp, fsdp_one_rank)
     "single": (1, 1, False),

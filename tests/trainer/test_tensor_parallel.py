@@ -18,7 +18,7 @@ from trainer.tensor_parallel import apply_tensor_parallel
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=16, multiple_of=8)
 
 
-def _tp_model_worker(rank: int, world_size: int, recompute: bool) -> None:
+def _tp_model_worker(rank: int, world_size: int, mode: ACMode) -> None:
     """The whole TP model in fp64 against the unsharded one: logits, and every parameter's gradient."""
     torch.manual_seed(0)
     reference = Transformer(ARGS)
@@ -27,7 +27,7 @@ def _tp_model_worker(rank: int, world_size: int, recompute: bool) -> None:
     sharded = copy.deepcopy(reference)  # the same weights on every rank (same seed)
     apply_tensor_parallel(sharded, tp_mesh=init_device_mesh("cpu", (world_size,)))
     for model in (reference, sharded):
-        policy(ACMode.selective if recompute else ACMode.none).apply(model)
+        policy(mode).apply(model)
     tokens = torch.randint(0, ARGS.vocab_size, (2, 8))
     probe = torch.randn(2, 8, ARGS.vocab_size, dtype=torch.float64)  # a loss that weighs every logit
 
@@ -43,6 +43,6 @@ def _tp_model_worker(rank: int, world_size: int, recompute: bool) -> None:
         torch.testing.assert_close(param.grad.full_tensor(), grads_ref[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("recompute", [True, False], ids=["selective", "none"])
-def test_tp_model_matches_unsharded_model(recompute):
-    run_workers(_tp_model_worker, world_size=2, args=(recompute,))
+@pytest.mark.parametrize("mode", [ACMode.selective, ACMode.none, ACMode.selective_ffn], ids=str)
+def test_tp_model_matches_unsharded_model(mode):
+    run_workers(_tp_model_worker, world_size=2, args=(mode,))
