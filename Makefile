@@ -31,7 +31,7 @@ $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[dev]'
 	@touch $(STAMP)
 
-.PHONY: help install train test test-slow test-multinode test-faults test-gpu test-compat gpu-check gpu-wheels test-all loss-compare plan plan-validate bench bench-ac bench-overlap model-info clean
+.PHONY: help install train eval test test-slow test-multinode test-faults test-gpu test-compat gpu-check gpu-wheels test-all loss-compare plan plan-validate bench bench-ac bench-overlap model-info clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -74,6 +74,9 @@ gpu-wheels:  ## download what gpu-check needs besides torch (hydra, omegaconf, w
 
 test-all: $(STAMP)  ## every test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+eval: $(STAMP)  ## evaluate the newest checkpoint under outputs/ (make train's) on the demo tasks, print the table; ARGS='checkpoint=<dir> eval.tasks=[...]'
+	$(PY) -m evaluation.run $(ARGS)
 
 plan: $(STAMP)  ## plan a cluster run without a GPU: memory per GPU, step time, GPU-hours, carbon (docs/planner.md); ARGS='model=llama1_65b cluster.gpus=2048 parallel.tp=8 [--search]'
 	$(PY) -m launch.plan $(ARGS)

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError
 
 from data.config import DataConfig
+from evaluation.config import EvalConfig
 from model.config import ModelArgs
 from planner.config import ClusterConfig, PlanSettings
-from trainer.config import CheckpointConfig, LoggingConfig, OptimConfig, ParallelConfig, ProfileConfig, TrainerConfig
+from trainer.config import (
+    CheckpointConfig, Device, LoggingConfig, OptimConfig, ParallelConfig, Precision, ProfileConfig, TrainerConfig,
+)  # fmt: skip
 
 
 @dataclass
@@ -41,15 +45,32 @@ class PlanConfig(Config):
     plan: PlanSettings = field(default_factory=PlanSettings)
 
 
+@dataclass
+class EvaluateConfig:
+    """The root of ``python -m evaluation.run`` (``conf/eval.yaml``): a checkpoint and the tasks. The model,
+    its shape and its tokenizer come from the checkpoint."""
+
+    checkpoint: str = "latest"
+    tokenizer: Optional[str] = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    device: Device = Device.auto
+    precision: Precision = Precision.auto
+    out_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        self.device, self.precision = Device(self.device), Precision(self.precision)
+
+
 def register_schema() -> None:
     """Make the schemas available to the defaults lists as the ``schema`` group: ``train`` (``config.yaml``)
     and ``plan`` (``plan.yaml``, which includes ``config.yaml`` and overrides its schema)."""
     store = ConfigStore.instance()
     store.store(group="schema", name="train", node=Config, package="_global_")
     store.store(group="schema", name="plan", node=PlanConfig, package="_global_")
+    store.store(group="schema", name="evaluate", node=EvaluateConfig, package="_global_")
 
 
-def to_config(cfg: DictConfig) -> Config:  # a PlanConfig for the planner's composition
+def to_config(cfg: DictConfig) -> Config:  # a PlanConfig / EvaluateConfig for the planner's / evaluation's
     """Turn a composed DictConfig into dataclasses, running each one's ``__post_init__`` validation.
 
     Hydra's ``+key=value`` adds a key even where the schema has none, and ``to_object`` would then drop
@@ -60,7 +81,8 @@ def to_config(cfg: DictConfig) -> Config:  # a PlanConfig for the planner's comp
         cfg.pop("hydra", None)  # present only when composed with return_hydra_config
     _reject_unknown_keys(cfg, prefix="")
     config = OmegaConf.to_object(cfg)
-    config.data.check()  # what needs the whole data config (at least one source), before any process starts
+    if isinstance(config, Config):
+        config.data.check()  # what needs the whole data config (at least one source), before any process starts
     return config
 
 

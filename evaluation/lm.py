@@ -1,0 +1,153 @@
+"""Log-likelihoods and greedy generations from our model: the three requests every evaluation reduces to.
+
+``LanguageModel`` wraps a ``forward`` (token ids (B, T) -> logits (B, T, V), however the model is laid
+out: one process, FSDP, TP) and the checkpoint's tokenizer, and answers lm-evaluation-harness's three
+request types:
+
+- ``loglikelihood([(context, continuation)])`` -> (log p(continuation | context), is_greedy, tokens);
+- ``loglikelihood_rolling([text])`` -> (log p(text), tokens), over windows of at most ``max_len`` tokens;
+- ``generate_until([prompt], stops=..., max_new_tokens=...)`` -> greedy text up to the first stop.
+
+Tokenisation follows lm-evaluation-harness's Hugging Face backend, so that the two score the same tokens:
+spaces at the end of a context are moved to the front of its continuation; the continuation's tokens are
+those of tokenize(context + continuation) after the first len(tokenize(context)); every sequence starts
+with BOS, as our training documents do (lm-eval: ``add_bos_token=True``). Contexts longer than the window
+are cut from the left.
+
+Requests are run longest first in batches of ``batch_size`` (sequences padded on the right; the padding
+is after every scored position, and attention is causal, so it changes no scored logit), and the
+log-softmax is taken in fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from data.tokenizer import Tokenizer
+from evaluation.scoring import cut_at_stop
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+class LanguageModel:
+    def __init__(self, forward: Forward, tokenizer: Tokenizer, *, max_len: int, batch_size: int = 8,
+                 device: torch.device = torch.device("cpu")):  # fmt: skip
+        if batch_size < 1:
+            raise ValueError(f"eval.batch_size must be at least 1, got {batch_size}")
+        self.forward, self.tokenizer = forward, tokenizer
+        self.max_len, self.batch_size, self.device = max_len, batch_size, device
+
+    # --- tokenisation ---------------------------------------------------------------------------------------
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(BOS + context tokens, continuation tokens), split as lm-evaluation-harness splits them."""
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole = self.tokenizer.encode(context + continuation)
+        context_ids = self.tokenizer.encode(context) if context else []
+        continuation_ids = whole[len(context_ids):]
+        if not continuation_ids:
+            raise ValueError(f"continuation {continuation!r} has no tokens of its own after context {context[-40:]!r}")
+        return [self.tokenizer.bos_id, *context_ids], continuation_ids
+
+    # --- scoring --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def score_sequences(self, sequences: Sequence[list[int]], scored: Sequence[int]) -> list[tuple[float, bool]]:
+        """For each token sequence s and count n: (sum of log p(s_t | s_<t) over its last n tokens, whether
+        each of them was the argmax). Every sequence must fit in ``max_len + 1`` tokens."""
+        results: list[Optional[tuple[float, bool]]] = [None] * len(sequences)
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            inputs = [sequences[i][:-1] for i in batch]
+            width = max(len(x) for x in inputs)
+            if width > self.max_len:
+                raise ValueError(f"a request of {width} tokens exceeds the window of {self.max_len}")
+            tokens = torch.zeros(len(batch), width, dtype=torch.long)
+            for row, ids in enumerate(inputs):
+                tokens[row, :len(ids)] = torch.tensor(ids)
+            logprobs = F.log_softmax(self.forward(tokens.to(self.device)).float(), dim=-1).cpu()
+            for row, i in enumerate(batch):
+                n, length = scored[i], len(inputs[row])
+                targets = torch.tensor(sequences[i][-n:])
+                lp = logprobs[row, length - n:length]  # (n, V): the positions that predict the targets
+                results[i] = (lp.gather(-1, targets[:, None]).sum().item(), bool((lp.argmax(-1) == targets).all()))
+        return results  # type: ignore[return-value]
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool, int]]:
+        """(log p(continuation | context), is_greedy, continuation tokens) per request."""
+        sequences, scored = [], []
+        for context, continuation in requests:
+            context_ids, continuation_ids = self.encode_pair(context, continuation)
+            if len(continuation_ids) > self.max_len:
+                raise ValueError(f"continuation of {len(continuation_ids)} tokens exceeds the window of {self.max_len}")
+            sequences.append((context_ids + continuation_ids)[-(self.max_len + 1):])
+            scored.append(len(continuation_ids))
+        return [(ll, greedy, n) for (ll, greedy), n in zip(self.score_sequences(sequences, scored), scored)]
+
+    def loglikelihood_rolling(self, texts: Sequence[str], *, stride: Optional[int] = None) -> list[tuple[float, int]]:
+        """(log p(text), tokens) per text: every token scored once, in windows of ``max_len`` tokens.
+
+        The first window predicts the first ``max_len`` tokens after BOS; each later one the next ``stride``
+        (default ``max_len``: disjoint windows, lm-eval's rolling scheme) with the ``max_len - stride``
+        tokens before them as context."""
+        stride = self.max_len if stride is None else stride
+        if not 1 <= stride <= self.max_len:
+            raise ValueError(f"eval stride must be in [1, {self.max_len}], got {stride}")
+        windows, scored, owner = [], [], []
+        for index, text in enumerate(texts):
+            ids = [self.tokenizer.bos_id, *self.tokenizer.encode(text)]  # ids[t + 1] is predicted from ids[:t + 1]
+            start = 0  # the first target (an index into ids[1:]) not yet scored
+            while start < len(ids) - 1:
+                end = min(start + (self.max_len if start == 0 else stride), len(ids) - 1)
+                first = max(0, end - self.max_len)
+                windows.append(ids[first:end + 1])
+                scored.append(end - start)
+                owner.append(index)
+                start = end
+        totals = [[0.0, 0] for _ in texts]
+        for (ll, _), n, index in zip(self.score_sequences(windows, scored), scored, owner):
+            totals[index][0] += ll
+            totals[index][1] += n
+        return [(ll, n) for ll, n in totals]
+
+    # --- generation -----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate_until(self, prompts: Sequence[str], *, stops: Sequence[Sequence[str]],
+                       max_new_tokens: int) -> list[str]:  # fmt: skip
+        """Greedy continuation of each prompt up to its first stop string (or EOS, or ``max_new_tokens``)."""
+        outputs = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = range(start, min(start + self.batch_size, len(prompts)))
+            ids = [[self.tokenizer.bos_id, *self.tokenizer.encode(prompts[i])][-(self.max_len - max_new_tokens):]
+                   for i in batch]  # fmt: skip
+            new: list[list[int]] = [[] for _ in batch]
+            done = [False] * len(new)
+            for _ in range(max_new_tokens):
+                width = max(len(x) + len(n) for x, n in zip(ids, new))
+                tokens = torch.zeros(len(new), width, dtype=torch.long)
+                for row, (x, n) in enumerate(zip(ids, new)):
+                    tokens[row, :len(x) + len(n)] = torch.tensor(x + n)
+                logits = self.forward(tokens.to(self.device)).float().cpu()
+                for row, (x, n) in enumerate(zip(ids, new)):
+                    if done[row]:
+                        continue
+                    token = int(logits[row, len(x) + len(n) - 1].argmax())
+                    if token == self.tokenizer.eos_id:
+                        done[row] = True
+                        continue
+                    n.append(token)
+                    text = self.tokenizer.decode(n)
+                    stop_list = stops[batch[row]]
+                    if any(s in text for s in stop_list):
+                        done[row] = True
+                if all(done):
+                    break
+            outputs.extend(cut_at_stop(self.tokenizer.decode(n), stops[i]) for n, i in zip(new, batch))
+        return outputs

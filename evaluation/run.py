@@ -1,0 +1,126 @@
+"""Evaluate a checkpoint on local tasks: ``python -m evaluation.run checkpoint=<dir> eval.tasks=[...]``.
+
+Hydra overrides of ``conf/evaluation/eval.yaml``. The model's shape and its tokenizer come from the checkpoint
+(``meta.json``); a ``tokenizer=`` given on the command line must be the very file the checkpoint was
+trained with (same sha256), since other ids would score other tokens. Results: ``results.json`` (every
+metric, and per example the numbers behind it) and a Markdown table, printed and written as
+``results.md``, in the run directory (``out_dir``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from conf.schema import EvaluateConfig, to_config
+from data.tokenizer import Tokenizer, file_sha256
+from evaluation.demo import ensure_demo_tasks
+from evaluation.evaluate import run_task, table
+from evaluation.lm import LanguageModel
+from evaluation.tasks import TaskFileError
+from trainer.checkpoint import complete_checkpoints
+from trainer.checkpoint_meta import CheckpointError, CheckpointMeta
+from trainer.device import resolve_device, resolve_dtype
+from trainer.hf_interop import load_model_from_checkpoint
+
+logger = logging.getLogger(__name__)
+
+OUTPUTS = Path("outputs")
+
+
+def resolve_checkpoint(spec: str, *, outputs: Path = OUTPUTS) -> Path:
+    """The step directory ``spec`` means: itself if it holds meta.json; the newest complete step of a run
+    directory or of its ``checkpoints/``; ``latest``: the newest complete step under ``outputs``."""
+    if spec == "latest":
+        steps = [s for root in outputs.glob("**/checkpoints") for s in complete_checkpoints(root)]
+        if not steps:
+            raise CheckpointError(f"checkpoint=latest: no complete checkpoint under {outputs}/; train one first "
+                                  "(make train) or pass checkpoint=<dir>")  # fmt: skip
+        return max(steps, key=lambda s: (s / "meta.json").stat().st_mtime)
+    path = Path(spec)
+    if (path / "meta.json").is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        steps = complete_checkpoints(root)
+        if steps:
+            return steps[-1]
+    raise CheckpointError(f"checkpoint={spec}: neither a checkpoint (no meta.json) nor a directory holding complete "
+                          "checkpoints; pass a step directory (.../checkpoints/step_00000200) or a run directory")  # fmt: skip
+
+
+def checkpoint_tokenizer(step_dir: Path, *, given: Optional[str], vocab_size: int) -> Tokenizer:
+    """The tokenizer the checkpoint names; ``given`` must be that same file when both exist."""
+    meta = CheckpointMeta.read(step_dir)
+    own = meta.tokenizer_path(path=step_dir)
+    if given is not None:
+        if own is not None and file_sha256(given) != file_sha256(own):
+            raise ValueError(f"tokenizer={given} is not the tokenizer checkpoint {step_dir} was trained with ({own}): "
+                             "its ids would score other tokens; drop tokenizer= to use the checkpoint's")  # fmt: skip
+        tokenizer = Tokenizer(given)
+    elif own is None:
+        raise ValueError(f"checkpoint {step_dir} names no tokenizer file that exists; pass tokenizer=<tokenizer.model>")
+    else:
+        tokenizer = Tokenizer(own)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the checkpoint's "
+                         f"model.vocab_size={vocab_size}: not this model's tokenizer")  # fmt: skip
+    return tokenizer
+
+
+def build_language_model(cfg: EvaluateConfig) -> tuple[LanguageModel, Path]:
+    """The checkpoint's model behind a ``LanguageModel``, on this process's device (one process)."""
+    step_dir = resolve_checkpoint(cfg.checkpoint)
+    model, args = load_model_from_checkpoint(step_dir)
+    tokenizer = checkpoint_tokenizer(step_dir, given=cfg.tokenizer, vocab_size=args.vocab_size)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.precision, device=device)
+    model = model.to(device).eval()
+
+    def forward(tokens: torch.Tensor) -> torch.Tensor:
+        autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+        with autocast:
+            return model(tokens)
+
+    lm = LanguageModel(forward, tokenizer, max_len=args.max_seq_len, batch_size=cfg.eval.batch_size, device=device)
+    return lm, step_dir
+
+
+def evaluate_checkpoint(cfg: EvaluateConfig, *, out_dir: Path) -> list[dict[str, Any]]:
+    tasks = cfg.eval.selected()  # unknown or unset tasks fail before the model is loaded
+    if any(t.demo for t in tasks.values()):
+        ensure_demo_tasks(cfg.eval.demo_dir)
+    lm, step_dir = build_language_model(cfg)
+    logger.info("evaluating %s on %s", step_dir, ", ".join(tasks))
+    results = [run_task(name, task, lm, seed=cfg.eval.seed) for name, task in tasks.items()]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {"checkpoint": str(step_dir), "results": results}
+    (out_dir / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out_dir / "results.md").write_text(table(results) + "\n")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="pkg://conf.evaluation", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        eval_cfg = to_config(cfg)
+        out_dir = Path(eval_cfg.out_dir) if eval_cfg.out_dir else Path(HydraConfig.get().runtime.output_dir)
+        results = evaluate_checkpoint(eval_cfg, out_dir=out_dir)
+    except (ValueError, TaskFileError) as err:  # a task, file, checkpoint or tokenizer that does not work
+        print(f"evaluation.run: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(table(results))
+    print(f"\nwritten: {out_dir / 'results.json'}, {out_dir / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()
