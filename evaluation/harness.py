@@ -1,0 +1,87 @@
+"""Our checkpoints as an EleutherAI lm-evaluation-harness model (``llama_pretrain``).
+
+    llama-lm-eval --model llama_pretrain --model_args checkpoint=<dir> --tasks hellaswag --include_path <tasks>
+    python -m evaluation.harness --model llama_pretrain --model_args checkpoint=<dir>,batch_size=16 --tasks ...
+
+    import evaluation.harness, lm_eval                  # importing registers the model
+    lm_eval.simple_evaluate(model="llama_pretrain", model_args="checkpoint=<dir>", tasks=[...])
+
+lm-eval 0.4.13 finds models only in its own registry (there is no plugin entry point), so the bare
+``lm_eval`` command cannot see a model defined outside its package: ``llama-lm-eval`` (this module's
+``main``) is ``lm_eval`` with ours registered first, and takes exactly its arguments. A checkpoint
+exported with ``python -m trainer.hf_interop export`` also runs under ``lm_eval --model hf`` itself
+(``add_bos_token=True``, as our documents start with BOS); tests/evaluation/test_harness.py checks that the
+two give the same log-likelihoods.
+
+Requests go to ``evaluation.lm.LanguageModel``, the same code ``python -m evaluation.run`` uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Optional
+
+import torch
+
+import lm_eval.models  # noqa: F401  lm-eval fills its registry with its own models only while it is empty:
+from lm_eval.api.model import LM  # registering ours first would hide "hf" and the rest
+from lm_eval.api.registry import register_model
+
+from conf.schema import EvaluateConfig
+from evaluation.config import EvalConfig
+from evaluation.run import build_language_model
+from trainer.config import Device, Precision
+
+MODEL_NAME = "llama_pretrain"
+logger = logging.getLogger(__name__)
+
+
+@register_model(MODEL_NAME)
+class LlamaPretrainLM(LM):
+    """``--model_args checkpoint=<dir>[,tokenizer=...,batch_size=8,device=auto,precision=auto,max_gen_toks=256]``."""
+
+    def __init__(self, checkpoint: str = "latest", tokenizer: Optional[str] = None, batch_size: Any = 8,
+                 device: Optional[str] = None, precision: str = "auto", max_gen_toks: int = 256,
+                 **unused: Any):  # fmt: skip
+        super().__init__()
+        # lm-eval passes its --batch_size / --device through here (None when not given); "auto" batch sizes
+        # are lm-eval's HF-specific search, so they fall back to our default.
+        size = int(batch_size) if str(batch_size).isdigit() else 8
+        # lm-eval's --device defaults to "cuda"; like its HF backend, fall back to the CPU without one.
+        wants_cuda = str(device).startswith("cuda")
+        if wants_cuda and not torch.cuda.is_available():
+            logger.warning("device=%s but no CUDA device is visible: evaluating on the CPU", device)
+        device_choice = Device.auto if device in (None, "auto") or wants_cuda else Device(device)
+        cfg = EvaluateConfig(checkpoint=str(checkpoint), tokenizer=tokenizer, device=device_choice,
+                             precision=Precision(precision), eval=EvalConfig(batch_size=size))  # fmt: skip
+        self.lm, self.checkpoint = build_language_model(cfg)
+        self.max_gen_toks = int(max_gen_toks)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        scored = self.lm.loglikelihood([tuple(r.args) for r in requests])
+        return [(ll, greedy) for ll, greedy, _ in scored]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        return [ll for ll, _ in self.lm.loglikelihood_rolling([r.args[0] for r in requests])]
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out = []
+        for request in requests:  # one at a time: each request carries its own stop strings and length
+            context, kwargs = request.args
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
+            out.extend(self.lm.generate_until([context], stops=[until], max_new_tokens=max_new))
+        return out
+
+
+def main() -> None:
+    """``lm_eval``'s command line, with ``llama_pretrain`` registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.exit(cli_evaluate())
+
+
+if __name__ == "__main__":
+    main()
