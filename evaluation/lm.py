@@ -6,7 +6,9 @@ request types:
 
 - ``loglikelihood([(context, continuation)])`` -> (log p(continuation | context), is_greedy, tokens);
 - ``loglikelihood_rolling([text])`` -> (log p(text), tokens), over windows of at most ``max_len`` tokens;
-- ``generate_until([prompt], stops=..., max_new_tokens=...)`` -> greedy text up to the first stop.
+- ``generate_until([prompt], stops=..., max_new_tokens=...)`` -> greedy text up to the first stop,
+  decoded incrementally with a key/value cache when ``make_cache`` is given (one position per new token),
+  else by rerunning the prefix.
 
 Tokenisation follows lm-evaluation-harness's Hugging Face backend, so that the two score the same tokens:
 spaces at the end of a context are moved to the front of its continuation; the continuation's tokens are
@@ -27,17 +29,21 @@ import torch
 import torch.nn.functional as F
 
 from data.tokenizer import Tokenizer
+from model.kv_cache import KVCache
 from evaluation.scoring import cut_at_stop
 
-Forward = Callable[[torch.Tensor], torch.Tensor]
+Forward = Callable[..., torch.Tensor]
+"""tokens (B, T) -> logits (B, T, V); with ``make_cache``, also ``forward(tokens, cache=...)``."""
+MakeCache = Callable[[int, int], KVCache]
+"""(batch, positions) -> an empty cache for ``forward``."""
 
 
 class LanguageModel:
     def __init__(self, forward: Forward, tokenizer: Tokenizer, *, max_len: int, batch_size: int = 8,
-                 device: torch.device = torch.device("cpu")):  # fmt: skip
+                 device: torch.device = torch.device("cpu"), make_cache: Optional[MakeCache] = None):  # fmt: skip
         if batch_size < 1:
             raise ValueError(f"eval.batch_size must be at least 1, got {batch_size}")
-        self.forward, self.tokenizer = forward, tokenizer
+        self.forward, self.tokenizer, self.make_cache = forward, tokenizer, make_cache
         self.max_len, self.batch_size, self.device = max_len, batch_size, device
 
     # --- tokenisation ---------------------------------------------------------------------------------------
@@ -118,36 +124,72 @@ class LanguageModel:
 
     # --- generation -----------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def generate_until(self, prompts: Sequence[str], *, stops: Sequence[Sequence[str]],
                        max_new_tokens: int) -> list[str]:  # fmt: skip
         """Greedy continuation of each prompt up to its first stop string (or EOS, or ``max_new_tokens``)."""
-        outputs = []
+        outputs: list[str] = []
         for start in range(0, len(prompts), self.batch_size):
-            batch = range(start, min(start + self.batch_size, len(prompts)))
-            ids = [[self.tokenizer.bos_id, *self.tokenizer.encode(prompts[i])][-(self.max_len - max_new_tokens):]
-                   for i in batch]  # fmt: skip
-            new: list[list[int]] = [[] for _ in batch]
-            done = [False] * len(new)
-            for _ in range(max_new_tokens):
-                width = max(len(x) + len(n) for x, n in zip(ids, new))
-                tokens = torch.zeros(len(new), width, dtype=torch.long)
-                for row, (x, n) in enumerate(zip(ids, new)):
-                    tokens[row, :len(x) + len(n)] = torch.tensor(x + n)
-                logits = self.forward(tokens.to(self.device)).float().cpu()
-                for row, (x, n) in enumerate(zip(ids, new)):
-                    if done[row]:
-                        continue
-                    token = int(logits[row, len(x) + len(n) - 1].argmax())
-                    if token == self.tokenizer.eos_id:
-                        done[row] = True
-                        continue
-                    n.append(token)
-                    text = self.tokenizer.decode(n)
-                    stop_list = stops[batch[row]]
-                    if any(s in text for s in stop_list):
-                        done[row] = True
-                if all(done):
-                    break
+            batch = list(range(start, min(start + self.batch_size, len(prompts))))
+            keep = self.max_len - max_new_tokens
+            if keep < 1:
+                raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in {self.max_len} positions")
+            ids = [[self.tokenizer.bos_id, *self.tokenizer.encode(prompts[i])][-keep:] for i in batch]
+            step = self._decode_cached if self.make_cache is not None else self._decode_full
+            new = step(ids, stops=[stops[i] for i in batch], max_new_tokens=max_new_tokens)
             outputs.extend(cut_at_stop(self.tokenizer.decode(n), stops[i]) for n, i in zip(new, batch))
         return outputs
+
+    def _finished(self, new: list[int], token: int, stops: Sequence[str], max_new_tokens: int) -> bool:
+        """Append ``token`` unless it is EOS; whether this row is done."""
+        if token == self.tokenizer.eos_id:
+            return True
+        new.append(token)
+        return len(new) >= max_new_tokens or any(s in self.tokenizer.decode(new) for s in stops)
+
+    @torch.no_grad()
+    def _decode_cached(self, ids: list[list[int]], *, stops: Sequence[Sequence[str]],
+                       max_new_tokens: int) -> list[list[int]]:  # fmt: skip
+        """Incremental greedy decoding with a key/value cache (model/kv_cache.py). The rows share positions:
+        the batch is run from its shortest prompt on, and a row still inside its prompt is fed its own next
+        token instead of the model's (Meta's reference generation), so no row ever attends to padding."""
+        lengths = [len(x) for x in ids]
+        total = max(lengths) + max_new_tokens
+        tokens = torch.zeros(len(ids), total, dtype=torch.long)
+        for row, x in enumerate(ids):
+            tokens[row, :len(x)] = torch.tensor(x)
+        cache = self.make_cache(len(ids), total)
+        new: list[list[int]] = [[] for _ in ids]
+        done = [False] * len(ids)
+        previous = 0
+        for position in range(min(lengths), total):
+            logits = self.forward(tokens[:, previous:position].to(self.device), cache=cache)
+            chosen = logits[:, -1].float().argmax(-1).cpu()
+            for row in range(len(ids)):
+                if position < lengths[row]:
+                    continue  # still the prompt: its own token stays in place
+                if not done[row]:
+                    tokens[row, position] = chosen[row]
+                    done[row] = self._finished(new[row], int(chosen[row]), stops[row], max_new_tokens)
+            previous = position
+            if all(done):
+                break
+        return new
+
+    @torch.no_grad()
+    def _decode_full(self, ids: list[list[int]], *, stops: Sequence[Sequence[str]],
+                     max_new_tokens: int) -> list[list[int]]:  # fmt: skip
+        """Greedy decoding that reruns the whole prefix for every token: for a ``forward`` without a cache
+        (e.g. a tensor-parallel model)."""
+        new: list[list[int]] = [[] for _ in ids]
+        done = [False] * len(ids)
+        while not all(done):
+            width = max(len(x) + len(n) for x, n in zip(ids, new))
+            tokens = torch.zeros(len(ids), width, dtype=torch.long)
+            for row, (x, n) in enumerate(zip(ids, new)):
+                tokens[row, :len(x) + len(n)] = torch.tensor(x + n)
+            logits = self.forward(tokens.to(self.device)).float().cpu()
+            for row, (x, n) in enumerate(zip(ids, new)):
+                if not done[row]:
+                    done[row] = self._finished(n, int(logits[row, len(x) + len(n) - 1].argmax()), stops[row],
+                                               max_new_tokens)  # fmt: skip
+        return new

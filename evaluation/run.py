@@ -26,6 +26,7 @@ from evaluation.demo import ensure_demo_tasks
 from evaluation.evaluate import run_task, table
 from evaluation.lm import LanguageModel
 from evaluation.tasks import TaskFileError
+from model.kv_cache import KVCache
 from trainer.checkpoint import complete_checkpoints
 from trainer.checkpoint_meta import CheckpointError, CheckpointMeta
 from trainer.device import resolve_device, resolve_dtype
@@ -84,12 +85,17 @@ def build_language_model(cfg: EvaluateConfig) -> tuple[LanguageModel, Path]:
     dtype = resolve_dtype(cfg.precision, device=device)
     model = model.to(device).eval()
 
-    def forward(tokens: torch.Tensor) -> torch.Tensor:
+    def forward(tokens: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
         with autocast:
-            return model(tokens)
+            return model(tokens, cache=cache)
 
-    lm = LanguageModel(forward, tokenizer, max_len=args.max_seq_len, batch_size=cfg.eval.batch_size, device=device)
+    def make_cache(batch: int, positions: int) -> KVCache:
+        # k, v come out of the projections in the compute dtype (bf16 under autocast)
+        return KVCache(args, batch=batch, max_len=positions, dtype=dtype, device=device)
+
+    lm = LanguageModel(forward, tokenizer, max_len=args.max_seq_len, batch_size=cfg.eval.batch_size, device=device,
+                       make_cache=make_cache)  # fmt: skip
     return lm, step_dir
 
 

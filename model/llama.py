@@ -7,6 +7,9 @@ checkpointing and FSDP are applied from ``trainer/``. Parameter names follow Met
 Shape legend: B batch, T sequence, d model dim, H query heads, Hkv kv heads, D head dim, F SwiGLU hidden,
 V vocabulary.
 
+Inference can pass a key/value cache (``forward(tokens, cache=KVCache(...))``, model/kv_cache.py): an
+argument, not state of the model; without it the forward is the training one.
+
 Build on the meta device, parallelise, then ``to_empty(device=...)`` and ``init_weights()``: every
 parameter and buffer is (re)filled there, so nothing depends on what the constructor allocated.
 
@@ -25,11 +28,13 @@ import zlib
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model import ops
 from model.attention import causal_attention, core_supports
 from model.config import AttnBackend, ModelArgs
+from model.kv_cache import KVCache, LayerCache
 
 
 def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
@@ -107,6 +112,27 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torc
     return out.flatten(-2)
 
 
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor, *, head_dim: int,
+                     cache: LayerCache) -> torch.Tensor:  # fmt: skip
+    """Inference attention of T new tokens against the cache: (B, T, H*D), (B, T, Hkv*D) x2 -> (B, T, H*D).
+
+    RoPE at the new tokens' positions (``rope`` is the table from ``cache.start`` on); k, v written to the
+    cache; each new token at position start + i attends to positions [0, start + i]. Plain SDPA with an
+    explicit mask (the hand-written Function's saved tensors and backward are of no use without autograd).
+    """
+    q = apply_rope(q.unflatten(-1, (-1, head_dim)), rope)  # (B, T, H, D)
+    k = apply_rope(k.unflatten(-1, (-1, head_dim)), rope)  # (B, T, Hkv, D)
+    start = cache.start
+    keys, values = cache.update(k, v.unflatten(-1, (-1, head_dim)))  # (B, S, Hkv, D), S = start + T
+    new, total = q.shape[1], keys.shape[1]
+    allowed = torch.arange(total, device=q.device)[None, :] <= start + torch.arange(new, device=q.device)[:, None]
+    group = q.shape[2] // keys.shape[2]  # GQA: each kv head serves `group` query heads
+    keys, values = (t.repeat_interleave(group, dim=2) if group > 1 else t for t in (keys, values))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2).to(q.dtype),
+                                         values.transpose(1, 2).to(q.dtype), attn_mask=allowed)  # fmt: skip
+    return out.transpose(1, 2).flatten(-2)
+
+
 class Attention(Recomputable):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -117,10 +143,13 @@ class Attention(Recomputable):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: Optional[LayerCache] = None) -> torch.Tensor:
         q, k, v = (ops.linear(x, lin.weight) for lin in (self.wq, self.wk, self.wv))
-        out = rope_attention(q, k, v, rope, head_dim=self.head_dim, backend=self.backend,
-                             recompute=self.recompute)  # (B, T, H * D)  # fmt: skip
+        if cache is not None:
+            out = cached_attention(q, k, v, rope, head_dim=self.head_dim, cache=cache)
+        else:
+            out = rope_attention(q, k, v, rope, head_dim=self.head_dim, backend=self.backend,
+                                 recompute=self.recompute)  # (B, T, H * D)  # fmt: skip
         return ops.linear(out, self.wo.weight)
 
 
@@ -149,8 +178,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: Optional[LayerCache] = None) -> torch.Tensor:
+        normed = self.attention_norm(x)
+        h = x + (self.attention(normed, rope) if cache is None else self.attention(normed, rope, cache=cache))
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -180,14 +210,19 @@ class Transformer(nn.Module):
             head_dim=self.args.head_dim, max_seq_len=self.args.max_seq_len, theta=self.args.rope_theta, device=device
         )
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """``cache`` (inference, model/kv_cache.py): ``tokens`` are the next positions of the cached
+        sequences; they attend to everything cached before them, and are cached in turn."""
         seq_len = tokens.shape[1]
-        if seq_len > self.args.max_seq_len:
-            raise ValueError(f"sequence length {seq_len} exceeds model.max_seq_len={self.args.max_seq_len}")
+        start = 0 if cache is None else cache.pos
+        if start + seq_len > self.args.max_seq_len:
+            raise ValueError(f"sequence length {start + seq_len} exceeds model.max_seq_len={self.args.max_seq_len}")
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # (B, T, d)
-        rope = self.rope[:seq_len]
-        for layer in self.layers.values():
-            h = layer(h, rope)
+        rope = self.rope[start:start + seq_len]
+        for name, layer in self.layers.items():
+            h = layer(h, rope) if cache is None else layer(h, rope, cache=cache.layer(int(name)))
+        if cache is not None:
+            cache.advance(seq_len)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h  # (B, T, V), or (B, T, d) before the last stage
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from data.tokenizer import Tokenizer
 from evaluation.lm import LanguageModel
+from model.kv_cache import KVCache
 from tests.trainer.test_hf_interop import random_model, small_args, train_sentencepiece
 
 MAX_LEN = 24
@@ -18,9 +19,11 @@ MAX_LEN = 24
 def lm(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok") / "sp.model"
     train_sentencepiece(path)
-    model = random_model(small_args(vocab_size=320, max_seq_len=MAX_LEN))
+    args = small_args(vocab_size=320, max_seq_len=MAX_LEN, n_kv_heads=2)  # GQA: the cache holds fewer kv heads
+    model = random_model(args)
     with torch.no_grad():
-        yield LanguageModel(model, Tokenizer(path), max_len=MAX_LEN, batch_size=3)
+        yield LanguageModel(model, Tokenizer(path), max_len=MAX_LEN, batch_size=3,
+                            make_cache=lambda batch, n: KVCache(args, batch=batch, max_len=n))  # fmt: skip
 
 
 def direct_logprob(lm: LanguageModel, ids: list[int], targets: range) -> float:
@@ -70,9 +73,13 @@ def test_rolling_loglikelihood_scores_every_token_once(lm):
         lm.loglikelihood_rolling([text], stride=MAX_LEN + 1)
 
 
-def test_greedy_generation_equals_a_one_sequence_argmax_loop(lm):
+@pytest.mark.parametrize("cached", [True, False], ids=["kv_cache", "rerun_prefix"])
+def test_greedy_generation_equals_a_one_sequence_argmax_loop(lm, cached):
+    """Prompts of different lengths in one batch (the cached path feeds the longer ones their own tokens
+    while the shorter ones decode), against one sequence at a time with the full forward."""
     prompts = ["def f1(x):", "The quick brown fox", "Pack"]
-    got = lm.generate_until(prompts, stops=[["\n"], ["zzz"], ["zzz"]], max_new_tokens=6)
+    decoder = lm if cached else LanguageModel(lm.forward, lm.tokenizer, max_len=MAX_LEN, batch_size=3)
+    got = decoder.generate_until(prompts, stops=[["\n"], ["zzz"], ["zzz"]], max_new_tokens=6)
     for prompt, text, stop in zip(prompts, got, (["\n"], ["zzz"], ["zzz"])):
         ids = [lm.tokenizer.bos_id, *lm.tokenizer.encode(prompt)]
         new: list[int] = []
