@@ -34,6 +34,9 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     """No config group: ``profile.step=5 profile.steps=2`` on the command line turns it on."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Task evaluation during training: off unless ``eval.every_steps`` (``eval.tasks``, the demo tasks by
+    default); ``python -m evaluation.run`` evaluates checkpoints afterwards."""
 
 
 @dataclass
@@ -53,6 +56,8 @@ class EvaluateConfig:
     checkpoint: str = "latest"
     tokenizer: Optional[str] = None
     eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """The layout under torchrun (FSDP over all processes by default; ``parallel.tp=2``, ...)."""
     device: Device = Device.auto
     precision: Precision = Precision.auto
     out_dir: Optional[str] = None

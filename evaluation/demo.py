@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import sysconfig
@@ -50,7 +51,7 @@ def _lines(path: Path) -> list[str]:
 
 
 def _write(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # several ranks may write the same file at once
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(path)  # whole or not at all
 

@@ -77,16 +77,20 @@ def score_perplexity(examples: Sequence[Document], lm: LanguageModel, *,
             "bits_per_byte": total.bits_per_byte}, records  # fmt: skip
 
 
+def score_examples(examples: Sequence[Example], task: TaskConfig, lm: LanguageModel) -> tuple[dict[str, float], list[dict]]:
+    """The task's metrics and per-example records, by the kind of its examples."""
+    kind = type(examples[0])
+    if kind is MultipleChoice:
+        return score_multiple_choice(examples, lm, normalization=task.acc_normalization)
+    if kind is Generation:
+        return score_generation(examples, lm, max_new_tokens=task.max_new_tokens)
+    return score_perplexity(examples, lm, stride=task.stride)
+
+
 def run_task(name: str, task: TaskConfig, lm: LanguageModel, *, seed: int) -> dict[str, Any]:
     """{"task", "format", "examples", "num_fewshot", "metrics", "records"} of one task."""
     examples = load_task(task, seed=seed)
-    kind = type(examples[0])
-    if kind is MultipleChoice:
-        metrics, records = score_multiple_choice(examples, lm, normalization=task.acc_normalization)
-    elif kind is Generation:
-        metrics, records = score_generation(examples, lm, max_new_tokens=task.max_new_tokens)
-    else:
-        metrics, records = score_perplexity(examples, lm, stride=task.stride)
+    metrics, records = score_examples(examples, task, lm)
     return {"task": name, "format": task.format.value, "examples": len(examples), "num_fewshot": task.num_fewshot,
             "limit": task.limit, "metrics": metrics, "records": records}  # fmt: skip
 

@@ -36,14 +36,24 @@ Forward = Callable[..., torch.Tensor]
 """tokens (B, T) -> logits (B, T, V); with ``make_cache``, also ``forward(tokens, cache=...)``."""
 MakeCache = Callable[[int, int], KVCache]
 """(batch, positions) -> an empty cache for ``forward``."""
+Agree = Callable[[int, str], int]
+"""(value, "min" | "max") -> the same value on every rank that decodes together (evaluation/distributed.py)."""
+
+
+def _alone(value: int, op: str) -> int:
+    return value
 
 
 class LanguageModel:
     def __init__(self, forward: Forward, tokenizer: Tokenizer, *, max_len: int, batch_size: int = 8,
-                 device: torch.device = torch.device("cpu"), make_cache: Optional[MakeCache] = None):  # fmt: skip
+                 device: torch.device = torch.device("cpu"), make_cache: Optional[MakeCache] = None,
+                 agree: Agree = _alone):  # fmt: skip
         if batch_size < 1:
             raise ValueError(f"eval.batch_size must be at least 1, got {batch_size}")
         self.forward, self.tokenizer, self.make_cache = forward, tokenizer, make_cache
+        # Ranks that decode together (FSDP, TP) must run the same number of forwards: the first and last
+        # positions and "every row is done" are agreed on before they are acted on.
+        self.agree = agree
         self.max_len, self.batch_size, self.device = max_len, batch_size, device
 
     # --- tokenisation ---------------------------------------------------------------------------------------
@@ -68,8 +78,12 @@ class LanguageModel:
         each of them was the argmax). Every sequence must fit in ``max_len + 1`` tokens."""
         results: list[Optional[tuple[float, bool]]] = [None] * len(sequences)
         order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
+        batches = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        # Ranks that run the model together run as many forwards as the busiest of them (one rank's texts
+        # may make more rolling windows); the extra ones are a 1-token forward whose result is dropped.
+        for _ in range(self.agree(len(batches), "max") - len(batches)):
+            self.forward(torch.full((1, 1), self.tokenizer.bos_id, dtype=torch.long, device=self.device))
+        for batch in batches:
             inputs = [sequences[i][:-1] for i in batch]
             width = max(len(x) for x in inputs)
             if width > self.max_len:
@@ -153,7 +167,8 @@ class LanguageModel:
         the batch is run from its shortest prompt on, and a row still inside its prompt is fed its own next
         token instead of the model's (Meta's reference generation), so no row ever attends to padding."""
         lengths = [len(x) for x in ids]
-        total = max(lengths) + max_new_tokens
+        first = self.agree(min(lengths), "min")
+        total = self.agree(max(lengths) + max_new_tokens, "max")
         tokens = torch.zeros(len(ids), total, dtype=torch.long)
         for row, x in enumerate(ids):
             tokens[row, :len(x)] = torch.tensor(x)
@@ -161,7 +176,7 @@ class LanguageModel:
         new: list[list[int]] = [[] for _ in ids]
         done = [False] * len(ids)
         previous = 0
-        for position in range(min(lengths), total):
+        for position in range(first, total):
             logits = self.forward(tokens[:, previous:position].to(self.device), cache=cache)
             chosen = logits[:, -1].float().argmax(-1).cpu()
             for row in range(len(ids)):
@@ -171,7 +186,7 @@ class LanguageModel:
                     tokens[row, position] = chosen[row]
                     done[row] = self._finished(new[row], int(chosen[row]), stops[row], max_new_tokens)
             previous = position
-            if all(done):
+            if self.agree(int(all(done)), "min"):
                 break
         return new
 
@@ -182,7 +197,7 @@ class LanguageModel:
         (e.g. a tensor-parallel model)."""
         new: list[list[int]] = [[] for _ in ids]
         done = [False] * len(ids)
-        while not all(done):
+        while not self.agree(int(all(done)), "min"):
             width = max(len(x) + len(n) for x, n in zip(ids, new))
             tokens = torch.zeros(len(ids), width, dtype=torch.long)
             for row, (x, n) in enumerate(zip(ids, new)):

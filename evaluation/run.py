@@ -29,7 +29,9 @@ from evaluation.tasks import TaskFileError
 from model.kv_cache import KVCache
 from trainer.checkpoint import complete_checkpoints
 from trainer.checkpoint_meta import CheckpointError, CheckpointMeta
+from evaluation.distributed import build_sharded, sharded_language_model
 from trainer.device import resolve_device, resolve_dtype
+from trainer.distributed import DistEnv, init_distributed, shutdown_distributed
 from trainer.hf_interop import load_model_from_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -76,13 +78,22 @@ def checkpoint_tokenizer(step_dir: Path, *, given: Optional[str], vocab_size: in
     return tokenizer
 
 
-def build_language_model(cfg: EvaluateConfig) -> tuple[LanguageModel, Path]:
-    """The checkpoint's model behind a ``LanguageModel``, on this process's device (one process)."""
+def build_language_model(cfg: EvaluateConfig, *, env: Optional[DistEnv] = None) -> tuple[Any, Path]:
+    """The checkpoint's model behind a ``LanguageModel``, on this process's device: loaded whole for one
+    process, or laid out as ``cfg.parallel`` says over the ``env``'s processes (evaluation/distributed.py)."""
+    env = env if env is not None else DistEnv(rank=0, local_rank=0, world_size=1)
     step_dir = resolve_checkpoint(cfg.checkpoint)
+    device = resolve_device(cfg.device, local_rank=env.local_rank)
+    dtype = resolve_dtype(cfg.precision, device=device)
+    if env.world_size > 1:
+        args = CheckpointMeta.read(step_dir).model_args(path=step_dir)
+        tokenizer = checkpoint_tokenizer(step_dir, given=cfg.tokenizer, vocab_size=args.vocab_size)
+        model, dims = build_sharded(args, step_dir=step_dir, parallel=cfg.parallel, world_size=env.world_size,
+                                    device=device, dtype=dtype)  # fmt: skip
+        return sharded_language_model(model, dims, args=args, tokenizer=tokenizer, batch_size=cfg.eval.batch_size,
+                                      device=device, dtype=dtype), step_dir  # fmt: skip
     model, args = load_model_from_checkpoint(step_dir)
     tokenizer = checkpoint_tokenizer(step_dir, given=cfg.tokenizer, vocab_size=args.vocab_size)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.precision, device=device)
     model = model.to(device).eval()
 
     def forward(tokens: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
@@ -100,16 +111,24 @@ def build_language_model(cfg: EvaluateConfig) -> tuple[LanguageModel, Path]:
 
 
 def evaluate_checkpoint(cfg: EvaluateConfig, *, out_dir: Path) -> list[dict[str, Any]]:
+    """Every task of ``cfg`` on its checkpoint; under torchrun, on all processes, rank 0 writing the files."""
     tasks = cfg.eval.selected()  # unknown or unset tasks fail before the model is loaded
+    env = DistEnv.from_environ()
     if any(t.demo for t in tasks.values()):
         ensure_demo_tasks(cfg.eval.demo_dir)
-    lm, step_dir = build_language_model(cfg)
-    logger.info("evaluating %s on %s", step_dir, ", ".join(tasks))
-    results = [run_task(name, task, lm, seed=cfg.eval.seed) for name, task in tasks.items()]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary = {"checkpoint": str(step_dir), "results": results}
-    (out_dir / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (out_dir / "results.md").write_text(table(results) + "\n")
+    device = resolve_device(cfg.device, local_rank=env.local_rank)
+    init_distributed(env, device=device)
+    try:
+        lm, step_dir = build_language_model(cfg, env=env)
+        logger.info("evaluating %s on %s", step_dir, ", ".join(tasks))
+        results = [run_task(name, task, lm, seed=cfg.eval.seed) for name, task in tasks.items()]
+    finally:
+        shutdown_distributed()
+    if env.is_rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        summary = {"checkpoint": str(step_dir), "world_size": env.world_size, "results": results}
+        (out_dir / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+        (out_dir / "results.md").write_text(table(results) + "\n")
     return results
 
 
@@ -124,8 +143,9 @@ def main(cfg: DictConfig) -> None:
     except (ValueError, TaskFileError) as err:  # a task, file, checkpoint or tokenizer that does not work
         print(f"evaluation.run: {err}", file=sys.stderr)
         sys.exit(2)
-    print(table(results))
-    print(f"\nwritten: {out_dir / 'results.json'}, {out_dir / 'results.md'}")
+    if DistEnv.from_environ().is_rank0:
+        print(table(results))
+        print(f"\nwritten: {out_dir / 'results.json'}, {out_dir / 'results.md'}")
 
 
 if __name__ == "__main__":

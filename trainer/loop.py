@@ -148,11 +148,18 @@ def _train(cfg: Config, *, run_dir: Path, env: DistEnv, device: torch.device) ->
         loader = PackedLoader(prepared, split="val", seed=0, **loader_args)
         return evaluate(model, itertools.islice(batches_to(device, loader), cfg.trainer.eval_steps), ctx=ctx)
 
+    evaluate_tasks = None
+    if cfg.eval.every_steps:
+        from evaluation.distributed import training_task_evaluator  # only runs that evaluate tasks need it
+
+        evaluate_tasks = training_task_evaluator(model, dims, cfg=cfg.eval, args=cfg.model, device=device, dtype=dtype,
+                                                 tokenizer_path=str(prepared.tokenizer_path))  # fmt: skip
+
     run = _Run(trainer=cfg.trainer, checkpoint=cfg.checkpoint, log_every=cfg.logging.log_every,
                grad_clip=cfg.optim.grad_clip, defer_grad_sync=cfg.parallel.defer_grad_sync, model=model,
                optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, validate=validate,
                metrics=metrics, checkpointer=checkpointer, ctx=ctx, flops_per_token=flops_tok, peak=peak,
-               run_config=run_config, result=result,
+               run_config=run_config, result=result, evaluate_tasks=evaluate_tasks, eval_every=cfg.eval.every_steps,
                profiler=StepProfiler(run_dir=run_dir, rank=env.rank, first=cfg.profile.step, steps=cfg.profile.steps))  # fmt: skip
     try:
         with StopSignals(enabled=cfg.checkpoint.save_on_signal) as stop:
@@ -215,6 +222,9 @@ class _Run:
     run_config: dict
     result: TrainResult
     profiler: StepProfiler
+    evaluate_tasks: Optional[Callable[[], dict[str, float]]] = None
+    """``eval.tasks`` scored on the model being trained (a collective), ``{"<task>/<metric>": value}``."""
+    eval_every: int = 0
 
 
 def _loop(run: _Run, *, stop: StopSignals) -> None:
@@ -256,6 +266,11 @@ def _loop(run: _Run, *, stop: StopSignals) -> None:
             result.val_losses[step] = val_loss
             run.metrics.log({"loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))}, step=step,
                             tokens=result.tokens, namespace="val")  # fmt: skip
+            side_work = True
+        if run.evaluate_tasks is not None and (step % run.eval_every == 0 or step == tcfg.max_steps):
+            scores = run.evaluate_tasks()
+            result.task_scores[step] = scores
+            run.metrics.log(scores, step=step, tokens=result.tokens, namespace="eval")
             side_work = True
         stopping = time_due = False
         if stop.enabled or every_s:  # one small collective after the step, only where a flag can be set

@@ -34,6 +34,8 @@ class TrainResult:
     """1, or the step after the checkpoint this run resumed from."""
     val_losses: dict[int, float] = field(default_factory=dict)
     """Validation loss by step."""
+    task_scores: dict[int, dict[str, float]] = field(default_factory=dict)
+    """``eval.tasks`` metrics by step (``"<task>/<metric>"``), where ``eval.every_steps`` is set."""
     tokens: int = 0
     """Training tokens consumed, all ranks together."""
     tokens_per_sec: float = 0.0
@@ -56,7 +58,8 @@ class TrainResult:
         if not path.is_file():
             raise FileNotFoundError(f"{run_dir} has no {SUMMARY_FILE}: the run did not finish (or is not a run directory)")
         fields = json.loads(path.read_text())
-        fields["val_losses"] = {int(k): v for k, v in fields.get("val_losses", {}).items()}
+        for key in ("val_losses", "task_scores"):
+            fields[key] = {int(k): v for k, v in fields.get(key, {}).items()}
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in fields.items() if k in known})
 

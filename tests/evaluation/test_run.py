@@ -90,3 +90,25 @@ def test_a_task_is_added_or_pointed_at_from_the_command_line(tmp_path):
         eval_config("+eval.catalog.mine={pth: /data/mine.jsonl}")
     with pytest.raises(Exception, match="pth"):
         eval_config("eval.catalog.piqa.pth=/data/piqa.jsonl")
+
+
+def test_tasks_scored_during_training_reach_the_metrics_file_and_wandb(tiny_overrides, demo_dir, tmp_path):
+    """eval.every_steps: the tasks' metrics at steps 5 and 10 (the last), as eval/<task>/<metric>, read back
+    from metrics.jsonl and from the offline wandb run."""
+    from conf.schema import to_config as to_train_config
+    from tests.conftest import compose_config
+    from tests.wandb_file import read_run
+    from trainer.loop import train
+    from trainer.runs import series
+
+    cfg = to_train_config(compose_config([*tiny_overrides, "trainer.max_steps=10", "trainer.eval_every=0",
+                                          "eval.every_steps=5", f"eval.demo_dir={demo_dir}", *LIMITS]))  # fmt: skip
+    result = train(cfg, run_dir=tmp_path / "run")
+    assert sorted(result.task_scores) == [5, 10]
+    acc = series(tmp_path / "run", "eval/stdlib_next_line/acc")
+    assert acc.steps == [5, 10] and all(0.0 <= v <= 1.0 for v in acc.values)
+    assert series(tmp_path / "run", "eval/stdlib_text/token_perplexity").values[-1] > 1.0
+    (wandb_dir,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    logged = read_run(wandb_dir)
+    assert [v for _, v in logged.series("eval/stdlib_next_line/acc")] == acc.values
+    assert [s for s, _ in logged.series("eval/stdlib_import/exact_match")] == [5, 10]

@@ -1,0 +1,67 @@
+"""Evaluation on 2 gloo processes (FSDP over both, and TP 2) gives one process's numbers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from conf.schema import EvaluateConfig
+from evaluation.config import EvalConfig, TaskConfig
+from evaluation.demo import write_demo_tasks
+from evaluation.evaluate import run_task
+from evaluation.run import build_language_model
+from tests.distributed import run_workers
+from trainer.config import ParallelConfig
+from trainer.distributed import DistEnv
+
+# Odd counts: shares of unequal size, so the padding of the shorter one is exercised; the texts make
+# different numbers of rolling windows on the two ranks, so the extra forwards are too.
+LIMITS = {"stdlib_next_line": 5, "stdlib_import": 3, "stdlib_text": 3}
+LAYOUTS = {"fsdp2": ParallelConfig(), "tp2": ParallelConfig(tp=2)}
+
+
+def tasks(demo_dir: Path) -> dict[str, TaskConfig]:
+    selected = EvalConfig(demo_dir=str(demo_dir), tasks=list(LIMITS)).selected()
+    return {name: dataclasses.replace(task, limit=LIMITS[name]) for name, task in selected.items()}
+
+
+def evaluate(checkpoint: Path, demo_dir: Path, *, env: DistEnv, parallel: ParallelConfig) -> list[dict]:
+    cfg = EvaluateConfig(checkpoint=str(checkpoint), parallel=parallel, eval=EvalConfig(batch_size=2))
+    lm, _ = build_language_model(cfg, env=env)
+    return [run_task(name, task, lm, seed=0) for name, task in tasks(demo_dir).items()]
+
+
+def _worker(rank: int, world_size: int, checkpoint: str, demo_dir: str, out: str) -> None:
+    env = DistEnv(rank=rank, local_rank=rank, world_size=world_size)
+    results = {name: evaluate(Path(checkpoint), Path(demo_dir), env=env, parallel=parallel)
+               for name, parallel in LAYOUTS.items()}  # fmt: skip
+    if rank == 0:
+        Path(out).write_text(json.dumps(results))
+
+
+def test_fsdp_and_tp_on_two_processes_give_one_process_numbers(reference_run, tmp_path):
+    checkpoint = reference_run("single") / "checkpoints" / "step_00000010"
+    write_demo_tasks(tmp_path / "demo", n=8)
+    single = evaluate(checkpoint, tmp_path / "demo", env=DistEnv(rank=0, local_rank=0, world_size=1),
+                      parallel=ParallelConfig())  # fmt: skip
+    run_workers(_worker, world_size=2, args=(str(checkpoint), str(tmp_path / "demo"), str(tmp_path / "out.json")))
+    for layout, sharded in json.loads((tmp_path / "out.json").read_text()).items():
+        assert [r["task"] for r in sharded] == list(LIMITS), layout
+        _assert_same(single, sharded)
+
+
+def _assert_same(single: list[dict], sharded: list[dict]) -> None:
+    for one, two in zip(single, sharded):
+        assert two["examples"] == one["examples"] == LIMITS[one["task"]]
+        if one["format"] == "multiple_choice":
+            for a, b in zip(one["records"], two["records"]):  # fp32; other batch shapes and shards: ~1e-6
+                assert [c["loglikelihood"] for c in a["candidates"]] == pytest.approx(
+                    [c["loglikelihood"] for c in b["candidates"]], abs=1e-4)
+            assert one["metrics"] == two["metrics"]
+        elif one["format"] == "generation":
+            assert [r["prediction"] for r in one["records"]] == [r["prediction"] for r in two["records"]]
+        else:
+            assert one["metrics"]["token_perplexity"] == pytest.approx(two["metrics"]["token_perplexity"], rel=1e-5)
