@@ -14,6 +14,7 @@ gathered whole; a tensor-parallel model decodes without the key/value cache (its
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import torch
@@ -50,7 +51,7 @@ def build_sharded(args: ModelArgs, *, step_dir, parallel: ParallelConfig, world_
                   dtype: torch.dtype) -> tuple[torch.nn.Module, ParallelDims]:  # fmt: skip
     """The checkpoint's model laid out as ``parallel`` says over ``world_size`` processes (no recomputation:
     nothing is kept for backward anyway)."""
-    parallel = ParallelConfig(**{**vars(parallel), "activation_checkpoint": ACMode.none})
+    parallel = dataclasses.replace(parallel, activation_checkpoint=ACMode.none)
     dims = ParallelDims.for_run(parallel, world_size=world_size, model=args, seq_len=args.max_seq_len)
     dims = dims.with_meshes(device_type=device.type)
     model = build_model(args, device=device, seed=0, dims=dims, parallel=parallel, compute_dtype=dtype)
@@ -60,6 +61,8 @@ def build_sharded(args: ModelArgs, *, step_dir, parallel: ParallelConfig, world_
 
 def sharded_language_model(model: torch.nn.Module, dims: ParallelDims, *, args: ModelArgs, tokenizer: Tokenizer,
                            batch_size: int, device: torch.device, dtype: torch.dtype) -> ShardedLanguageModel:  # fmt: skip
+    """``model`` (laid out as ``dims`` says; ``ParallelDims.single()`` for one process, where nothing is
+    split) behind the three requests."""
     autocast = dtype != torch.float32 and not dims.fsdp_enabled  # under FSDP the parameters are already bf16
 
     def forward(tokens: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from data.tokenizer import Tokenizer
-from model.kv_cache import KVCache
 from evaluation.scoring import cut_at_stop
+from model.kv_cache import KVCache
 
 Forward = Callable[..., torch.Tensor]
 """tokens (B, T) -> logits (B, T, V); with ``make_cache``, also ``forward(tokens, cache=...)``."""
@@ -141,12 +141,12 @@ class LanguageModel:
     def generate_until(self, prompts: Sequence[str], *, stops: Sequence[Sequence[str]],
                        max_new_tokens: int) -> list[str]:  # fmt: skip
         """Greedy continuation of each prompt up to its first stop string (or EOS, or ``max_new_tokens``)."""
+        keep = self.max_len - max_new_tokens
+        if keep < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in {self.max_len} positions")
         outputs: list[str] = []
         for start in range(0, len(prompts), self.batch_size):
             batch = list(range(start, min(start + self.batch_size, len(prompts))))
-            keep = self.max_len - max_new_tokens
-            if keep < 1:
-                raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in {self.max_len} positions")
             ids = [[self.tokenizer.bos_id, *self.tokenizer.encode(prompts[i])][-keep:] for i in batch]
             step = self._decode_cached if self.make_cache is not None else self._decode_full
             new = step(ids, stops=[stops[i] for i in batch], max_new_tokens=max_new_tokens)

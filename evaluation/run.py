@@ -12,26 +12,23 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
 from conf.schema import EvaluateConfig, to_config
 from data.tokenizer import Tokenizer, file_sha256
 from evaluation.demo import ensure_demo_tasks
+from evaluation.distributed import ShardedLanguageModel, build_sharded, sharded_language_model
 from evaluation.evaluate import run_task, table
-from evaluation.lm import LanguageModel
 from evaluation.tasks import TaskFileError
-from model.kv_cache import KVCache
 from trainer.checkpoint import complete_checkpoints
 from trainer.checkpoint_meta import CheckpointError, CheckpointMeta
-from evaluation.distributed import build_sharded, sharded_language_model
 from trainer.device import resolve_device, resolve_dtype
 from trainer.distributed import DistEnv, init_distributed, shutdown_distributed
+from trainer.parallel_dims import ParallelDims
 from trainer.hf_interop import load_model_from_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -78,7 +75,7 @@ def checkpoint_tokenizer(step_dir: Path, *, given: Optional[str], vocab_size: in
     return tokenizer
 
 
-def build_language_model(cfg: EvaluateConfig, *, env: Optional[DistEnv] = None) -> tuple[Any, Path]:
+def build_language_model(cfg: EvaluateConfig, *, env: Optional[DistEnv] = None) -> tuple[ShardedLanguageModel, Path]:
     """The checkpoint's model behind a ``LanguageModel``, on this process's device: loaded whole for one
     process, or laid out as ``cfg.parallel`` says over the ``env``'s processes (evaluation/distributed.py)."""
     env = env if env is not None else DistEnv(rank=0, local_rank=0, world_size=1)
@@ -94,19 +91,8 @@ def build_language_model(cfg: EvaluateConfig, *, env: Optional[DistEnv] = None) 
                                       device=device, dtype=dtype), step_dir  # fmt: skip
     model, args = load_model_from_checkpoint(step_dir)
     tokenizer = checkpoint_tokenizer(step_dir, given=cfg.tokenizer, vocab_size=args.vocab_size)
-    model = model.to(device).eval()
-
-    def forward(tokens: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
-        autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-        with autocast:
-            return model(tokens, cache=cache)
-
-    def make_cache(batch: int, positions: int) -> KVCache:
-        # k, v come out of the projections in the compute dtype (bf16 under autocast)
-        return KVCache(args, batch=batch, max_len=positions, dtype=dtype, device=device)
-
-    lm = LanguageModel(forward, tokenizer, max_len=args.max_seq_len, batch_size=cfg.eval.batch_size, device=device,
-                       make_cache=make_cache)  # fmt: skip
+    lm = sharded_language_model(model.to(device).eval(), ParallelDims.single(), args=args, tokenizer=tokenizer,
+                                batch_size=cfg.eval.batch_size, device=device, dtype=dtype)  # fmt: skip
     return lm, step_dir
 
 

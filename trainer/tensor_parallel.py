@@ -234,12 +234,13 @@ class _SequenceParallelSwiGLU(torch.autograd.Function):
         x, w1, w3, w2, *kept = ctx.saved_tensors
         dy_gathering = _launched(gather_sequence(dy, ctx.group), overlap=ctx.overlap)
         x_gathering = _launched(gather_sequence(x, ctx.group), overlap=ctx.overlap)
-        x_full = None
         if ctx.recompute_up:
             x_full = x_gathering.wait()
-            kept = [F.linear(x_full, w1), F.linear(x_full, w3)]
-        a, b, *kept = kept
-        s, h = gate(a, b) if ctx.recompute or ctx.recompute_up else kept
+            a, b, kept = F.linear(x_full, w1), F.linear(x_full, w3), []
+        else:
+            x_full = None
+            a, b, *kept = kept
+        s, h = kept if kept else gate(a, b)  # kept: s and h, saved only with recompute=False
         del kept
         dy_full = dy_gathering.wait()
         dw2 = weight_grad(dy_full, h)
