@@ -29,6 +29,7 @@ GPU_PYVER ?= 3.12
 $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[dev]'
+	$(PY) -m evaluation.lm_eval_plugin install  # `lm_eval --model llama_pretrain` (evaluation/lm_eval_plugin.py)
 	@touch $(STAMP)
 
 .PHONY: help install train eval test test-slow test-multinode test-faults test-gpu test-compat gpu-check gpu-wheels test-all loss-compare plan plan-validate bench bench-ac bench-overlap model-info clean

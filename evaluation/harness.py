@@ -1,14 +1,15 @@
 """Our checkpoints as an EleutherAI lm-evaluation-harness model (``llama_pretrain``).
 
-    llama-lm-eval --model llama_pretrain --model_args checkpoint=<dir> --tasks hellaswag --include_path <tasks>
-    python -m evaluation.harness --model llama_pretrain --model_args checkpoint=<dir>,batch_size=16 --tasks ...
+    lm_eval --model llama_pretrain --model_args checkpoint=<dir> --tasks hellaswag --include_path <tasks>
+    llama-lm-eval ...        # the same command line, for an environment without the hook (below)
 
-    import evaluation.harness, lm_eval                  # importing registers the model
-    lm_eval.simple_evaluate(model="llama_pretrain", model_args="checkpoint=<dir>", tasks=[...])
+    import lm_eval                                      # with the hook; or `import evaluation.harness` first
+    lm_eval.simple_evaluate(model="llama_pretrain", model_args="checkpoint=<dir>,batch_size=16", tasks=[...])
 
-lm-eval 0.4.13 finds models only in its own registry (there is no plugin entry point), so the bare
-``lm_eval`` command cannot see a model defined outside its package: ``llama-lm-eval`` (this module's
-``main``) is ``lm_eval`` with ours registered first, and takes exactly its arguments. A checkpoint
+lm-eval 0.4.13 finds models only in its own registry (there is no plugin entry point): the import hook of
+``evaluation.lm_eval_hook`` (a ``.pth`` line that ``make install`` writes) adds ours to it whenever lm-eval
+loads its models, so the bare ``lm_eval`` command sees it. ``llama-lm-eval`` (this module's ``main``) is
+``lm_eval`` with ours registered first, for environments where the hook is not installed. A checkpoint
 exported with ``python -m trainer.hf_interop export`` also runs under ``lm_eval --model hf`` itself
 (``add_bos_token=True``, as our documents start with BOS); tests/evaluation/test_harness.py checks that the
 two give the same log-likelihoods.
@@ -26,18 +27,18 @@ import torch
 
 import lm_eval.models  # noqa: F401  lm-eval fills its registry with its own models only while it is empty:
 from lm_eval.api.model import LM  # registering ours first would hide "hf" and the rest
-from lm_eval.api.registry import register_model
+
+from evaluation import lm_eval_hook
 
 from conf.schema import EvaluateConfig
 from evaluation.config import EvalConfig
 from evaluation.run import build_language_model
 from trainer.config import Device, Precision
 
-MODEL_NAME = "llama_pretrain"
+MODEL_NAME = lm_eval_hook.MODEL_NAME
 logger = logging.getLogger(__name__)
 
 
-@register_model(MODEL_NAME)
 class LlamaPretrainLM(LM):
     """``--model_args checkpoint=<dir>[,tokenizer=...,batch_size=8,device=auto,precision=auto,max_gen_toks=256]``."""
 
@@ -74,6 +75,11 @@ class LlamaPretrainLM(LM):
             max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
             out.extend(self.lm.generate_until([context], stops=[until], max_new_tokens=max_new))
         return out
+
+
+# Registered as the lazy "evaluation.harness:LlamaPretrainLM" entry the import hook of lm_eval_hook makes,
+# whichever comes first; one entry however this module is imported (also as __main__).
+lm_eval_hook.register()
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ One random small model with a real sentencepiece tokenizer, written as our check
 generation) over JSONL files written here. ``simple_evaluate`` runs them with ``--model hf`` on the export
 and with ``--model llama_pretrain`` on the checkpoint: every per-example log-likelihood agrees within 1e-4,
 the accuracies and generations are identical; and ``python -m evaluation.run`` on the same file in our
-own layout gives the same log-likelihoods.
+own layout gives the same log-likelihoods. The bare ``lm_eval`` command runs our checkpoint too.
 """
 
 from __future__ import annotations
@@ -139,14 +139,19 @@ def test_our_own_runner_gives_the_same_loglikelihoods(both, setup, tmp_path):
 
 
 def test_the_lm_eval_command_line_runs_our_checkpoint(both, setup, tmp_path):
-    """``llama-lm-eval`` (python -m evaluation.harness) takes lm_eval's arguments and prints its table."""
+    """The bare ``lm_eval`` command of this environment (the console script lm-eval installs) finds
+    ``llama_pretrain`` through the hook ``make install`` writes, and prints and saves its table."""
     import os
     import subprocess
     import sys
 
+    from evaluation import lm_eval_plugin
+
+    assert (lm_eval_plugin.site_packages() / lm_eval_plugin.PTH_NAME).exists(), (
+        "the lm_eval hook is not installed in this environment: python -m evaluation.lm_eval_plugin install")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(setup / "hf_datasets_cache")}  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "evaluation.harness", "--model", "llama_pretrain", "--model_args",
+    proc = subprocess.run([str(Path(sys.executable).parent / "lm_eval"), "--model", "llama_pretrain", "--model_args",
                            f"checkpoint={setup / 'ckpt'}", "--tasks", "ours_mc", "--include_path", str(setup / "tasks"),
                            "--batch_size", "4", "--output_path", str(tmp_path / "out")],
                           cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
