@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from data.sources import SourceFormat
+from structured import structured_entry
 
 
 @dataclass
@@ -74,8 +75,10 @@ class SourceConfig:
 class DataConfig:
     """The data pipeline: sources, tokenizer, cache and packing."""
 
-    sources: dict[str, SourceConfig] = field(default_factory=dict)
-    """Named corpora and their mixture weights."""
+    sources: dict[str, Any] = field(default_factory=dict)
+    """Named corpora and their mixture weights, each a ``SourceConfig`` (after ``__post_init__``). Typed
+    ``Any`` so that Hydra can add one from the command line, ``+data.sources.web={paths: [...], weight: 2}``
+    or ``+data.sources.web.paths=[...]`` (``structured.py`` says why); its fields are still type-checked."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     """Tokenizer to load or train."""
     cache_dir: str = "cache"
@@ -95,6 +98,10 @@ class DataConfig:
     takes hours on one node); the process group's own timeout is 10 minutes, too short for that."""
 
     def __post_init__(self) -> None:
+        self.sources = {
+            str(name): structured_entry(SourceConfig, entry, key=f"data.sources.{name}")
+            for name, entry in self.sources.items()
+        }
         for name, src in self.sources.items():
             src.check(name=name)
         if not 0.0 <= self.val_fraction < 1.0:

@@ -7,9 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
-
 from evaluation.tasks import DEFAULT_NORMALIZATION, Normalization, TaskFormat
+from structured import structured_entry
 
 
 @dataclass
@@ -48,20 +47,6 @@ class TaskConfig:
         return DEFAULT_NORMALIZATION.get(self.format, Normalization.char)
 
 
-def _task_config(name: str, entry: Any) -> TaskConfig:
-    if isinstance(entry, TaskConfig):
-        return entry
-    if isinstance(entry, DictConfig):
-        entry = OmegaConf.to_container(entry, resolve=True)
-    if not isinstance(entry, dict):
-        raise ValueError(f"eval.catalog.{name} must be a mapping of TaskConfig fields, got {entry!r}")
-    known = {f.name for f in dataclasses.fields(TaskConfig)}
-    unknown = sorted(set(entry) - known)
-    if unknown:
-        raise ValueError(f"eval.catalog.{name}: unknown key(s) {unknown}; a task takes {sorted(known)}")
-    return TaskConfig(**entry)
-
-
 def default_catalog() -> dict[str, TaskConfig]:
     """The tasks every config knows: the built-in demo (evaluation/demo.py) and the LLaMA paper's (section 3),
     zero-shot, whose ``path`` the user sets to their local copy (nothing is downloaded)."""
@@ -98,7 +83,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.every_steps < 0:
             raise ValueError("eval.batch_size must be >= 1 and eval.every_steps >= 0")
-        self.catalog = {name: _task_config(name, entry) for name, entry in self.catalog.items()}
+        self.catalog = {name: structured_entry(TaskConfig, entry, key=f"eval.catalog.{name}")
+                        for name, entry in self.catalog.items()}  # fmt: skip
 
     def selected(self) -> dict[str, TaskConfig]:
         """The configs of ``tasks``, in order; an unknown name is an error that lists the known ones."""

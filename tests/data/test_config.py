@@ -66,3 +66,44 @@ def test_a_bad_data_value_fails_when_the_config_is_built(override, message):
 
     with pytest.raises(Exception, match=message):
         to_config(compose_config([override]))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["+data.sources.web={paths: [WEB], weight: 2.0, format: jsonl}"],
+        ["+data.sources.web.paths=[WEB]", "+data.sources.web.weight=2", "+data.sources.web.format=jsonl"],
+    ],
+    ids=["mapping", "dotted"],
+)
+def test_a_source_added_on_the_command_line_is_a_typed_source(overrides, tmp_path):
+    """Hydra's '+' forms, parsed and applied by Hydra itself, then prepared alongside the built-in corpus."""
+    from conf.schema import to_config
+    from tests.conftest import compose_config
+
+    web = tmp_path / "web.jsonl"
+    web.write_text("".join(f'{{"text": "web document number {i} with some words"}}\n' for i in range(50)))
+    overrides = [o.replace("WEB", str(web)) for o in overrides]
+    cfg = to_config(compose_config([*overrides, "data.sources.python_stdlib.max_files=5"])).data
+    assert cfg.sources["web"] == SourceConfig(paths=[str(web)], format=SourceFormat.jsonl, weight=2.0)
+    assert cfg.sources["python_stdlib"].max_files == 5  # an existing source's field, without '+'
+    cfg.cache_dir, cfg.num_proc, cfg.progress, cfg.tokenizer.vocab_size = str(tmp_path / "c"), 1, False, 600
+    prepared = prepare_data(cfg)
+    assert prepared.weights == pytest.approx({"python_stdlib": 1 / 3, "web": 2 / 3})
+    assert prepared.num_tokens["train"]["web"] > 0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+data.sources.web={paths: [a], weight: heavy}", r"data\.sources\.web\.weight: Value 'heavy'"),
+        ("+data.sources.web={pathz: [a]}", r"data\.sources\.web\.pathz: Key 'pathz' not in 'SourceConfig'"),
+        ("+data.sources.web=3", r"data\.sources\.web must be a mapping of SourceConfig fields"),
+    ],
+)
+def test_a_bad_source_from_the_command_line_names_its_key(override, message):
+    from conf.schema import to_config
+    from tests.conftest import compose_config
+
+    with pytest.raises(ValueError, match=message):
+        to_config(compose_config([override]))

@@ -86,7 +86,7 @@ def test_a_task_is_added_or_pointed_at_from_the_command_line(tmp_path):
     assert tasks["mine"].path == "/data/mine.jsonl" and tasks["mine"].format.value == "text"
     assert tasks["piqa"].path == "/data/piqa.jsonl" and tasks["piqa"].num_fewshot == 3
     assert eval_config(f"eval.demo_dir={tmp_path}").eval.selected()["stdlib_text"].path == str(tmp_path / "stdlib_text.jsonl")
-    with pytest.raises(ValueError, match=r"eval.catalog.mine: unknown key\(s\) \['pth'\]"):
+    with pytest.raises(ValueError, match=r"eval.catalog.mine.pth: Key 'pth' not in 'TaskConfig'"):
         eval_config("+eval.catalog.mine={pth: /data/mine.jsonl}")
     with pytest.raises(Exception, match="pth"):
         eval_config("eval.catalog.piqa.pth=/data/piqa.jsonl")
