@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from data.sources import SourceFormat
+from data.sources import BadRecordPolicy, SourceFormat
 from structured import structured_entry
 
 
@@ -93,6 +93,10 @@ class DataConfig:
     """Input bytes per shard: consecutive files are grouped until this size (one file is never split)."""
     progress: bool = True
     """Show a tqdm progress bar on stderr while tokenizing."""
+    bad_records: BadRecordPolicy = BadRecordPolicy.error
+    """A malformed record (a JSONL line that is not a JSON object with a string ``text_field``, an unreadable
+    Parquet row group): ``error`` stops with the file and line (or row group); ``skip`` skips it and counts it
+    in the log and in the shard sidecars (``bad_records_skipped``)."""
     prepare_timeout_minutes: float = 720.0
     """How long the other ranks wait for rank 0 to train the tokenizer and write the shards (a large corpus
     takes hours on one node); the process group's own timeout is 10 minutes, too short for that."""
@@ -104,6 +108,7 @@ class DataConfig:
         }
         for name, src in self.sources.items():
             src.check(name=name)
+        self.bad_records = BadRecordPolicy(self.bad_records)
         if not 0.0 <= self.val_fraction < 1.0:
             raise _fail("data.val_fraction", f"got {self.val_fraction}", "use a value in [0, 1)")
         if self.seq_len < 1:

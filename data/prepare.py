@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from data.config import DataConfig, SourceConfig, normalized_weights
 from data.shards import SPLITS, ShardTask, is_finished, read_sidecar, tokenize_shard
-from data.sources import SourceFile, is_val, iter_documents, resolve_source_files
+from data.sources import BadRecords, SourceFile, is_val, iter_documents, resolve_source_files
 from data.tokenizer import LLAMA_TRAINER_SETTINGS, Tokenizer, train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     cfg.check()
     files = {name: resolve_source_files(name=name, src=src) for name, src in cfg.sources.items()}
     for name, src in cfg.sources.items():
-        _check_has_text(name=name, src=src, files=files[name])
+        _check_has_text(name=name, src=src, files=files[name], bad=BadRecords(policy=cfg.bad_records))
     tokenizer = _get_tokenizer(cfg, files=files)
     out_dir = Path(cfg.cache_dir) / "shards" / tokenizer.sha256[:12]
     tasks = [
@@ -74,12 +74,12 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     return _collect(cfg, tasks=tasks, tokenizer=tokenizer)
 
 
-def _check_has_text(*, name: str, src: SourceConfig, files: list[SourceFile]) -> None:
+def _check_has_text(*, name: str, src: SourceConfig, files: list[SourceFile], bad: BadRecords) -> None:
     """Rejects a source whose files hold no document, before any training or tokenizing.
 
     Cheap for real sources: reading stops at the first non-blank document.
     """
-    if not any(next(iter_documents(file, source=name, text_field=src.text_field), None) for file in files):
+    if not any(next(iter_documents(file, source=name, text_field=src.text_field, bad=bad), None) for file in files):
         raise ValueError(
             f"data.sources.{name}: paths {list(src.paths)} contain no text "
             "(every file is empty or blank); point the source at files with text or remove it"
@@ -141,10 +141,16 @@ def _training_lines(cfg: DataConfig, *, files: dict[str, list[SourceFile]]) -> I
 
 def _train_lines(files: Iterable[SourceFile], *, cfg: DataConfig, source: str) -> Iterator[str]:
     text_field = cfg.sources[source].text_field
-    for file in files:
-        for doc_id, text in iter_documents(file, source=source, text_field=text_field):
-            if not is_val(doc_id, val_fraction=cfg.val_fraction):
-                yield from (line for line in text.splitlines() if line.strip())
+    bad = BadRecords(policy=cfg.bad_records)
+    try:
+        for file in files:
+            for doc_id, text in iter_documents(file, source=source, text_field=text_field, bad=bad):
+                if not is_val(doc_id, val_fraction=cfg.val_fraction):
+                    yield from (line for line in text.splitlines() if line.strip())
+    finally:
+        if bad.skipped:
+            logger.warning("data.sources.%s: tokenizer training skipped %d bad record(s) (data.bad_records=skip); "
+                           "first: %s", source, bad.skipped, bad.locations[0])  # fmt: skip
 
 
 def _take(items: Iterator[str], count: int) -> Iterator[str]:
@@ -184,6 +190,7 @@ def _plan_tasks(
             tokenizer_sha256=tokenizer.sha256,
             vocab_size=tokenizer.vocab_size,
             out_dir=str(out_dir),
+            bad_records=cfg.bad_records,
         )
         for index, group in enumerate(_group_files(files, shard_bytes=cfg.shard_bytes))
     ]
@@ -213,12 +220,18 @@ def _collect(cfg: DataConfig, *, tasks: list[ShardTask], tokenizer: Tokenizer) -
     """Reads the sidecars back into paths and token counts."""
     shards: dict[str, dict[str, list[str]]] = {split: {name: [] for name in cfg.sources} for split in SPLITS}
     num_tokens = {split: {name: 0 for name in cfg.sources} for split in SPLITS}
+    skipped = {name: 0 for name in cfg.sources}
     for task in tasks:
         for split in SPLITS:
             sidecar = read_sidecar(task.bin_path(split))
             num_tokens[split][task.source] += sidecar["num_tokens"]
             if sidecar["num_tokens"] > 0:
                 shards[split][task.source].append(str(task.bin_path(split)))
+        skipped[task.source] += sidecar.get("bad_records_skipped", 0)  # the same in both splits' sidecars
+    for name, count in skipped.items():
+        if count:
+            logger.warning("data.sources.%s: %d bad record(s) skipped in all (data.bad_records=skip); the shard "
+                           "sidecars list where", name, count)  # fmt: skip
     return PreparedData(
         tokenizer_path=tokenizer.path,
         tokenizer_sha256=tokenizer.sha256,

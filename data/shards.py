@@ -9,6 +9,7 @@ last, after both ``.bin`` files are in place, so a crash never leaves a finished
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from data.sources import SourceFile, is_val, iter_documents
+from data.sources import BadRecordPolicy, BadRecords, SourceFile, is_val, iter_documents
 from data.tokenizer import cached_tokenizer
 
+logger = logging.getLogger(__name__)
 SPLITS = ("train", "val")
 SHARD_FORMAT_VERSION = 1
 
@@ -59,6 +61,9 @@ class ShardTask:
     """Decides the token dtype."""
     out_dir: str
     """Root of this tokenizer's shards; bins go to ``<out_dir>/<split>/<source>/``."""
+    bad_records: BadRecordPolicy = BadRecordPolicy.error
+    """What a malformed record does; not part of the identity (a clean shard serves either policy), but a
+    shard that skipped records is not finished for a run that wants ``error`` (it re-reads and stops there)."""
 
     @property
     def input_bytes(self) -> int:
@@ -92,6 +97,8 @@ def _shard_matches(task: ShardTask, split: str) -> bool:
         return False
     expected = task.identity(split)
     if any(sidecar.get(key) != value for key, value in expected.items()):
+        return False
+    if task.bad_records == BadRecordPolicy.error and sidecar.get("bad_records_skipped", 0) > 0:
         return False
     return bin_size == sidecar.get("num_tokens", -1) * np.dtype(sidecar["dtype"]).itemsize
 
@@ -128,10 +135,11 @@ def tokenize_shard(task: ShardTask) -> dict[str, dict[str, Any]]:
         sidecar_path(task.bin_path(split)).unlink(missing_ok=True)
     tmp_paths = {split: _tmp_name(task.bin_path(split)) for split in SPLITS}
     counts = {split: {"num_tokens": 0, "num_documents": 0} for split in SPLITS}
+    bad = BadRecords(policy=BadRecordPolicy(task.bad_records))
     handles = {split: open(tmp, "wb") for split, tmp in tmp_paths.items()}
     try:
         for file in task.files:
-            for doc_id, text in iter_documents(file, source=task.source, text_field=task.text_field):
+            for doc_id, text in iter_documents(file, source=task.source, text_field=task.text_field, bad=bad):
                 split = "val" if is_val(doc_id, val_fraction=task.val_fraction) else "train"
                 ids = np.asarray(tokenizer.encode(text, bos=True, eos=True), dtype=dtype)
                 ids.tofile(handles[split])
@@ -143,7 +151,12 @@ def tokenize_shard(task: ShardTask) -> dict[str, dict[str, Any]]:
     # Both bins are renamed before either sidecar is written: a sidecar is the "done" marker.
     for split, tmp in tmp_paths.items():
         os.replace(tmp, task.bin_path(split))
-    sidecars = {split: {**task.identity(split), **counts[split]} for split in SPLITS}
+    if bad.skipped:
+        logger.warning("data.sources.%s: shard %d skipped %d bad record(s) (data.bad_records=skip); first: %s",
+                       task.source, task.index, bad.skipped, bad.locations[0])  # fmt: skip
+    # A skipped record has no split (it was never read as a document), so both sidecars count the shard's.
+    skipped = {"bad_records_skipped": bad.skipped, "bad_record_locations": bad.locations}
+    sidecars = {split: {**task.identity(split), **counts[split], **skipped} for split in SPLITS}
     for split, sidecar in sidecars.items():
         _write_json_atomic(sidecar_path(task.bin_path(split)), sidecar)
     return sidecars

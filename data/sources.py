@@ -12,9 +12,9 @@ import hashlib
 import json
 import os
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Optional
 
 if TYPE_CHECKING:
     from data.config import SourceConfig
@@ -126,51 +126,110 @@ def is_val(doc_id: str, *, val_fraction: float) -> bool:
     return int.from_bytes(digest, "little") / 2**64 < val_fraction
 
 
-def _read_text(file: SourceFile) -> Iterator[tuple[str, str]]:
+def _read_text(file: SourceFile, *, key: str, text_field: str, bad: BadRecords) -> Iterator[tuple[str, str]]:
     # errors="replace": one stray byte should not abort a multi-hour tokenization run.
     with open(file.path, encoding="utf-8", errors="replace") as fh:
         yield file.doc_id, fh.read()
 
 
-def _checked_text(value: Any, *, where: str, key: str, text_field: str) -> str:
-    if not isinstance(value, str):
-        raise ValueError(
-            f"{key}: {where} has {text_field!r} of type {type(value).__name__}; "
-            "point text_field at a string field"
-        )
-    return value
+class BadRecordPolicy(str, enum.Enum):
+    """What a malformed record does (``data.bad_records``): stop the run naming it, or skip and count it."""
+
+    error = "error"
+    skip = "skip"
 
 
-def _read_jsonl(file: SourceFile, *, key: str, text_field: str) -> Iterator[tuple[str, str]]:
+class BadRecordError(ValueError):
+    """A record that cannot be read as a document; the message names the file and line (or row group)."""
+
+
+@dataclass
+class BadRecords:
+    """The bad-record policy of one read, and what it skipped: the count and the first few locations."""
+
+    policy: BadRecordPolicy = BadRecordPolicy.error
+    skipped: int = 0
+    locations: list[str] = field(default_factory=list)
+    MAX_LOCATIONS: ClassVar[int] = 10
+
+    def found(self, where: str, problem: str, *, records: int = 1) -> None:
+        """A bad record (or ``records`` of them, e.g. an unreadable row group) at ``where``: raise or count."""
+        if self.policy == BadRecordPolicy.error:
+            raise BadRecordError(
+                f"{where}: {problem}; fix or remove the record, or set data.bad_records=skip to skip such "
+                "records (they are counted in the log and the shard sidecars)"
+            )
+        self.skipped += records
+        if len(self.locations) < self.MAX_LOCATIONS:
+            self.locations.append(f"{where}: {problem}")
+
+
+def _record_text(record: Any, *, where: str, key: str, text_field: str, bad: BadRecords) -> Optional[str]:
+    """The text of a decoded record, or None (after ``bad.found``) when it has none."""
+    if not isinstance(record, dict):
+        bad.found(where, f"is a JSON {type(record).__name__}, not an object with a {text_field!r} field")
+        return None
+    if text_field not in record:
+        bad.found(where, f"has no field {text_field!r} ({key}={text_field!r}; fields: {sorted(record)[:10]}); "
+                  "if every record lacks it, set text_field to the field holding the text")  # fmt: skip
+        return None
+    return _string_value(record[text_field], where=where, text_field=text_field, bad=bad)
+
+
+def _string_value(value: Any, *, where: str, text_field: str, bad: BadRecords) -> Optional[str]:
+    if isinstance(value, str):
+        return value
+    bad.found(where, f"has {text_field!r} of type {type(value).__name__}, not a string; "
+              "if every record does, point text_field at a string field")  # fmt: skip
+    return None
+
+
+def _read_jsonl(file: SourceFile, *, key: str, text_field: str, bad: BadRecords) -> Iterator[tuple[str, str]]:
     with open(file.path, encoding="utf-8", errors="replace") as fh:
         for index, line in enumerate(fh):
             if not line.strip():
                 continue
-            record = json.loads(line)
             where = f"{file.path}:{index + 1}"
-            if text_field not in record:
-                raise ValueError(
-                    f"{key}: {where} has no field {text_field!r} "
-                    f"(fields: {sorted(record)}); set text_field to the field holding the text"
-                )
-            text = _checked_text(record[text_field], where=where, key=key, text_field=text_field)
-            yield f"{file.doc_id}:{index}", text
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                bad.found(where, f"is not valid JSON ({err.msg} at column {err.colno})")
+                continue
+            text = _record_text(record, where=where, key=key, text_field=text_field, bad=bad)
+            if text is not None:
+                yield f"{file.doc_id}:{index}", text
 
 
-def _read_parquet(file: SourceFile, *, key: str, text_field: str) -> Iterator[tuple[str, str]]:
-    import pyarrow.parquet as pq  # imported lazily: only Parquet sources pay for pyarrow
+def _read_parquet(file: SourceFile, *, key: str, text_field: str, bad: BadRecords) -> Iterator[tuple[str, str]]:
+    import pyarrow as pa  # imported lazily: only Parquet sources pay for pyarrow
+    import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(file.path)
+    try:
+        parquet = pq.ParquetFile(file.path)
+    except (pa.ArrowException, OSError) as err:
+        # Unreadable footer: no row group can be found, so the whole file is the bad record.
+        bad.found(file.path, f"is not a readable Parquet file ({err})")
+        return
     if text_field not in parquet.schema_arrow.names:
         raise ValueError(
             f"{key}: {file.path} has no column {text_field!r} "
             f"(columns: {parquet.schema_arrow.names}); set text_field to the text column"
         )
-    index = 0
-    for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
-        for value in batch.column(0).to_pylist():
+    index = 0  # row number in the file, so doc ids do not depend on which row groups were skipped
+    for group in range(parquet.num_row_groups):
+        rows = parquet.metadata.row_group(group).num_rows
+        where = f"{file.path}: row group {group}"
+        try:
+            values = parquet.read_row_group(group, columns=[text_field]).column(0).to_pylist()
+        except (pa.ArrowException, OSError) as err:
+            bad.found(where, f"cannot be read ({err})", records=rows)
+            index += rows
+            continue
+        for row, value in enumerate(values):
             if value is not None:
-                yield f"{file.doc_id}:{index}", _checked_text(value, where=file.path, key=key, text_field=text_field)
+                text = _string_value(value, where=f"{where}, row {row}", text_field=text_field, bad=bad)
+                if text is not None:
+                    yield f"{file.doc_id}:{index}", text
             index += 1
 
 
@@ -179,19 +238,27 @@ class Reader:
     suffixes: frozenset[str]
     """File suffixes that ``format: auto`` reads with this reader."""
     read: Callable[..., Iterator[tuple[str, str]]]
-    """read(file, *, key, text_field) -> (doc_id, text); ``key`` names the config key in errors."""
+    """read(file, *, key, text_field, bad) -> (doc_id, text); ``key`` names the config key in errors, ``bad``
+    decides what a malformed record does (``BadRecords.found``)."""
 
 
 READERS: dict[SourceFormat, Reader] = {
-    SourceFormat.text: Reader(frozenset(), lambda file, *, key, text_field: _read_text(file)),
+    SourceFormat.text: Reader(frozenset(), _read_text),
     SourceFormat.jsonl: Reader(frozenset({".jsonl", ".ndjson"}), _read_jsonl),
     SourceFormat.parquet: Reader(frozenset({".parquet"}), _read_parquet),
 }
 
 
-def iter_documents(file: SourceFile, *, source: str, text_field: str) -> Iterator[tuple[str, str]]:
-    """Yields (doc_id, text) for every non-blank document in a file of source ``source``."""
-    documents = READERS[file.format].read(file, key=f"data.sources.{source}.text_field", text_field=text_field)
+def iter_documents(
+    file: SourceFile, *, source: str, text_field: str, bad: Optional[BadRecords] = None
+) -> Iterator[tuple[str, str]]:
+    """Yields (doc_id, text) for every non-blank document in a file of source ``source``.
+
+    A malformed record raises ``BadRecordError`` naming its file and line (Parquet: row group), unless ``bad``
+    has the skip policy, which counts it instead.
+    """
+    bad = bad if bad is not None else BadRecords()
+    documents = READERS[file.format].read(file, key=f"data.sources.{source}.text_field", text_field=text_field, bad=bad)
     for doc_id, text in documents:
         if text.strip():
             yield doc_id, text

@@ -7,7 +7,7 @@ import hashlib
 import io
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import sentencepiece as spm
 
@@ -78,21 +78,37 @@ def train_tokenizer(*, lines: Iterable[str], out_path: Path, tok_cfg: Any) -> No
     data and settings give byte-identical models (and so the same sha256) in any cache_dir.
     """
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=model,
-        vocab_size=tok_cfg.vocab_size,
-        character_coverage=tok_cfg.character_coverage,
-        input_sentence_size=tok_cfg.max_sentences,
-        shuffle_input_sentence=True,
-        max_sentence_length=tok_cfg.max_sentence_length,
-        num_threads=tok_cfg.num_threads,
-        # Small corpora cannot always fill the requested vocabulary; use what they support
-        # (vocab_size is read back from the model) instead of failing.
-        hard_vocab_limit=False,
-        minloglevel=2,
-        **LLAMA_TRAINER_SETTINGS,
-    )
+    # sentencepiece turns an exception raised by the iterator into RuntimeError("INTERNAL: <type>: <text>"),
+    # which loses which record of which file was bad (data.sources.BadRecordError names it); keep the original.
+    failure: list[BaseException] = []
+
+    def sentences() -> Iterator[str]:
+        try:
+            yield from lines
+        except Exception as err:
+            failure.append(err)
+            raise
+
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(),
+            model_writer=model,
+            vocab_size=tok_cfg.vocab_size,
+            character_coverage=tok_cfg.character_coverage,
+            input_sentence_size=tok_cfg.max_sentences,
+            shuffle_input_sentence=True,
+            max_sentence_length=tok_cfg.max_sentence_length,
+            num_threads=tok_cfg.num_threads,
+            # Small corpora cannot always fill the requested vocabulary; use what they support
+            # (vocab_size is read back from the model) instead of failing.
+            hard_vocab_limit=False,
+            minloglevel=2,
+            **LLAMA_TRAINER_SETTINGS,
+        )
+    except RuntimeError:
+        if failure:
+            raise failure[0] from None
+        raise
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     tmp_path.write_bytes(model.getvalue())
