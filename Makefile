@@ -48,8 +48,8 @@ test: $(STAMP)  ## the default test suite: fast, CPU only (what CI runs)
 test-slow: $(STAMP)  ## the slow suite (multi-node, fault injection, long runs)
 	$(PY) -m pytest -m "slow" $(PYTEST_ARGS)
 
-test-multinode: $(STAMP)  ## multi-node training: two network-namespace nodes, and a local Slurm cluster (root; ~3 min)
-	$(PY) -m pytest -m slow tests/launch/test_multinode.py tests/launch/test_preemption.py $(PYTEST_ARGS)
+test-multinode: $(STAMP)  ## multi-node training (two network-namespace nodes, a local Slurm cluster) and data preparation as Slurm array tasks (root; ~4 min)
+	$(PY) -m pytest -m slow tests/launch/test_multinode.py tests/launch/test_preemption.py tests/launch/test_prepare_slurm.py $(PYTEST_ARGS)
 
 test-faults: $(STAMP)  ## fault tolerance: preemption signal -> checkpoint -> resume, killed ranks (slow)
 	$(PY) -m pytest -m slow tests/trainer/test_faults.py $(PYTEST_ARGS)

@@ -1,7 +1,14 @@
-"""``prepare_data``: get a tokenizer, tokenize every source into shards, return where they are.
+"""``prepare_data``: get a tokenizer, tokenize every source into shards, write the index, return where they are.
 
 Idempotent: a second call (or a call on another rank after rank 0 finished) resolves the same
 files, finds the cached tokenizer and finished shards, and only returns their paths.
+
+Across many machines the same work runs in three stages (``python -m launch.prepare --stage ...``, e.g. as
+Slurm jobs, ``launch/prepare_slurm.sh``): ``tokenizer`` (once: resolve the files, train or load the
+tokenizer), ``tokenize --task i --num-tasks N`` (task i tokenizes shard groups i, i + N, i + 2N, ... of the
+one deterministic plan, so N independent tasks write exactly the shards one process would), and ``index``
+(once, after them: check every shard is there and write ``index.json``). A shard is a function of its file
+group alone, so the result is byte-identical to ``prepare_data`` in one process.
 """
 
 from __future__ import annotations
@@ -11,8 +18,9 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -25,6 +33,7 @@ from data.tokenizer import LLAMA_TRAINER_SETTINGS, Tokenizer, train_tokenizer
 
 logger = logging.getLogger(__name__)
 _TOKENIZER_CACHE_VERSION = 1
+INDEX_FORMAT_VERSION = 1
 
 
 @dataclass
@@ -47,31 +56,104 @@ class PreparedData:
     """split -> source name -> tokens in that split."""
     weights: dict[str, float]
     """Normalised mixture weights by source name."""
+    bad_records_skipped: dict[str, int] = field(default_factory=dict)
+    """source name -> malformed records skipped under ``data.bad_records=skip`` (the sidecars say where)."""
 
 
 def prepare_data(cfg: DataConfig) -> PreparedData:
-    """Trains or loads the tokenizer and tokenizes every source, skipping finished shards.
+    """Trains or loads the tokenizer, tokenizes every source (skipping finished shards), writes the index.
 
     With ``num_proc > 1`` tokenization runs in spawned worker processes, so a script that calls
     this at import time must do so under ``if __name__ == "__main__":`` (as the trainer does).
 
     Raises ValueError naming the key for a config that cannot be prepared.
     """
+    plan = plan_shards(cfg)
+    tokenize_tasks(cfg, plan=plan, task=0, num_tasks=1)
+    return write_index(cfg, plan=plan)
+
+
+@dataclass
+class ShardPlan:
+    """The tokenizer and every shard group of a config, in one fixed order (the same on every machine)."""
+
+    tokenizer: Tokenizer
+    tasks: list[ShardTask]
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.tasks[0].out_dir)
+
+
+def plan_shards(cfg: DataConfig, *, train: bool = True) -> ShardPlan:
+    """Resolves every source's files and gets the tokenizer (trained into the cache when ``train``, else it
+    must be there already, as for ``--stage tokenize``), and groups the files into shard tasks."""
     cfg.check()
     files = {name: resolve_source_files(name=name, src=src) for name, src in cfg.sources.items()}
-    for name, src in cfg.sources.items():
-        _check_has_text(name=name, src=src, files=files[name], bad=BadRecords(policy=cfg.bad_records))
-    tokenizer = _get_tokenizer(cfg, files=files)
+    if train:
+        for name, src in cfg.sources.items():
+            _check_has_text(name=name, src=src, files=files[name], bad=BadRecords(policy=cfg.bad_records))
+    tokenizer = _get_tokenizer(cfg, files=files, train=train)
     out_dir = Path(cfg.cache_dir) / "shards" / tokenizer.sha256[:12]
     tasks = [
         task
         for name, src in cfg.sources.items()
         for task in _plan_tasks(cfg, name=name, src=src, files=files[name], tokenizer=tokenizer, out_dir=out_dir)
     ]
-    todo = [task for task in tasks if not is_finished(task)]
-    logger.info("data: %d of %d shard groups already tokenized", len(tasks) - len(todo), len(tasks))
+    return ShardPlan(tokenizer=tokenizer, tasks=tasks)
+
+
+def tokenize_tasks(cfg: DataConfig, *, plan: ShardPlan, task: int, num_tasks: int) -> list[ShardTask]:
+    """Tokenizes the shard groups of task ``task`` of ``num_tasks`` (groups task, task + num_tasks, ...) that
+    are not finished yet, with ``data.num_proc`` local workers; returns this task's groups."""
+    if num_tasks < 1 or not 0 <= task < num_tasks:
+        raise ValueError(f"data.prepare: task {task} of {num_tasks} does not exist; use 0 <= task < num_tasks")
+    mine = plan.tasks[task::num_tasks]
+    todo = [shard for shard in mine if not is_finished(shard)]
+    logger.info("data: task %d of %d: %d of its %d shard groups already tokenized (%d groups in all)",
+                task, num_tasks, len(mine) - len(todo), len(mine), len(plan.tasks))  # fmt: skip
     _run_tasks(todo, num_proc=cfg.num_proc, progress=cfg.progress)
-    return _collect(cfg, tasks=tasks, tokenizer=tokenizer)
+    return mine
+
+
+def write_index(cfg: DataConfig, *, plan: ShardPlan) -> PreparedData:
+    """Checks that every shard of the plan is finished and writes ``<shards dir>/index.json`` (paths relative
+    to the cache, so two caches of the same data have the same index); returns the prepared data."""
+    missing = [shard for shard in plan.tasks if not is_finished(shard)]
+    if missing:
+        owners = sorted({plan.tasks.index(shard) for shard in missing})
+        raise RuntimeError(
+            f"data: index: {len(missing)} of {len(plan.tasks)} shard groups are not tokenized "
+            f"(first: {missing[0].bin_path('train')}); shard groups {owners[:10]} (group g belongs to task "
+            "g % num_tasks) are missing: rerun --stage tokenize for their tasks (finished shards are kept)"
+        )
+    prepared = _collect(cfg, tasks=plan.tasks, tokenizer=plan.tokenizer)
+    _write_index_file(cfg, prepared=prepared, out_dir=plan.out_dir)
+    return prepared
+
+
+def _write_index_file(cfg: DataConfig, *, prepared: PreparedData, out_dir: Path) -> None:
+    cache = Path(cfg.cache_dir).resolve()
+
+    def relative(path: str) -> str:
+        return str(Path(path).resolve().relative_to(cache)) if Path(path).resolve().is_relative_to(cache) else path
+
+    index = {
+        "format_version": INDEX_FORMAT_VERSION,
+        "tokenizer": relative(prepared.tokenizer_path),
+        "tokenizer_sha256": prepared.tokenizer_sha256,
+        "vocab_size": prepared.vocab_size,
+        "bos_id": prepared.bos_id,
+        "eos_id": prepared.eos_id,
+        "weights": prepared.weights,
+        "num_tokens": prepared.num_tokens,
+        "bad_records_skipped": prepared.bad_records_skipped,
+        "shards": {split: {name: [relative(p) for p in paths] for name, paths in by_source.items()}
+                   for split, by_source in prepared.shards.items()},  # fmt: skip
+    }
+    tmp = out_dir / f".index.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(index, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, out_dir / "index.json")
 
 
 def _check_has_text(*, name: str, src: SourceConfig, files: list[SourceFile], bad: BadRecords) -> None:
@@ -86,7 +168,7 @@ def _check_has_text(*, name: str, src: SourceConfig, files: list[SourceFile], ba
         )
 
 
-def _get_tokenizer(cfg: DataConfig, *, files: dict[str, list[SourceFile]]) -> Tokenizer:
+def _get_tokenizer(cfg: DataConfig, *, files: dict[str, list[SourceFile]], train: bool = True) -> Tokenizer:
     if cfg.tokenizer.path is not None:
         tokenizer = Tokenizer(cfg.tokenizer.path)  # raises ValueError naming data.tokenizer.path
         if tokenizer.vocab_size != cfg.tokenizer.vocab_size:
@@ -97,6 +179,11 @@ def _get_tokenizer(cfg: DataConfig, *, files: dict[str, list[SourceFile]]) -> To
         return tokenizer
     key = _tokenizer_key(cfg, files=files)
     path = Path(cfg.cache_dir) / "tokenizer" / key[:16] / "tokenizer.model"
+    if not path.is_file() and not train:
+        raise FileNotFoundError(
+            f"data.prepare: the tokenizer this config trains is not in the cache yet ({path}); run "
+            "`python -m launch.prepare --stage tokenizer` with the same overrides first, or set data.tokenizer.path"
+        )
     if not path.is_file():
         logger.info("data: training a %d-piece tokenizer into %s", cfg.tokenizer.vocab_size, path)
         train_tokenizer(lines=_training_lines(cfg, files=files), out_path=path, tok_cfg=cfg.tokenizer)
@@ -241,4 +328,6 @@ def _collect(cfg: DataConfig, *, tasks: list[ShardTask], tokenizer: Tokenizer) -
         shards=shards,
         num_tokens=num_tokens,
         weights=normalized_weights(cfg),
+        bad_records_skipped=skipped,
     )
+
