@@ -32,7 +32,7 @@ $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	$(PY) -m evaluation.lm_eval_plugin install  # `lm_eval --model llama_pretrain` (evaluation/lm_eval_plugin.py)
 	@touch $(STAMP)
 
-.PHONY: help install train eval test test-slow test-multinode test-faults test-gpu test-compat gpu-check gpu-wheels test-all loss-compare plan plan-validate bench bench-ac bench-overlap model-info clean
+.PHONY: help install train data-demo preprocess eval test test-slow test-multinode test-faults test-gpu test-compat gpu-check gpu-wheels test-all loss-compare plan plan-validate bench bench-ac bench-overlap model-info clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -75,6 +75,12 @@ gpu-wheels:  ## download what gpu-check needs besides torch (hydra, omegaconf, w
 
 test-all: $(STAMP)  ## every test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+data-demo: $(STAMP)  ## LLaMA's data pipeline end to end on generated samples: 7 source recipes on datatrove (local executor) -> tokenizer + shards + index (outputs/data_demo; docs/data.md)
+	$(PY) -m launch.data_demo $(ARGS)
+
+preprocess: $(STAMP)  ## clean one source on datatrove: make preprocess ARGS='preprocess=github raw_root=/data/raw [executor.kind=slurm ...]'
+	$(PY) -m launch.preprocess $(ARGS)
 
 eval: $(STAMP)  ## evaluate the newest checkpoint under outputs/ (make train's) on the demo tasks, print the table; ARGS='checkpoint=<dir> eval.tasks=[...]'
 	$(PY) -m evaluation.run $(ARGS)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError
 
 from data.config import DataConfig
+from data.preprocess.config import PreprocessConfig
 from evaluation.config import EvalConfig
 from model.config import ModelArgs
 from planner.config import ClusterConfig, PlanSettings
@@ -73,6 +74,7 @@ def register_schema() -> None:
     store.store(group="schema", name="train", node=Config, package="_global_")
     store.store(group="schema", name="plan", node=PlanConfig, package="_global_")
     store.store(group="schema", name="evaluate", node=EvaluateConfig, package="_global_")
+    store.store(group="schema", name="preprocess", node=PreprocessConfig, package="_global_")
 
 
 def to_config(cfg: DictConfig) -> Config:  # a PlanConfig / EvaluateConfig for the planner's / evaluation's

@@ -184,53 +184,69 @@ def _string_value(value: Any, *, where: str, text_field: str, bad: BadRecords) -
     return None
 
 
-def _read_jsonl(file: SourceFile, *, key: str, text_field: str, bad: BadRecords) -> Iterator[tuple[str, str]]:
-    with open(file.path, encoding="utf-8", errors="replace") as fh:
+def iter_jsonl_records(path: str, *, bad: BadRecords) -> Iterator[tuple[int, int, Any]]:
+    """(0-based line index, 1-based line number, decoded value) of every non-blank line of a JSONL file; a line
+    that is not JSON goes to ``bad`` (the preprocessing readers share this with the tokenizer's)."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
         for index, line in enumerate(fh):
             if not line.strip():
                 continue
-            where = f"{file.path}:{index + 1}"
             try:
-                record = json.loads(line)
+                yield index, index + 1, json.loads(line)
             except json.JSONDecodeError as err:
-                bad.found(where, f"is not valid JSON ({err.msg} at column {err.colno})")
-                continue
-            text = _record_text(record, where=where, key=key, text_field=text_field, bad=bad)
-            if text is not None:
-                yield f"{file.doc_id}:{index}", text
+                bad.found(f"{path}:{index + 1}", f"is not valid JSON ({err.msg} at column {err.colno})")
 
 
-def _read_parquet(file: SourceFile, *, key: str, text_field: str, bad: BadRecords) -> Iterator[tuple[str, str]]:
+def iter_parquet_records(path: str, *, columns: Optional[list[str]], bad: BadRecords) -> Iterator[tuple[int, str, dict]]:
+    """(row number in the file, "<path>: row group g, row r", row as a dict of ``columns``, all when None) of
+    every row; a row group that cannot be read goes to ``bad`` with all its rows. Raises ValueError when a
+    column is missing (a config error, not a bad record)."""
     import pyarrow as pa  # imported lazily: only Parquet sources pay for pyarrow
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(file.path)
+        parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
         # Unreadable footer: no row group can be found, so the whole file is the bad record.
-        bad.found(file.path, f"is not a readable Parquet file ({err})")
+        bad.found(path, f"is not a readable Parquet file ({err})")
         return
-    if text_field not in parquet.schema_arrow.names:
-        raise ValueError(
-            f"{key}: {file.path} has no column {text_field!r} "
-            f"(columns: {parquet.schema_arrow.names}); set text_field to the text column"
-        )
-    index = 0  # row number in the file, so doc ids do not depend on which row groups were skipped
+    missing = [c for c in columns or [] if c not in parquet.schema_arrow.names]
+    if missing:
+        raise ValueError(f"{path} has no column(s) {missing} (columns: {parquet.schema_arrow.names})")
+    index = 0  # row number in the file, so ids do not depend on which row groups were skipped
     for group in range(parquet.num_row_groups):
         rows = parquet.metadata.row_group(group).num_rows
-        where = f"{file.path}: row group {group}"
+        where = f"{path}: row group {group}"
         try:
-            values = parquet.read_row_group(group, columns=[text_field]).column(0).to_pylist()
+            records = parquet.read_row_group(group, columns=columns).to_pylist()
         except (pa.ArrowException, OSError) as err:
             bad.found(where, f"cannot be read ({err})", records=rows)
             index += rows
             continue
-        for row, value in enumerate(values):
+        for row, record in enumerate(records):
+            yield index, f"{where}, row {row}", record
+            index += 1
+
+
+def _read_jsonl(file: SourceFile, *, key: str, text_field: str, bad: BadRecords) -> Iterator[tuple[str, str]]:
+    for index, number, record in iter_jsonl_records(file.path, bad=bad):
+        text = _record_text(record, where=f"{file.path}:{number}", key=key, text_field=text_field, bad=bad)
+        if text is not None:
+            yield f"{file.doc_id}:{index}", text
+
+
+def _read_parquet(file: SourceFile, *, key: str, text_field: str, bad: BadRecords) -> Iterator[tuple[str, str]]:
+    try:
+        for index, where, record in iter_parquet_records(file.path, columns=[text_field], bad=bad):
+            value = record[text_field]
             if value is not None:
-                text = _string_value(value, where=f"{where}, row {row}", text_field=text_field, bad=bad)
+                text = _string_value(value, where=where, text_field=text_field, bad=bad)
                 if text is not None:
                     yield f"{file.doc_id}:{index}", text
-            index += 1
+    except ValueError as err:
+        if isinstance(err, BadRecordError):
+            raise
+        raise ValueError(f"{key}: {err}; set text_field to the text column") from None
 
 
 @dataclass(frozen=True)
