@@ -32,7 +32,7 @@ $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	$(PY) -m evaluation.lm_eval_plugin install  # `lm_eval --model llama_pretrain` (evaluation/lm_eval_plugin.py)
 	@touch $(STAMP)
 
-.PHONY: help install train data-demo preprocess eval test test-slow test-multinode test-faults test-gpu test-compat gpu-check gpu-wheels test-all loss-compare plan plan-validate bench bench-ac bench-overlap model-info clean
+.PHONY: help install train data-demo preprocess eval test test-slow test-multinode test-faults test-gpu test-compat gpu-check gpu-wheels test-all loss-compare plan plan-validate bench bench-ac bench-overlap bench-tokenize model-info clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -48,8 +48,8 @@ test: $(STAMP)  ## the default test suite: fast, CPU only (what CI runs)
 test-slow: $(STAMP)  ## the slow suite (multi-node, fault injection, long runs)
 	$(PY) -m pytest -m "slow" $(PYTEST_ARGS)
 
-test-multinode: $(STAMP)  ## multi-node training (two network-namespace nodes, a local Slurm cluster) and data preparation as Slurm array tasks (root; ~4 min)
-	$(PY) -m pytest -m slow tests/launch/test_multinode.py tests/launch/test_preemption.py tests/launch/test_prepare_slurm.py $(PYTEST_ARGS)
+test-multinode: $(STAMP)  ## multi-node training (two network-namespace nodes, a local Slurm cluster) and data preparation on Slurm: tokenization array tasks, a datatrove recipe (root; ~5 min)
+	$(PY) -m pytest -m slow tests/launch/test_multinode.py tests/launch/test_preemption.py tests/launch/test_prepare_slurm.py tests/launch/test_preprocess_slurm.py $(PYTEST_ARGS)
 
 test-faults: $(STAMP)  ## fault tolerance: preemption signal -> checkpoint -> resume, killed ranks (slow)
 	$(PY) -m pytest -m slow tests/trainer/test_faults.py $(PYTEST_ARGS)
@@ -102,6 +102,9 @@ bench-ac: $(STAMP)  ## benchmark: activation-checkpointing policies side by side
 
 bench-overlap: $(STAMP)  ## benchmark: communication overlap on vs off at 2 processes, TP 2 and FSDP 2 (~5 min)
 	$(PY) -m bench.overlap $(ARGS)
+
+bench-tokenize: $(STAMP)  ## benchmark: our shard writer vs sentencepiece's raw encode, tokens/s per core (~1 min; docs/data.md)
+	$(PY) -m bench.tokenize_speed $(ARGS)
 
 model-info: $(STAMP)  ## parameter counts and FLOPs of a preset: make model-info ARGS=model=llama1_7b
 	$(PY) -m model.info $(ARGS)

@@ -58,8 +58,12 @@ class SlurmConfig:
     job_name: str = "preprocess"
     sbatch_args: dict[str, Any] = field(default_factory=dict)
     """Further sbatch options, e.g. ``{account: myproject}``."""
+    qos: str = ""
+    """A QOS for the jobs; empty: the cluster's default (datatrove's own default, "normal", is not on every
+    cluster)."""
     env_command: Optional[str] = None
-    """A shell command run before each task, e.g. ``source /path/venv/bin/activate``."""
+    """A shell command run before each task, e.g. ``source /path/venv/bin/activate``: the jobs run datatrove's
+    ``launch_pickled_pipeline`` and import this project, so both must be found there."""
 
 
 @dataclass

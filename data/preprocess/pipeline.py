@@ -383,7 +383,7 @@ def build_executor(cfg: PreprocessConfig, stages: list[Stage]):
             previous = SlurmPipelineExecutor(
                 **common, time=slurm.time, partition=slurm.partition, cpus_per_task=slurm.cpus_per_task,
                 mem_per_cpu_gb=slurm.mem_per_cpu_gb, job_name=f"{slurm.job_name}-{cfg.preprocess.name}-{stage.name}",
-                sbatch_args=dict(slurm.sbatch_args) or None, env_command=slurm.env_command,
+                sbatch_args=dict(slurm.sbatch_args) or None, env_command=slurm.env_command, qos=slurm.qos,
             )  # fmt: skip
     return previous
 

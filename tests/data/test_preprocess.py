@@ -194,3 +194,46 @@ def test_an_output_dir_of_another_recipe_is_refused_and_kept(tmp_path):
 def test_input_paths_that_match_nothing_say_so(tmp_path):
     with pytest.raises(ValueError, match=r"preprocess\.input\.paths: .*match no files"):
         run_preprocess(_config(tmp_path, inputs=[tmp_path / "missing"], steps=[]))
+
+
+def test_quality_classifier_keeps_documents_whose_label_scores_high_enough(tmp_path):
+    """Any fastText supervised model by path; here the language-id one with its English label, as a stand-in
+    for a Wikipedia-references classifier (the mechanism is the same: P(label) >= min_score)."""
+    from datatrove.data import Document
+
+    from data.preprocess.steps import FastTextQualityFilter, bundled_lid_model
+
+    keep = FastTextQualityFilter(model_path=bundled_lid_model(), label="__label__en", min_score=0.5)
+    english = Document(text="The results of the survey were published in the annual report.", id="a")
+    assert keep.filter(english) is True and english.metadata["quality_score"] > 0.5
+    assert keep.filter(Document(text=GERMAN[2], id="b")) == (False, "quality")
+    with pytest.raises(FileNotFoundError, match="fastText model"):
+        FastTextQualityFilter(model_path=str(tmp_path / "wiki_refs.bin"))
+
+
+def test_c4_quality_and_min_length_on_pages_written_here():
+    from datatrove.data import Document
+
+    from data.preprocess.pipeline import STEP_KINDS
+
+    c4 = STEP_KINDS["c4_quality"].build()
+    sentences = ["The river runs through the old town.", "Its bridges are made of stone.",
+                 "Many visitors come in the summer.", "The museum opens every day at nine.",
+                 "A ferry crosses the lake twice an hour."]  # fmt: skip
+    page = Document(text="\n".join(sentences), id="ok")
+    assert c4.filter(page) is True
+    assert c4.filter(Document(text="\n".join(sentences[:2]), id="short")) == (False, "too_few_sentences")
+    lorem = Document(text="\n".join([*sentences, "Lorem ipsum dolor sit amet, consectetur adipiscing elit."]), id="l")
+    assert c4.filter(lorem) == (False, "lorem_ipsum")
+    min_length = STEP_KINDS["min_length"].build(min_chars=40)
+    assert min_length.filter(page) is True and min_length.filter(Document(text="tiny", id="t")) == (False, "too_short")
+
+
+def test_regex_word_tokenizer_words_and_sentences():
+    from data.preprocess.steps import RegexWordTokenizer
+
+    tokenizer = RegexWordTokenizer()
+    assert tokenizer.word_tokenize("It's 3 o'clock, isn't it?") == ["It's", "3", "o'clock", "isn't", "it"]
+    assert tokenizer.sent_tokenize("One. Two! Three? Four") == ["One.", "Two!", "Three?", "Four"]
+    text = "One. Two! Three"
+    assert [text[a:b] for a, b in tokenizer.span_tokenize(text)] == ["One.", "Two!", "Three"]
