@@ -16,6 +16,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional
 
 from datatrove.data import Document, DocumentsPipeline
@@ -159,7 +160,7 @@ def step_specs(entries: list[Any]) -> list[StepSpec]:
     specs, seen = [], {}
     for index, entry in enumerate(entries):
         key = f"preprocess.steps[{index}]"
-        entry = dict(entry) if hasattr(entry, "keys") else entry
+        entry = dict(entry) if isinstance(entry, Mapping) else entry
         if not isinstance(entry, dict) or "kind" not in entry:
             raise ValueError(f"{key}: a step is a mapping with a 'kind' (one of {sorted(STEP_KINDS)}), got {entry!r}")
         options = {k: v for k, v in entry.items() if k != "kind"}
@@ -176,10 +177,11 @@ def step_specs(entries: list[Any]) -> list[StepSpec]:
 
 
 def _plain(value: Any) -> Any:
-    """OmegaConf containers as plain lists/dicts (tuples for list options: the steps keep them)."""
-    if hasattr(value, "items"):
+    """Mappings as dicts and sequences as tuples (the steps keep list options as tuples: they are hashable and
+    cannot be changed by a step)."""
+    if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+    if isinstance(value, Sequence) and not isinstance(value, str):
         return tuple(_plain(v) for v in value)
     return value
 

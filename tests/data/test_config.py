@@ -28,7 +28,7 @@ def test_llama_mixture_config_has_the_paper_proportions(tmp_path, monkeypatch):
     assert weights == {"common_crawl": 67.0, "c4": 15.0, "github": 4.5, "wikipedia": 4.5, "books": 4.5,
                        "arxiv": 2.5, "stack_exchange": 2.0}  # fmt: skip
     assert all(p.startswith(str(tmp_path)) for src in cfg.sources.values() for p in src.paths)
-    with pytest.raises(ValueError, match=r"data\.sources\.common_crawl: paths .*common_crawl/\*\.jsonl"):
+    with pytest.raises(ValueError, match=r"data\.sources\.common_crawl: paths .*common_crawl/clean/\*\.jsonl"):
         prepare_data(cfg)  # no corpus under the temporary root
 
 
