@@ -21,15 +21,12 @@ def main(cfg: DictConfig) -> None:
     from conf.schema import to_config
     from data.preprocess.config import ExecutorKind
     from data.preprocess.pipeline import run_preprocess
-    from data.sources import BadRecordError
 
     try:
         config = to_config(cfg)
         layout = run_preprocess(config)
-    except (ValueError, FileNotFoundError) as err:  # a recipe, path or record that does not work
-        if isinstance(err, BadRecordError):
-            raise
-        print(f"launch.preprocess: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as err:  # a recipe, path or record (BadRecordError) that does not work
+        print(f"launch.preprocess: {type(err).__name__}: {err}", file=sys.stderr)
         sys.exit(2)
     if config.executor.kind == ExecutorKind.local:
         print(f"written: {layout.clean}/*.jsonl, {layout.stats}")

@@ -36,7 +36,16 @@ def test_the_llama_recipe_sweeps_all_seven_sources_from_the_command_line(tmp_pat
 def test_a_recipe_without_input_is_a_clear_error(tmp_path):
     done = _cli("preprocess=github", f"raw_root={tmp_path / 'nowhere'}", f"output_root={tmp_path}", cwd=tmp_path)
     assert done.returncode == 2
-    assert f"launch.preprocess: preprocess.input.paths: ['{tmp_path / 'nowhere'}/github'] match no files" in done.stderr
+    assert f"launch.preprocess: ValueError: preprocess.input.paths: ['{tmp_path / 'nowhere'}/github'] match no files" in done.stderr
+
+
+def test_a_malformed_record_stops_the_command_naming_file_and_line(tmp_path):
+    (tmp_path / "raw" / "wikipedia").mkdir(parents=True)
+    (tmp_path / "raw" / "wikipedia" / "part-0.jsonl").write_text('{"text": "[[a]] b"}\n{"text": \n')
+    done = _cli("preprocess=wikipedia", f"raw_root={tmp_path / 'raw'}", f"output_root={tmp_path / 'out'}",
+                "executor.tasks=1", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2
+    assert f"launch.preprocess: BadRecordError: {tmp_path}/raw/wikipedia/part-0.jsonl:2: is not valid JSON" in done.stderr
 
 
 @pytest.fixture(scope="module")
