@@ -28,10 +28,11 @@ def main(cfg: DictConfig) -> None:
     except (ValueError, FileNotFoundError) as err:  # a recipe, path or record (BadRecordError) that does not work
         print(f"launch.preprocess: {type(err).__name__}: {err}", file=sys.stderr)
         sys.exit(2)
+    written = f"{layout.clean}/*.{config.output_format.value}, {layout.stats}"
     if config.executor.kind == ExecutorKind.local:
-        print(f"written: {layout.clean}/*.jsonl, {layout.stats}")
+        print(f"written: {written}")
     else:
-        print(f"submitted; when the report job has run: {layout.clean}/*.jsonl, {layout.stats}")
+        print(f"submitted; when the report job has run: {written}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,11 @@ class ExecutorKind(str, enum.Enum):
     slurm = "slurm"  # datatrove's SlurmPipelineExecutor: every stage an sbatch array job, chained by dependencies
 
 
+class OutputFormat(str, enum.Enum):
+    jsonl = "jsonl"  # one {"text", "id", "metadata": {...}} object per line, as datatrove's JsonlWriter writes it
+    parquet = "parquet"  # string columns text, id, metadata (the object as JSON: its keys differ from record to record)
+
+
 @dataclass
 class InputConfig:
     """The raw files of a source."""
@@ -91,5 +96,11 @@ class PreprocessConfig:
     """Where the recipes look for each source's raw files (``<raw_root>/<source>/``)."""
     output_root: str = "outputs/preprocess"
     output_dir: str = "${output_root}/${preprocess.name}"
-    """Cleaned JSONL goes to ``<output_dir>/clean/``, the per-step report to ``<output_dir>/stats.json``;
+    """The cleaned documents go to ``<output_dir>/clean/``, the per-step report to ``<output_dir>/stats.json``;
     datatrove's logs, completion markers and dedup signatures to ``<output_dir>/work/``."""
+    output_format: OutputFormat = OutputFormat.jsonl
+    """The cleaned files: ``<rank>.jsonl``, or ``*.parquet`` (datatrove numbers its files per rank); ``data.sources``
+    reads both."""
+
+    def __post_init__(self) -> None:
+        self.output_format = OutputFormat(self.output_format)

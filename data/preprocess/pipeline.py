@@ -21,11 +21,11 @@ from typing import Any, Callable, Optional
 
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
-from datatrove.pipeline.writers import JsonlWriter
+from datatrove.pipeline.writers import JsonlWriter, ParquetWriter
 
 from data.config import SourceConfig
 from data.preprocess import steps
-from data.preprocess.config import ExecutorKind, PreprocessConfig
+from data.preprocess.config import ExecutorKind, OutputFormat, PreprocessConfig
 from data.sources import resolve_source_files
 
 # ------------------------------------------------------------------------------------------------ the steps ----
@@ -227,6 +227,23 @@ def input_files(cfg: PreprocessConfig) -> list[tuple[str, str]]:
     return [(file.path, file.doc_id) for file in files]
 
 
+def _parquet_row(writer: PipelineStep, document: Document) -> dict[str, str]:
+    """A document as one Parquet row. The metadata is one JSON string: it holds whatever fields a source's raw
+    records carry, and a struct column would take its schema from the first row and reject the rest."""
+    return {"text": document.text, "id": str(document.id),
+            "metadata": json.dumps(document.metadata, ensure_ascii=False, sort_keys=True)}  # fmt: skip
+
+
+def clean_writer(out: Path, *, output_format: OutputFormat) -> PipelineStep:
+    """The last stage's writer: ``<out>/<rank>.jsonl``, or ``<out>/<file>_<rank>.parquet``."""
+    if output_format == OutputFormat.jsonl:
+        return JsonlWriter(str(out), output_filename="${rank}.jsonl", compression=None)
+    import pyarrow as pa
+
+    schema = pa.schema([("text", pa.string()), ("id", pa.string()), ("metadata", pa.string())])
+    return ParquetWriter(str(out), output_filename="${rank}.parquet", adapter=_parquet_row, schema=schema)
+
+
 def build_stages(cfg: PreprocessConfig) -> list[Stage]:
     """The recipe as an ordered list of stages (each runs after the one before), the report last."""
     layout = Layout(Path(cfg.output_dir).resolve())
@@ -252,8 +269,10 @@ def build_stages(cfg: PreprocessConfig) -> list[Stage]:
     stages: list[Stage] = []
     for number, segment in enumerate(segments):
         last = number == len(segments) - 1
-        out = layout.clean if last else layout.work / f"segment_{number}"
-        writer = JsonlWriter(str(out), output_filename="${rank}.jsonl", compression=None)
+        if last:
+            writer = clean_writer(layout.clean, output_format=cfg.output_format)
+        else:  # what the next segment's RecordReader reads back
+            writer = JsonlWriter(str(layout.work / f"segment_{number}"), output_filename="${rank}.jsonl", compression=None)
         head: list[PipelineStep] = [steps.Measured("read", [reader(number)])] if number == 0 else [reader(number)]
         measured = []
         for position, spec in enumerate(segment):
@@ -347,6 +366,8 @@ def format_report(payload: dict[str, Any]) -> str:
 
 def _config_fingerprint(cfg: PreprocessConfig) -> dict[str, Any]:
     recipe = {"preprocess": asdict(cfg.preprocess), "tasks": cfg.executor.tasks}
+    if cfg.output_format != OutputFormat.jsonl:  # absent for JSONL, so markers written before the option still match
+        recipe["output_format"] = cfg.output_format.value
     return json.loads(json.dumps(recipe, default=str))
 
 

@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from data.preprocess.config import ExecutorConfig, InputConfig, PreprocessConfig, SourcePipelineConfig
 from data.preprocess.pipeline import run_preprocess, step_specs
 from data.preprocess.samples import FRENCH, GERMAN, stdlib_docstrings
 from data.preprocess.steps import LanguageFilter, line_hash
-from data.sources import BadRecordError
+from data.config import SourceConfig
+from data.sources import BadRecordError, SourceFormat, iter_documents, resolve_source_files
 
 
 def _write_jsonl(path: Path, records: list) -> Path:
@@ -22,12 +24,13 @@ def _write_jsonl(path: Path, records: list) -> Path:
 
 
 def _config(tmp_path: Path, *, inputs: list[Path], steps: list[dict], tasks: int = 2, out: str = "out",
-            **input_options) -> PreprocessConfig:  # fmt: skip
+            output_format: str = "jsonl", **input_options) -> PreprocessConfig:  # fmt: skip
     return PreprocessConfig(
         preprocess=SourcePipelineConfig(name="src", input=InputConfig(paths=[str(p) for p in inputs], **input_options),
                                         steps=steps),  # fmt: skip
         executor=ExecutorConfig(tasks=tasks, workers=1),
         output_dir=str(tmp_path / out),
+        output_format=output_format,
     )
 
 
@@ -179,6 +182,30 @@ def test_bad_records_stop_naming_the_line_or_are_skipped_and_reported(tmp_path):
 def test_a_bad_recipe_names_the_step(steps, message):
     with pytest.raises(ValueError, match=message):
         step_specs(steps)
+
+
+def test_parquet_output_holds_the_jsonl_documents_and_data_sources_reads_it(tmp_path):
+    records = [{"id": "a", "license": "mit", "content": "def f():\n    return 1\n"},
+               {"id": "b", "license": "apache-2.0", "content": "x = 'caf\u00e9'\n", "stars": 3},  # other metadata keys
+               {"id": "c", "license": "gpl-3.0", "content": "y = 2\n"}]  # fmt: skip
+    path = _write_jsonl(tmp_path / "gh.jsonl", records)
+    recipe = [{"kind": "license"}, {"kind": "exact_dedup"}]  # two segments: the work files stay JSONL
+    jsonl = run_preprocess(_config(tmp_path, inputs=[path], steps=recipe, text_key="content", out="j"))
+    parquet = run_preprocess(_config(tmp_path, inputs=[path], steps=recipe, text_key="content", out="p",
+                                     output_format="parquet"))  # fmt: skip
+    assert not list(parquet.clean.glob("*.jsonl"))
+    rows = [row for file in sorted(parquet.clean.glob("*.parquet")) for row in pq.read_table(file).to_pylist()]
+    assert [{**row, "metadata": json.loads(row["metadata"])} for row in rows] == _clean(jsonl)
+    assert {row["id"] for row in rows} == {"a", "b"}
+    # What data.prepare tokenizes: data.sources' reader on the directory, format auto.
+    files = resolve_source_files(name="gh", src=SourceConfig(paths=[str(parquet.clean)]))
+    assert {f.format for f in files} == {SourceFormat.parquet}
+    texts = [text for f in files for _, text in iter_documents(f, source="gh", text_field="text")]
+    assert texts == [d["text"] for d in _clean(jsonl)]
+    assert _steps(parquet) == _steps(jsonl)
+    # The format is part of the recipe: a JSONL run into the Parquet output directory is refused.
+    with pytest.raises(ValueError, match="holds the output of another recipe"):
+        run_preprocess(_config(tmp_path, inputs=[path], steps=recipe, text_key="content", out="p"))
 
 
 def test_an_output_dir_of_another_recipe_is_refused_and_kept(tmp_path):
