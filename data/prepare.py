@@ -85,6 +85,11 @@ class ShardPlan:
         return Path(self.tasks[0].out_dir)
 
 
+def shards_dir(cfg: DataConfig, *, tokenizer_sha256: str) -> Path:
+    """Where the shards and ``index.json`` of the data tokenized by this tokenizer go."""
+    return Path(cfg.cache_dir) / "shards" / tokenizer_sha256[:12]
+
+
 def plan_shards(cfg: DataConfig, *, train: bool = True) -> ShardPlan:
     """Resolves every source's files and gets the tokenizer (trained into the cache when ``train``, else it
     must be there already, as for ``--stage tokenize``), and groups the files into shard tasks."""
@@ -94,7 +99,7 @@ def plan_shards(cfg: DataConfig, *, train: bool = True) -> ShardPlan:
         for name, src in cfg.sources.items():
             _check_has_text(name=name, src=src, files=files[name], bad=BadRecords(policy=cfg.bad_records))
     tokenizer = _get_tokenizer(cfg, files=files, train=train)
-    out_dir = Path(cfg.cache_dir) / "shards" / tokenizer.sha256[:12]
+    out_dir = shards_dir(cfg, tokenizer_sha256=tokenizer.sha256)
     tasks = [
         task
         for name, src in cfg.sources.items()
@@ -119,13 +124,12 @@ def tokenize_tasks(cfg: DataConfig, *, plan: ShardPlan, task: int, num_tasks: in
 def write_index(cfg: DataConfig, *, plan: ShardPlan) -> PreparedData:
     """Checks that every shard of the plan is finished and writes ``<shards dir>/index.json`` (paths relative
     to the cache, so two caches of the same data have the same index); returns the prepared data."""
-    missing = [shard for shard in plan.tasks if not is_finished(shard)]
+    missing = [group for group, shard in enumerate(plan.tasks) if not is_finished(shard)]
     if missing:
-        owners = sorted({plan.tasks.index(shard) for shard in missing})
         raise RuntimeError(
             f"data: index: {len(missing)} of {len(plan.tasks)} shard groups are not tokenized "
-            f"(first: {missing[0].bin_path('train')}); shard groups {owners[:10]} (group g belongs to task "
-            "g % num_tasks) are missing: rerun --stage tokenize for their tasks (finished shards are kept)"
+            f"(first: {plan.tasks[missing[0]].bin_path('train')}); shard groups {missing[:10]} (group g belongs to "
+            "task g % num_tasks) are missing: rerun --stage tokenize for their tasks (finished shards are kept)"
         )
     prepared = _collect(cfg, tasks=plan.tasks, tokenizer=plan.tokenizer)
     _write_index_file(cfg, prepared=prepared, out_dir=plan.out_dir)
@@ -330,4 +334,3 @@ def _collect(cfg: DataConfig, *, tasks: list[ShardTask], tokenizer: Tokenizer) -
         weights=normalized_weights(cfg),
         bad_records_skipped=skipped,
     )
-

@@ -148,6 +148,9 @@ class BadRecords:
     """The bad-record policy of one read, and what it skipped: the count and the first few locations."""
 
     policy: BadRecordPolicy = BadRecordPolicy.error
+    setting: str = "data.bad_records"
+    """The config key of ``policy``, and where skipped records are counted: what the error tells the user."""
+    counted_in: str = "the log and the shard sidecars"
     skipped: int = 0
     locations: list[str] = field(default_factory=list)
     MAX_LOCATIONS: ClassVar[int] = 10
@@ -156,31 +159,32 @@ class BadRecords:
         """A bad record (or ``records`` of them, e.g. an unreadable row group) at ``where``: raise or count."""
         if self.policy == BadRecordPolicy.error:
             raise BadRecordError(
-                f"{where}: {problem}; fix or remove the record, or set data.bad_records=skip to skip such "
-                "records (they are counted in the log and the shard sidecars)"
+                f"{where}: {problem}; fix or remove the record, or set {self.setting}=skip to skip such "
+                f"records (they are counted in {self.counted_in})"
             )
         self.skipped += records
         if len(self.locations) < self.MAX_LOCATIONS:
             self.locations.append(f"{where}: {problem}")
 
 
-def _record_text(record: Any, *, where: str, key: str, text_field: str, bad: BadRecords) -> Optional[str]:
-    """The text of a decoded record, or None (after ``bad.found``) when it has none."""
+def record_text(record: Any, *, where: str, key: str, text_field: str, bad: BadRecords) -> Optional[str]:
+    """The text of a decoded record, or None (after ``bad.found``) when it has none; ``key`` is the config key
+    that names the text field (shared by the tokenizer's readers and the preprocessing reader)."""
     if not isinstance(record, dict):
         bad.found(where, f"is a JSON {type(record).__name__}, not an object with a {text_field!r} field")
         return None
     if text_field not in record:
         bad.found(where, f"has no field {text_field!r} ({key}={text_field!r}; fields: {sorted(record)[:10]}); "
-                  "if every record lacks it, set text_field to the field holding the text")  # fmt: skip
+                  f"if every record lacks it, set {key} to the field holding the text")  # fmt: skip
         return None
-    return _string_value(record[text_field], where=where, text_field=text_field, bad=bad)
+    return _string_value(record[text_field], where=where, key=key, text_field=text_field, bad=bad)
 
 
-def _string_value(value: Any, *, where: str, text_field: str, bad: BadRecords) -> Optional[str]:
+def _string_value(value: Any, *, where: str, key: str, text_field: str, bad: BadRecords) -> Optional[str]:
     if isinstance(value, str):
         return value
     bad.found(where, f"has {text_field!r} of type {type(value).__name__}, not a string; "
-              "if every record does, point text_field at a string field")  # fmt: skip
+              f"if every record does, point {key} at a string field")  # fmt: skip
     return None
 
 
@@ -230,7 +234,7 @@ def iter_parquet_records(path: str, *, columns: Optional[list[str]], bad: BadRec
 
 def _read_jsonl(file: SourceFile, *, key: str, text_field: str, bad: BadRecords) -> Iterator[tuple[str, str]]:
     for index, number, record in iter_jsonl_records(file.path, bad=bad):
-        text = _record_text(record, where=f"{file.path}:{number}", key=key, text_field=text_field, bad=bad)
+        text = record_text(record, where=f"{file.path}:{number}", key=key, text_field=text_field, bad=bad)
         if text is not None:
             yield f"{file.doc_id}:{index}", text
 
@@ -240,12 +244,12 @@ def _read_parquet(file: SourceFile, *, key: str, text_field: str, bad: BadRecord
         for index, where, record in iter_parquet_records(file.path, columns=[text_field], bad=bad):
             value = record[text_field]
             if value is not None:
-                text = _string_value(value, where=where, text_field=text_field, bad=bad)
+                text = _string_value(value, where=where, key=key, text_field=text_field, bad=bad)
                 if text is not None:
                     yield f"{file.doc_id}:{index}", text
-    except ValueError as err:
-        if isinstance(err, BadRecordError):
-            raise
+    except BadRecordError:
+        raise
+    except ValueError as err:  # a missing column: the config's text_field, not a record
         raise ValueError(f"{key}: {err}; set text_field to the text column") from None
 
 

@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from pathlib import Path
 
-from data.prepare import plan_shards, prepare_data, tokenize_tasks, write_index
+from data.prepare import plan_shards, prepare_data, shards_dir, tokenize_tasks, write_index
 
 
 STAGES = ("all", "tokenizer", "tokenize", "index")
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         prepared = write_index(cfg, plan=plan_shards(cfg, train=False))
     tokens = {split: sum(by_source.values()) for split, by_source in prepared.num_tokens.items()}
-    print(f"index {Path(cfg.cache_dir) / 'shards' / prepared.tokenizer_sha256[:12] / 'index.json'}: "
+    print(f"index {shards_dir(cfg, tokenizer_sha256=prepared.tokenizer_sha256) / 'index.json'}: "
           f"{tokens['train']} train / {tokens['val']} val tokens")  # fmt: skip
 
 

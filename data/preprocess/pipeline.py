@@ -54,6 +54,14 @@ class Dedup:
     filter: PipelineStep
 
 
+def _hash_config():
+    """64-bit sha1 hashes for datatrove's deduplications: its default xxhash helper hashes str, which xxhash
+    >= 4 refuses."""
+    from datatrove.utils.hashing import HashConfig
+
+    return HashConfig(precision=64, hash_fc="sha1")
+
+
 def _exact_content(doc: Document) -> str:  # the annotation tells datatrove to hash str
     return doc.text
 
@@ -62,10 +70,8 @@ def _exact_dedup(work: Path) -> Dedup:
     """Exact duplicates (GitHub: the same file content): datatrove's ExactDedup, the first copy kept."""
     from datatrove.pipeline.dedup import ExactDedupFilter, ExactDedupSignature, ExactFindDedups
     from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig
-    from datatrove.utils.hashing import HashConfig
 
-    # sha1: datatrove's xxhash helper hashes str, which xxhash >= 4 refuses.
-    config = ExactDedupConfig(content_getter=_exact_content, hash_config=HashConfig(precision=64, hash_fc="sha1"))
+    config = ExactDedupConfig(content_getter=_exact_content, hash_config=_hash_config())
     return Dedup(
         signature=[ExactDedupSignature(output_folder=str(work / "signatures"), config=config)],
         merges=[([ExactFindDedups(data_folder=str(work / "signatures"), output_folder=str(work / "duplicates"),
@@ -85,10 +91,9 @@ def _minhash_dedup(work: Path, *, n_grams: int = 5, num_buckets: int = 20, hashe
     from datatrove.pipeline.dedup import (MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter,
                                           MinhashDedupSignature)  # fmt: skip
     from datatrove.pipeline.dedup.minhash import MinhashConfig
-    from datatrove.utils.hashing import HashConfig
 
     config = MinhashConfig(n_grams=n_grams, num_buckets=num_buckets, hashes_per_bucket=hashes_per_bucket,
-                           hash_config=HashConfig(precision=64, hash_fc="sha1"))  # fmt: skip
+                           hash_config=_hash_config())  # fmt: skip
     return Dedup(
         signature=[MinhashDedupSignature(output_folder=str(work / "signatures"), config=config,
                                          language=steps.RegexWordTokenizer())],  # fmt: skip
@@ -203,6 +208,10 @@ class Layout:
 
     output_dir: Path
 
+    @classmethod
+    def of(cls, cfg: PreprocessConfig) -> Layout:
+        return cls(Path(cfg.output_dir).resolve())
+
     @property
     def clean(self) -> Path:
         return self.output_dir / "clean"
@@ -246,7 +255,7 @@ def clean_writer(out: Path, *, output_format: OutputFormat) -> PipelineStep:
 
 def build_stages(cfg: PreprocessConfig) -> list[Stage]:
     """The recipe as an ordered list of stages (each runs after the one before), the report last."""
-    layout = Layout(Path(cfg.output_dir).resolve())
+    layout = Layout.of(cfg)
     specs = step_specs(list(cfg.preprocess.steps))
     files = input_files(cfg)
     source = cfg.preprocess.input
@@ -388,7 +397,7 @@ def _claim_output_dir(cfg: PreprocessConfig, layout: Layout) -> None:
 def build_executor(cfg: PreprocessConfig, stages: list[Stage]):
     """Datatrove executors for the stages, each depending on the one before; returns the last (running it
     runs, or submits, all of them)."""
-    layout = Layout(Path(cfg.output_dir).resolve())
+    layout = Layout.of(cfg)
     previous = None
     for stage in stages:
         tasks = stage.tasks or cfg.executor.tasks
@@ -413,7 +422,7 @@ def build_executor(cfg: PreprocessConfig, stages: list[Stage]):
 
 def run_preprocess(cfg: PreprocessConfig) -> Layout:
     """Builds the recipe's stages and runs them (local) or submits them (Slurm); returns where they write."""
-    layout = Layout(Path(cfg.output_dir).resolve())
+    layout = Layout.of(cfg)
     stages = build_stages(cfg)  # checks the recipe before anything is written
     _claim_output_dir(cfg, layout)
     build_executor(cfg, stages).run()

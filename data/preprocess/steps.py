@@ -22,7 +22,7 @@ from datatrove.utils.text import simplify_text
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from data.preprocess import cleaning
-from data.sources import BadRecordPolicy, BadRecords, iter_jsonl_records, iter_parquet_records
+from data.sources import BadRecordPolicy, BadRecords, iter_jsonl_records, iter_parquet_records, record_text
 
 # ------------------------------------------------------------------------------------------------ reading ----
 
@@ -61,10 +61,9 @@ class RecordReader(PipelineStep):
                 yield index, f"{path}:{number}", record
 
     def _document(self, record: Any, *, where: str, doc_id: str, bad: BadRecords) -> Optional[Document]:
-        if not isinstance(record, dict) or not isinstance(record.get(self.text_key), str):
-            bad.found(where, f"is not an object with a string {self.text_key!r} field (text_key)")
+        text = record_text(record, where=where, key="preprocess.input.text_key", text_field=self.text_key, bad=bad)
+        if text is None:
             return None
-        text = record[self.text_key]
         if self.nested_metadata:
             return Document(text=text, id=str(record.get("id", doc_id)), metadata=dict(record.get("metadata") or {}))
         metadata = {key: value for key, value in record.items() if key not in (self.text_key, self.id_key)}
@@ -73,7 +72,7 @@ class RecordReader(PipelineStep):
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         if data:
             yield from data
-        bad = BadRecords(policy=self.bad_records)
+        bad = BadRecords(policy=self.bad_records, setting="preprocess.input.bad_records", counted_in="stats.json")
         files = sorted(map(str, Path(self.folder).glob("*.jsonl"))) if self.folder else self.files
         for path in files[rank::world_size]:
             relative = os.path.relpath(path, self.base)
