@@ -17,8 +17,8 @@ CONSTRAINTS ?= constraints.txt
 # make test-compat: another torch from the package registry in a virtualenv of its own.
 TORCH ?= 2.15.0
 COMPAT_VENV := .venv-torch$(TORCH)
-COMPAT_TESTS := tests/model/test_ops.py tests/trainer/test_tensor_parallel.py tests/trainer/test_bf16.py \
-	tests/trainer/test_checkpoint.py tests/trainer/test_hf_interop.py tests/trainer/test_activation_checkpointing.py \
+COMPAT_TESTS := tests/model/test_ops.py tests/trainer/parallel/test_tensor_parallel.py tests/trainer/parallel/test_bf16.py \
+	tests/trainer/checkpoint/test_checkpoint.py tests/trainer/checkpoint/test_hf_interop.py tests/trainer/parallel/test_activation_checkpointing.py \
 	tests/trainer/test_compat.py tests/planner/test_rehearsal.py
 
 # make gpu-check / gpu-wheels: the GPU machine's python (with its CUDA torch) and the wheels it lacks.
@@ -52,7 +52,7 @@ test-multinode: $(STAMP)  ## multi-node training (two network-namespace nodes, a
 	$(PY) -m pytest -m slow tests/launch/test_multinode.py tests/launch/test_preemption.py tests/launch/test_prepare_slurm.py tests/launch/test_preprocess_slurm.py $(PYTEST_ARGS)
 
 test-faults: $(STAMP)  ## fault tolerance: preemption signal -> checkpoint -> resume, killed ranks (slow)
-	$(PY) -m pytest -m slow tests/trainer/test_faults.py $(PYTEST_ARGS)
+	$(PY) -m pytest -m slow tests/trainer/run/test_faults.py $(PYTEST_ARGS)
 
 test-gpu:  ## tests that need a CUDA device, run with the machine's own torch (GPU_PY=python3); fails without a GPU
 	$(GPU_PY) -m launch.gpu_check --tests-only --wheels $(GPU_WHEELS) $(ARGS)
@@ -83,7 +83,7 @@ preprocess: $(STAMP)  ## clean one source on datatrove: make preprocess ARGS='pr
 	$(PY) -m launch.preprocess $(ARGS)
 
 eval: $(STAMP)  ## evaluate the newest checkpoint under outputs/ (make train's) on the demo tasks, print the table; ARGS='checkpoint=<dir> eval.tasks=[...]'
-	$(PY) -m evaluation.run $(ARGS)
+	$(PY) -m launch.evaluate $(ARGS)
 
 plan: $(STAMP)  ## plan a cluster run without a GPU: memory per GPU, step time, GPU-hours, carbon (docs/planner.md); ARGS='model=llama1_65b cluster.gpus=2048 parallel.tp=8 [--search]'
 	$(PY) -m launch.plan $(ARGS)
@@ -107,7 +107,7 @@ bench-tokenize: $(STAMP)  ## benchmark: our shard writer vs sentencepiece's raw 
 	$(PY) -m bench.tokenize_speed $(ARGS)
 
 model-info: $(STAMP)  ## parameter counts and FLOPs of a preset: make model-info ARGS=model=llama1_7b
-	$(PY) -m model.info $(ARGS)
+	$(PY) -m launch.model_info $(ARGS)
 
 clean:  ## remove run outputs and the data cache (keeps .venv)
 	rm -rf outputs multirun cache wandb .pytest_cache gpu_check

@@ -20,15 +20,15 @@ import torch.nn.functional as F
 from bench.common import summarize, write_results
 from model.config import ModelArgs
 from model.ops.memory import saved_bytes
-from trainer.activation_checkpointing import policy as ac_policy
-from trainer.build import build_model
-from trainer.config import ParallelConfig
+from trainer.parallel.activation_checkpointing import policy as ac_policy
+from trainer.parallel.build import build_model
+from trainer.parallel.config import ACConfig, ParallelConfig
 
 POLICIES = ("none", "selective", "selective_ffn", "full")
 
 
 def _setup(args: ModelArgs, policy: str):
-    parallel = ParallelConfig(activation_checkpoint=policy)
+    parallel = ParallelConfig(ac=ACConfig(mode=policy))
     model = build_model(args, device=torch.device("cpu"), seed=0, parallel=parallel)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     return model, optimizer
@@ -79,7 +79,7 @@ def main() -> None:
     print(f"{'policy':<10} {'step s':>8} {'spread':>15} {'vs none':>8} {'layer MiB':>10} {'model MiB':>10} {'vs none':>8}")
     for policy in POLICIES:
         stats = summarize(times[policy])
-        layer = ac_policy(policy).layer_bytes(args, layer=0, batch=opts.batch, seq_len=opts.seq, tp=1)
+        layer = ac_policy(ACConfig(mode=policy)).layer_bytes(args, layer=0, batch=opts.batch, seq_len=opts.seq, tp=1)
         row = {"policy": policy, "step_s": stats, "ratio_step_vs_none": stats["median"] / base,
                "layer_bytes_formula": layer, "model_bytes_counted": kept[policy],
                "ratio_bytes_vs_none": kept[policy] / kept["none"]}  # fmt: skip

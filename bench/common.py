@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 from conf.schema import Config, to_config
-from trainer.runs import namespace_values
+from trainer.run.records import namespace_values
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -53,7 +53,7 @@ def machine() -> dict[str, object]:
 
 
 def compose_config(overrides: Sequence[str] = ()) -> Config:
-    """The typed config that ``python -m trainer.train <overrides>`` would run with."""
+    """The typed config that ``python -m launch.train <overrides>`` would run with."""
     with initialize_config_module(config_module="conf", version_base="1.3"):
         return to_config(compose(config_name="config", overrides=list(overrides)))
 

@@ -1,4 +1,4 @@
-"""How long weight initialisation takes per rank at the paper's sizes (``trainer/initialize.py``).
+"""How long weight initialisation takes per rank at the paper's sizes (``trainer/parallel/initialize.py``).
 
     python -m bench.init_time [--presets llama1_7b llama1_65b] [--layers N]
 
@@ -19,7 +19,7 @@ import torch
 
 from bench.common import compose_config, write_results
 from model.llama import Transformer, parameter_generator
-from trainer.device import peak_rss_bytes
+from trainer.run.device import peak_rss_bytes
 
 
 def time_init(preset: str, *, layers: int | None, seed: int = 0) -> dict:

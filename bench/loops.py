@@ -2,7 +2,7 @@
 
 - ``bare``: our ``Transformer`` (same modules, same weights) with every hand-written autograd Function
   swapped for the plain PyTorch ops a user would write (``F.linear``, ``F.silu``, SDPA, the decomposed
-  RMSNorm), differentiated by autograd; the same AdamW (``trainer.optim.build_optimizer``); forward,
+  RMSNorm), differentiated by autograd; the same AdamW (``trainer.run.optim.build_optimizer``); forward,
   cross-entropy, backward, ``optimizer.step()``, nothing else. The floor any framework adds overhead to.
 - ``hf`` / ``hf_ckpt``: ``transformers.LlamaForCausalLM`` of the same architecture (SDPA attention) with
   our initial weights, in the same loop, without / with its gradient checkpointing.
@@ -29,9 +29,9 @@ from model.attention import causal_attention
 from model.config import AttnBackend, ModelArgs
 from model.llama import Attention, FeedForward, RMSNorm, Transformer, apply_rope
 from model.ops.reference import rms_norm_reference
-from trainer.device import peak_rss_bytes, resolve_device, resolve_dtype
-from trainer.optim import build_optimizer
-from trainer.build import build_model
+from trainer.parallel.build import build_model
+from trainer.run.device import peak_rss_bytes, resolve_device, resolve_dtype
+from trainer.run.optim import build_optimizer
 
 LOOPS = ("bare", "hf", "hf_ckpt")
 
@@ -42,10 +42,17 @@ class _PlainRMSNorm(RMSNorm):
 
 
 class _PlainAttention(Attention):
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        q, k, v = (F.linear(x, lin.weight).unflatten(-1, (-1, self.head_dim)) for lin in (self.wq, self.wk, self.wv))
-        out = causal_attention(apply_rope(q, rope), apply_rope(k, rope), v, backend=AttnBackend.sdpa)
-        return F.linear(out.flatten(-2), self.wo.weight)
+    """The model's own forward (``Attention.forward``) with each piece in plain ops."""
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(F.linear(x, lin.weight) for lin in (self.wq, self.wk, self.wv))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))
+        return causal_attention(apply_rope(q, rope), apply_rope(k, rope), v, backend=AttnBackend.sdpa).flatten(-2)
+
+    def project_out(self, out: torch.Tensor) -> torch.Tensor:
+        return F.linear(out, self.wo.weight)
 
 
 class _PlainFeedForward(FeedForward):
@@ -79,7 +86,7 @@ def hf_model(args: ModelArgs, *, device: torch.device, seed: int, checkpointing:
     """transformers' LLaMA of the same architecture, holding our initial weights (same seed)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from trainer.hf_interop import hf_config, to_hf_state_dict
+    from trainer.checkpoint.hf_interop import hf_config, to_hf_state_dict
 
     config = LlamaConfig(**hf_config(args))
     config._attn_implementation = "sdpa"

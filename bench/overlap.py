@@ -1,7 +1,7 @@
 """What overlapping communication with compute buys: step time at 2 processes, overlap on vs forced off.
 
 For each layout the same training run (the trainer itself, under torchrun, gloo on CPU) is timed with
-``parallel.overlap_comm`` and ``parallel.fsdp_prefetch`` on, and with both off (every collective waited
+``parallel.tp_overlap`` and ``parallel.fsdp.prefetch`` on, and with both off (every collective waited
 on as soon as it is launched; the arithmetic is identical, so the losses are too). Runs alternate
 on/off within each repetition; the step time is the median over the steps after the first two (warm-up)
 of every repetition, with the min-max spread of the per-repetition medians.
@@ -27,8 +27,8 @@ from bench.common import MATMUL_OPS, read_metrics, summarize, write_results
 from launch.harness import LAYOUTS, losses, run_layout
 
 MODEL = ("model=small", "model.max_seq_len=256", "data.seq_len=256", "model.vocab_size=512")
-MODES = {"on": ("parallel.overlap_comm=true", "parallel.fsdp_prefetch=true"),
-         "off": ("parallel.overlap_comm=false", "parallel.fsdp_prefetch=false")}  # fmt: skip
+MODES = {"on": ("parallel.tp_overlap=true", "parallel.fsdp.prefetch=true"),
+         "off": ("parallel.tp_overlap=false", "parallel.fsdp.prefetch=false")}  # fmt: skip
 
 
 def trace_overlap(trace: Path) -> dict[str, float]:

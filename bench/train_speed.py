@@ -6,7 +6,7 @@ alike. A row's step time is the median over its timed steps (the first step of e
 is not timed); the table shows the median of those per-run medians with their min-max spread.
 
 Rows:
-- ``ours_{none,selective,full}``: the trainer itself (``python -m trainer.train``: real data loader,
+- ``ours_{none,selective,full}``: the trainer itself (``python -m launch.train``: real data loader,
   LR schedule, gradient clipping, metrics and offline wandb every step) under each activation
   checkpointing policy; ``ours_compile``: selective with ``parallel.compile=true`` (the compile time is
   reported apart: the first step minus a steady one; the first repetition compiles cold, later ones
@@ -49,12 +49,12 @@ from data import prepare_data
 from launch.local import build_command
 from model.flops import flops_per_token, param_counts
 from model.ops.memory import saved_bytes
-from trainer.activation_checkpointing import policy as ac_policy
-from trainer.config import ACMode, ParallelConfig
-from trainer.device import measure_cpu_matmul_flops, peak_flops
-from trainer.optim import build_optimizer
-from trainer.parallel_dims import ParallelDims
-from trainer.build import build_model
+from trainer.parallel.activation_checkpointing import policy as ac_policy
+from trainer.parallel.build import build_model
+from trainer.parallel.config import ACConfig, ACMode, ParallelConfig
+from trainer.parallel.dims import ParallelDims
+from trainer.run.device import measure_cpu_matmul_flops, peak_flops
+from trainer.run.optim import build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,10 +67,10 @@ GPU_MODEL = ("model=small", "model.dim=2048", "model.n_layers=18", "model.n_head
              "model.vocab_size=32000", "data.tokenizer.vocab_size=32000", "model.max_seq_len=2048",
              "data.seq_len=2048", "trainer.micro_batch_size=4", "trainer.device=cuda", "trainer.precision=bf16")  # fmt: skip
 
-OURS = {"ours_none": ParallelConfig(activation_checkpoint=ACMode.none),
-        "ours_selective": ParallelConfig(activation_checkpoint=ACMode.selective),
-        "ours_full": ParallelConfig(activation_checkpoint=ACMode.full),
-        "ours_compile": ParallelConfig(activation_checkpoint=ACMode.selective, compile=True)}  # fmt: skip
+OURS = {"ours_none": ParallelConfig(ac=ACConfig(mode=ACMode.none)),
+        "ours_selective": ParallelConfig(ac=ACConfig(mode=ACMode.selective)),
+        "ours_full": ParallelConfig(ac=ACConfig(mode=ACMode.full)),
+        "ours_compile": ParallelConfig(ac=ACConfig(mode=ACMode.selective), compile=True)}  # fmt: skip
 LOOPS = ("bare", "hf", "hf_ckpt")
 ROWS = (*OURS, *LOOPS)
 SCALING = ("1proc", "1proc_x2_independent", "fsdp_2proc")
@@ -130,7 +130,7 @@ def _peak_bytes(metrics: dict[str, list[float]], *, cuda: bool) -> int:
 def run_ours(bench: Bench, runs: Runs, *, row: str, tag: str, env: dict[str, str]) -> None:
     run_dir = bench.workdir / f"{row}_{tag}"
     parallel = OURS[row]
-    extra = (f"parallel.activation_checkpoint={parallel.activation_checkpoint.value}",
+    extra = (f"parallel.ac.mode={parallel.ac.mode.value}",
              f"parallel.compile={str(parallel.compile).lower()}")  # fmt: skip
     cmd = _trainer_cmd(bench, run_dir=run_dir, nproc=1, extra=extra)
     run_children([cmd], logs=[bench.workdir / f"{row}_{tag}.log"], env=env, cwd=REPO)
@@ -223,15 +223,14 @@ def memory_prediction(row: str, *, cfg) -> Optional[dict[str, int]]:
 
     static: fp32 weights, gradients and Adam's two moments, 16 bytes per parameter; autocast: the bf16
     copies of the matmul weights that forward casts and keeps for backward, 2 bytes per matmul parameter;
-    activations: the row's policy's ``model_bytes`` (trainer/activation_checkpointing.py);
+    activations: the row's policy's ``model_bytes`` (trainer/parallel/activation_checkpointing.py);
     logits: B x T x V elements at about 10 bytes (the bf16 logits, the fp32 copy the loss takes, and its
     fp32 gradient) at the turn from forward to backward. None for rows the formula does not describe.
     """
     if row not in OURS:
         return None
     counts, b, t = param_counts(cfg.model), cfg.trainer.micro_batch_size, cfg.data.seq_len
-    activations = ac_policy(OURS[row].activation_checkpoint).model_bytes(cfg.model, batch=b, seq_len=t, tp=1,
-                                                                           dtype=torch.bfloat16)  # fmt: skip
+    activations = ac_policy(OURS[row].ac).model_bytes(cfg.model, batch=b, seq_len=t, tp=1, dtype=torch.bfloat16)
     terms = {"static": 16 * counts.total, "autocast_copies": 2 * counts.matmul, "activations": activations,
              "logits": 10 * b * t * cfg.model.vocab_size}  # fmt: skip
     return {**terms, "predicted": sum(terms.values())}

@@ -16,12 +16,12 @@ from omegaconf.errors import ConfigKeyError
 
 from data.config import DataConfig
 from data.preprocess.config import PreprocessConfig
-from evaluation.config import EvalConfig
+from evaluation.config import EvalConfig, EvaluateConfig
 from model.config import ModelArgs
 from planner.config import ClusterConfig, PlanSettings
-from trainer.config import (
-    CheckpointConfig, Device, LoggingConfig, OptimConfig, ParallelConfig, Precision, ProfileConfig, TrainerConfig,
-)  # fmt: skip
+from trainer.checkpoint.config import CheckpointConfig
+from trainer.parallel.config import ParallelConfig
+from trainer.run.config import LoggingConfig, OptimConfig, ProfileConfig, TrainerConfig
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Config:
     """No config group: ``profile.step=5 profile.steps=2`` on the command line turns it on."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Task evaluation during training: off unless ``eval.every_steps`` (``eval.tasks``, the demo tasks by
-    default); ``python -m evaluation.run`` evaluates checkpoints afterwards."""
+    default); ``python -m launch.evaluate`` evaluates checkpoints afterwards."""
 
 
 @dataclass
@@ -47,24 +47,6 @@ class PlanConfig(Config):
 
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     plan: PlanSettings = field(default_factory=PlanSettings)
-
-
-@dataclass
-class EvaluateConfig:
-    """The root of ``python -m evaluation.run`` (``conf/eval.yaml``): a checkpoint and the tasks. The model,
-    its shape and its tokenizer come from the checkpoint."""
-
-    checkpoint: str = "latest"
-    tokenizer: Optional[str] = None
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """The layout under torchrun (FSDP over all processes by default; ``parallel.tp=2``, ...)."""
-    device: Device = Device.auto
-    precision: Precision = Precision.auto
-    out_dir: Optional[str] = None
-
-    def __post_init__(self) -> None:
-        self.device, self.precision = Device(self.device), Precision(self.precision)
 
 
 def register_schema() -> None:

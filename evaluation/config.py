@@ -1,4 +1,5 @@
-"""Typed config of evaluation (``eval.*``): which tasks, how they are read and scored."""
+"""Typed configs of evaluation: ``EvalConfig`` (``eval.*``: which tasks, how they are read and scored), and
+``EvaluateConfig``, the root of ``python -m launch.evaluate`` (a checkpoint, its layout, the tasks)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any, Optional
 
 from evaluation.tasks import DEFAULT_NORMALIZATION, Normalization, TaskFormat
 from structured import structured_entry
+from trainer.parallel.config import ParallelConfig
+from trainer.run.config import Device, Precision
 
 
 @dataclass
@@ -105,3 +108,21 @@ class EvalConfig:
         if not task.demo:
             return task
         return dataclasses.replace(task, path=str(Path(self.demo_dir) / task.path))
+
+
+@dataclass
+class EvaluateConfig:
+    """The root of ``python -m launch.evaluate`` (``conf/eval.yaml``): a checkpoint and the tasks. The model,
+    its shape and its tokenizer come from the checkpoint."""
+
+    checkpoint: str = "latest"
+    tokenizer: Optional[str] = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """The layout under torchrun (FSDP over all processes by default; ``parallel.tp=2``, ...)."""
+    device: Device = Device.auto
+    precision: Precision = Precision.auto
+    out_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        self.device, self.precision = Device(self.device), Precision(self.precision)

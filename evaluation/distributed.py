@@ -1,9 +1,9 @@
 """Evaluation under any training layout: the requests split over the data-parallel ranks, the results
 gathered on every rank (rank 0 writes them).
 
-    torchrun --nproc-per-node 8 -m evaluation.run checkpoint=<dir> parallel.tp=2 eval.tasks=[hellaswag]
+    torchrun --nproc-per-node 8 -m launch.evaluate checkpoint=<dir> parallel.tp=2 eval.tasks=[hellaswag]
 
-The model is built by the trainer's own path (``trainer.build.build_model`` under ``ParallelDims.for_run``:
+The model is built by the trainer's own path (``trainer.parallel.build.build_model`` under ``ParallelDims.for_run``:
 TP/SP, FSDP) and the checkpoint loaded into it with DCP, which reshards it to the layout. Every rank of a
 tensor-parallel group takes the same requests (their collectives need the same inputs); the
 data-parallel ranks take interleaved shares, padded with copies of a request to the same count, so
@@ -23,35 +23,23 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from data.tokenizer import Tokenizer
-from evaluation.config import EvalConfig
-from evaluation.demo import ensure_demo_tasks
-from evaluation.evaluate import load_task, score_examples
 from evaluation.lm import LanguageModel
 from model.config import ModelArgs
 from model.kv_cache import KVCache
-from trainer.activation_checkpointing import ACMode
-from trainer.build import build_model
-from trainer.checkpoint import load_tensors
-from trainer.config import ParallelConfig
-from trainer.parallel_dims import ParallelDims
+from trainer.checkpoint.dcp import load_tensors
+from trainer.parallel.build import build_model
+from trainer.parallel.config import ACConfig, ACMode, ParallelConfig
+from trainer.parallel.dims import ParallelDims
+from trainer.parallel.distributed import agree
 
 T = TypeVar("T")
-
-
-def _agree(value: int, op: str) -> int:
-    """The minimum or maximum of ``value`` over all ranks (LanguageModel's ``agree``)."""
-    if not dist.is_initialized():  # a one-process run
-        return value
-    tensor = torch.tensor([value])
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.MAX)
-    return int(tensor.item())
 
 
 def build_sharded(args: ModelArgs, *, step_dir, parallel: ParallelConfig, world_size: int, device: torch.device,
                   dtype: torch.dtype) -> tuple[torch.nn.Module, ParallelDims]:  # fmt: skip
     """The checkpoint's model laid out as ``parallel`` says over ``world_size`` processes (no recomputation:
     nothing is kept for backward anyway)."""
-    parallel = dataclasses.replace(parallel, activation_checkpoint=ACMode.none)
+    parallel = dataclasses.replace(parallel, ac=ACConfig(mode=ACMode.none))
     dims = ParallelDims.for_run(parallel, world_size=world_size, model=args, seq_len=args.max_seq_len)
     dims = dims.with_meshes(device_type=device.type)
     model = build_model(args, device=device, seed=0, dims=dims, parallel=parallel, compute_dtype=dtype)
@@ -78,31 +66,12 @@ def sharded_language_model(model: torch.nn.Module, dims: ParallelDims, *, args: 
     def make_cache(batch: int, positions: int) -> KVCache:
         return KVCache(args, batch=batch, max_len=positions, dtype=dtype, device=device)
 
+    def agree_over_ranks(value: int, op: str) -> int:  # LanguageModel's ``agree``: min or max over all ranks
+        return agree({"value": value}, op=op, device=device)["value"]
+
     lm = LanguageModel(forward, tokenizer, max_len=args.max_seq_len, batch_size=batch_size, device=device,
-                       make_cache=None if dims.tp_enabled else make_cache, agree=_agree)  # fmt: skip
+                       make_cache=None if dims.tp_enabled else make_cache, agree=agree_over_ranks)  # fmt: skip
     return ShardedLanguageModel(lm, rank=dims.dp_rank(), size=dims.dp)
-
-
-def training_task_evaluator(model: torch.nn.Module, dims: ParallelDims, *, cfg: EvalConfig, args: ModelArgs,
-                            tokenizer_path: str, device: torch.device, dtype: torch.dtype) -> Callable[[], dict[str, float]]:  # fmt: skip
-    """For the training loop: a function that scores ``cfg.tasks`` on the model being trained (all ranks
-    call it together) and returns ``{"<task>/<metric>": value}``. The task files are read once, here."""
-    tasks = cfg.selected()
-    if any(t.demo for t in tasks.values()):
-        ensure_demo_tasks(cfg.demo_dir)
-    examples = {name: load_task(task, seed=cfg.seed) for name, task in tasks.items()}
-    lm = sharded_language_model(model, dims, args=args, tokenizer=Tokenizer(tokenizer_path), batch_size=cfg.batch_size,
-                                device=device, dtype=dtype)  # fmt: skip
-
-    @torch.no_grad()
-    def evaluate_tasks() -> dict[str, float]:
-        out = {}
-        for name, task in tasks.items():
-            metrics = score_examples(examples[name], task, lm)[0]
-            out |= {f"{name}/{metric}": value for metric, value in metrics.items()}
-        return out
-
-    return evaluate_tasks
 
 
 class ShardedLanguageModel:

@@ -10,11 +10,11 @@ lm-eval 0.4.13 finds models only in its own registry (there is no plugin entry p
 ``evaluation.lm_eval_hook`` (a ``.pth`` line that ``make install`` writes) adds ours to it whenever lm-eval
 loads its models, so the bare ``lm_eval`` command sees it. ``llama-lm-eval`` (this module's ``main``) is
 ``lm_eval`` with ours registered first, for environments where the hook is not installed. A checkpoint
-exported with ``python -m trainer.hf_interop export`` also runs under ``lm_eval --model hf`` itself
+exported with ``python -m launch.hf export`` also runs under ``lm_eval --model hf`` itself
 (``add_bos_token=True``, as our documents start with BOS); tests/evaluation/test_harness.py checks that the
 two give the same log-likelihoods.
 
-Requests go to ``evaluation.lm.LanguageModel``, the same code ``python -m evaluation.run`` uses.
+Requests go to ``evaluation.lm.LanguageModel``, the same code ``python -m launch.evaluate`` uses.
 """
 
 from __future__ import annotations
@@ -30,10 +30,9 @@ from lm_eval.api.model import LM  # registering ours first would hide "hf" and t
 
 from evaluation import lm_eval_hook
 
-from conf.schema import EvaluateConfig
-from evaluation.config import EvalConfig
-from evaluation.run import build_language_model
-from trainer.config import Device, Precision
+from evaluation.checkpoints import build_language_model
+from evaluation.config import EvalConfig, EvaluateConfig
+from trainer.run.config import Device, Precision
 
 MODEL_NAME = lm_eval_hook.MODEL_NAME
 logger = logging.getLogger(__name__)

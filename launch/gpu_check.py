@@ -6,7 +6,7 @@ Stages, each with a time limit, all on the GPU in bf16 (docs/gpu.md has the proc
 1. environment: the GPU, torch, CUDA; the Python to run with (below);
 2. tests: ``pytest -m gpu`` (tests/gpu/: the CUDA attention kernels against SDPA, every hand-written op
    against autograd, one training step per single-GPU layout and AC policy, compile off and on);
-3. train: the trainer end to end (``python -m trainer.train``: data, model, loop, validation, checkpoint,
+3. train: the trainer end to end (``python -m launch.train``: data, model, loop, validation, checkpoint,
    offline wandb) on one GPU under autocast and with FSDP over one rank, every AC policy, compile off/on;
 4. bench: the GPU table of ``make bench`` (~1B model, seq 2048: tokens/s, MFU against the data sheet,
    peak allocated memory next to the activation-memory formula), one repetition.
@@ -48,13 +48,13 @@ TRAIN_COMMON = ("model=small", "data.seq_len=256", "trainer.micro_batch_size=16"
                 "trainer.precision=bf16", "trainer.eval_every=30", "trainer.eval_steps=2", "logging.log_every=5",
                 "logging.wandb_mode=offline", "optim.warmup_steps=5", "checkpoint.save_on_signal=false")  # fmt: skip
 TRAIN_RUNS = (
-    ("autocast_selective", ("parallel.activation_checkpoint=selective",)),
-    ("autocast_full_compile", ("parallel.activation_checkpoint=full", "parallel.compile=true")),
-    ("fsdp1_none", ("parallel.fsdp_one_rank=true", "parallel.activation_checkpoint=none")),
-    ("fsdp1_selective", ("parallel.fsdp_one_rank=true", "parallel.activation_checkpoint=selective")),
-    ("fsdp1_full", ("parallel.fsdp_one_rank=true", "parallel.activation_checkpoint=full")),
-    ("fsdp1_every_k", ("parallel.fsdp_one_rank=true", "parallel.activation_checkpoint=every_k")),
-    ("fsdp1_selective_compile", ("parallel.fsdp_one_rank=true", "parallel.activation_checkpoint=selective",
+    ("autocast_selective", ("parallel.ac.mode=selective",)),
+    ("autocast_full_compile", ("parallel.ac.mode=full", "parallel.compile=true")),
+    ("fsdp1_none", ("parallel.fsdp.one_rank=true", "parallel.ac.mode=none")),
+    ("fsdp1_selective", ("parallel.fsdp.one_rank=true", "parallel.ac.mode=selective")),
+    ("fsdp1_full", ("parallel.fsdp.one_rank=true", "parallel.ac.mode=full")),
+    ("fsdp1_every_k", ("parallel.fsdp.one_rank=true", "parallel.ac.mode=every_k")),
+    ("fsdp1_selective_compile", ("parallel.fsdp.one_rank=true", "parallel.ac.mode=selective",
                                  "parallel.compile=true")),  # fmt: skip
 )
 
@@ -219,7 +219,7 @@ def run_tests(interp: Interpreter, *, out: Path, timeout_s: int) -> StageResult:
 
 def _run_summary(run_dir: Path) -> dict:
     """Loss, throughput, MFU and memory of one trainer run, from its summary.json and metrics.jsonl."""
-    from trainer.runs import TrainResult, namespace_values  # standard library only: no hydra needed
+    from trainer.run.records import TrainResult, namespace_values  # standard library only: no hydra needed
 
     summary, metrics = TrainResult.read(run_dir), namespace_values(run_dir, "train")
     return {"first_loss": summary.losses[0], "last_loss": summary.losses[-1],
@@ -238,7 +238,7 @@ def run_training(interp: Interpreter, *, out: Path, steps: int, timeout_s: int) 
     started, runs, failures = time.perf_counter(), {}, []
     for name, overrides in TRAIN_RUNS:
         run_dir = out / "train" / name
-        cmd = [interp.python, "-m", "trainer.train", *TRAIN_COMMON, f"trainer.max_steps={steps}",
+        cmd = [interp.python, "-m", "launch.train", *TRAIN_COMMON, f"trainer.max_steps={steps}",
                f"data.cache_dir={out / 'cache'}", f"hydra.run.dir={run_dir}", *overrides]  # fmt: skip
         code = _run(cmd, interp=interp, log=out / "train" / f"{name}.log", timeout_s=timeout_s)
         if code == 0:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from launch.local import build_command
-from trainer.runs import TrainResult
+from trainer.run.records import TrainResult
 
 REPO = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 8
@@ -41,7 +41,7 @@ LAYOUTS = {
         Layout("fsdp2_tp2", nproc=4, overrides=("parallel.tp=2",), dp=2),
         Layout("hsdp2x2", nproc=4, overrides=("parallel.dp_replicate=2",), dp=4),
         Layout("fsdp2_accum2", nproc=2, dp=2, accum=2),
-        Layout("fsdp2_accum2_sync_each", nproc=2, dp=2, accum=2, overrides=("parallel.defer_grad_sync=false",)),
+        Layout("fsdp2_accum2_sync_each", nproc=2, dp=2, accum=2, overrides=("parallel.fsdp.defer_grad_sync=false",)),
     )
 }
 

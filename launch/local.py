@@ -5,7 +5,7 @@
     python -m launch.local --nproc 4 parallel.tp=2 trainer.max_steps=50
     python -m launch.local --nproc 2 --max-restarts 3   # a rank that dies restarts the group from a checkpoint
 
-Every argument after the options is a Hydra override passed to ``trainer.train``. All ranks are given
+Every argument after the options is a Hydra override passed to ``launch.train``. All ranks are given
 the same ``hydra.run.dir`` (each rank's Hydra would otherwise stamp its own time into the name, and the
 ranks could disagree by a second).
 
@@ -20,6 +20,8 @@ import argparse
 import os
 import sys
 import time
+
+from trainer.parallel.config import RENAMED_KEYS
 
 RESTART_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 """What torchrun's restarts need (torch >= 2.5): workers restarted by --max-restarts otherwise share the
@@ -42,10 +44,10 @@ def build_command(*, nproc: int, overrides: list[str], python: str = sys.executa
             empty: ``--standalone``, a rendezvous on a free local port, so several jobs can share the machine.
     """
     if nproc == 1 and max_restarts == 0 and not rendezvous:
-        return [python, "-m", "trainer.train", *overrides]
+        return [python, "-m", "launch.train", *overrides]
     restarts = [f"--max-restarts={max_restarts}"] if max_restarts else []
     return [python, "-m", "torch.distributed.run", *(rendezvous or ("--standalone",)), f"--nproc-per-node={nproc}",
-            *restarts, "-m", "trainer.train", *overrides]  # fmt: skip
+            *restarts, "-m", "launch.train", *overrides]  # fmt: skip
 
 
 def check_layout(*, nproc: int, overrides: list[str]) -> None:
@@ -54,15 +56,13 @@ def check_layout(*, nproc: int, overrides: list[str]) -> None:
     from hydra import compose, initialize_config_module
 
     from conf.schema import to_config
-    from trainer.parallel_dims import ParallelDims
+    from trainer.parallel.dims import ParallelDims
 
     # Hydra's own run/sweep settings do not change the config; the search path does (user config groups).
     kept = [o for o in overrides if not o.startswith("hydra.") or o.startswith("hydra.searchpath")]
     with initialize_config_module(config_module="conf", version_base="1.3"):
         cfg = to_config(compose(config_name="config", overrides=kept))
-    dims = ParallelDims.from_config(cfg.parallel, world_size=nproc)
-    dims.check_model(cfg.model)
-    dims.check_seq_len(cfg.data.seq_len)
+    ParallelDims.for_run(cfg.parallel, world_size=nproc, model=cfg.model, seq_len=cfg.data.seq_len)
     if cfg.trainer.device.value != "cpu":
         import torch
 
@@ -80,6 +80,9 @@ def _explain(err: BaseException) -> str:
         if text and text not in lines:
             lines.append(text)
         err = err.__cause__
+    renamed = [f"{old} is now {new}" for old, new in RENAMED_KEYS.items() if old in "\n".join(lines)]
+    if renamed:  # a config written before parallel.* was split by concern
+        lines.append("renamed keys: " + "; ".join(renamed))
     return "\n".join(lines)
 
 

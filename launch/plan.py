@@ -5,7 +5,7 @@
     python -m launch.plan model=llama1_65b cluster.gpus=2048 plan.tokens=1.4e12 plan.global_batch_tokens=4194304
 
 Arguments are Hydra overrides of ``conf/plan.yaml``: the training config's groups (the same overrides as
-``trainer.train``) plus ``cluster`` (``conf/cluster/``) and ``plan.*``. The configured layout is built by
+``launch.train``) plus ``cluster`` (``conf/cluster/``) and ``plan.*``. The configured layout is built by
 the trainer's own code in a fake world of ``cluster.gpus`` ranks (``planner.rehearsal``); the report and a
 PNG of per-GPU memory go to the run directory (``plan.out_dir``). ``--search`` (``plan.search=true``)
 ranks every layout that fits. docs/planner.md has the model and its validation against published runs.
@@ -26,14 +26,14 @@ from conf.schema import PlanConfig, to_config
 from planner.estimate import budget
 from planner.report import describe, plot_memory, ranking
 from planner.search import plan_one, search
-from trainer.device import resolve_dtype
+from trainer.run.device import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
 
 def run_plan(cfg: PlanConfig, *, out_dir: Path) -> str:
     """The report of ``cfg``'s layout (and with ``plan.search`` the ranking); writes report.txt and memory.png."""
-    # Plans are for GPUs, where precision auto means bf16 (trainer.device.resolve_dtype).
+    # Plans are for GPUs, where precision auto means bf16 (trainer.run.device.resolve_dtype).
     dtype = resolve_dtype(cfg.trainer.precision, device=torch.device("cuda"))
     seq_len = cfg.data.seq_len
     global_tokens = cfg.plan.global_batch_tokens

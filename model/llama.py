@@ -14,11 +14,15 @@ Build on the meta device, parallelise, then ``to_empty(device=...)`` and ``init_
 parameter and buffer is (re)filled there, so nothing depends on what the constructor allocated.
 
 The transformer layer's backward is hand-written (``model.ops``, LLaMA paper §2.4): RMSNorm, the
-projections, the attention core and the SwiGLU feed-forward are autograd Functions. Each module with
-element-wise work between its matmuls is ``Recomputable``: its ``recompute`` flag, True ("selective"
-activation checkpointing), recomputes that cheap work in backward, False keeps it. The arithmetic is the
-same either way. A model built alone keeps everything (False), as plain autograd would; the trainer's
-activation-checkpointing policy (trainer/activation_checkpointing.py) sets the flag.
+projections, the attention core and the SwiGLU feed-forward are autograd Functions. What they keep for
+backward is one ``Keep`` value per module (model/ops/keep.py), given when the model is built
+(``Transformer(args, keep=...)``) and never changed: the trainer's activation-checkpointing policy
+(trainer/parallel/activation_checkpointing.py) chooses it; a model built without one keeps everything
+(``Keep.all``), as plain autograd would. The arithmetic is the same at every level.
+
+Each module's forward is written once, in terms of small pieces (``Attention.project_qkv``/``attend``/
+``project_out``, ``RMSNorm.gain``) that the tensor-parallel forms (trainer/parallel/tensor_parallel.py)
+replace with their communicating versions.
 """
 
 from __future__ import annotations
@@ -35,37 +39,27 @@ from model import ops
 from model.attention import causal_attention, core_supports
 from model.config import AttnBackend, ModelArgs
 from model.kv_cache import KVCache, LayerCache
+from model.ops.keep import Keep
 
 
 def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-class Recomputable(nn.Module):
-    """A module whose hand-written backward either recomputes its element-wise work or keeps it."""
-
-    recompute: bool = False
-    """True: save only what the matmuls need and redo the element-wise work in backward (less memory)."""
-
-
-class RecomputableFFN(Recomputable):
-    """The feed-forward (plain or tensor-parallel): besides its element-wise work, it can rerun its two
-    up projections in backward."""
-
-    recompute_up: bool = False
-    """True: keep only the input and rerun a = x W1^T, b = x W3^T in backward (``model.ops.swiglu``)."""
-
-
-class RMSNorm(Recomputable):
+class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * g, computed in at least fp32 and cast back (a bf16 mean-square loses bits)."""
 
-    def __init__(self, dim: int, *, eps: float):
+    def __init__(self, dim: int, *, eps: float, keep: Keep):
         super().__init__()
-        self.eps = eps
+        self.eps, self.keep = eps, keep
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def gain(self) -> torch.Tensor:
+        """The gain g as the op takes it (the sequence-parallel form adds its gradient reduction here)."""
+        return self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, eps=self.eps, recompute=self.recompute)
+        return ops.rms_norm(x, self.gain(), eps=self.eps, keep=self.keep)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -96,17 +90,17 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 
 def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor, *, head_dim: int,
-                   backend: AttnBackend, recompute: bool) -> torch.Tensor:  # fmt: skip
+                   backend: AttnBackend, keep: Keep) -> torch.Tensor:  # fmt: skip
     """RoPE and causal attention between the projections: (B, T, H*D), (B, T, Hkv*D) x2 -> (B, T, H*D).
 
     Head counts come from the projections' output widths: under tensor parallelism each rank holds
-    n_heads / tp of them (trainer/tensor_parallel.py calls this on its local heads).
+    n_heads / tp of them (trainer/parallel/tensor_parallel.py calls this on its local heads).
     """
     q = apply_rope(q.unflatten(-1, (-1, head_dim)), rope)  # (B, T, H, D)
     k = apply_rope(k.unflatten(-1, (-1, head_dim)), rope)  # (B, T, Hkv, D)
     v = v.unflatten(-1, (-1, head_dim))
     if core_supports(backend, q=q):
-        out = ops.attention_core(q, k, v, recompute=recompute)
+        out = ops.attention_core(q, k, v, keep=keep)
     else:  # flash-attn's own Function, or the plain-ops reference
         out = causal_attention(q, k, v, backend=backend)
     return out.flatten(-2)
@@ -133,50 +127,62 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: to
     return out.transpose(1, 2).flatten(-2)
 
 
-class Attention(Recomputable):
-    def __init__(self, args: ModelArgs):
+class Attention(nn.Module):
+    """(B, T, d) -> (B, T, d): q/k/v projections, RoPE + causal attention, output projection."""
+
+    def __init__(self, args: ModelArgs, *, keep: Keep):
         super().__init__()
-        self.head_dim = args.head_dim
-        self.backend = args.attn_backend
+        self.head_dim, self.backend, self.keep = args.head_dim, args.attn_backend, keep
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, d) -> q (B, T, H*D), k, v (B, T, Hkv*D)."""
+        return tuple(ops.linear(x, lin.weight) for lin in (self.wq, self.wk, self.wv))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        """RoPE and causal attention over the heads present: (B, T, H*D) -> (B, T, H*D)."""
+        return rope_attention(q, k, v, rope, head_dim=self.head_dim, backend=self.backend, keep=self.keep)
+
+    def project_out(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, T, H*D) -> (B, T, d)."""
+        return ops.linear(out, self.wo.weight)
+
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: Optional[LayerCache] = None) -> torch.Tensor:
-        q, k, v = (ops.linear(x, lin.weight) for lin in (self.wq, self.wk, self.wv))
+        q, k, v = self.project_qkv(x)
         if cache is not None:
             out = cached_attention(q, k, v, rope, head_dim=self.head_dim, cache=cache)
         else:
-            out = rope_attention(q, k, v, rope, head_dim=self.head_dim, backend=self.backend,
-                                 recompute=self.recompute)  # (B, T, H * D)  # fmt: skip
-        return ops.linear(out, self.wo.weight)
+            out = self.attend(q, k, v, rope)  # (B, T, H * D)
+        return self.project_out(out)
 
 
-class FeedForward(RecomputableFFN):
+class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x), hidden F = ``ModelArgs.ffn_hidden_dim``."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, *, keep: Keep):
         super().__init__()
         hidden = args.ffn_hidden_dim
+        self.keep = keep
         self.w1 = nn.Linear(args.dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, args.dim, bias=False)
         self.w3 = nn.Linear(args.dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.swiglu(x, self.w1.weight, self.w3.weight, self.w2.weight, recompute=self.recompute,
-                          recompute_up=self.recompute_up)  # fmt: skip
+        return ops.swiglu(x, self.w1.weight, self.w3.weight, self.w2.weight, keep=self.keep)
 
 
 class TransformerBlock(nn.Module):
     """Pre-norm block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, *, keep: Keep):
         super().__init__()
-        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.attention = Attention(args)
-        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps, keep=keep)
+        self.attention = Attention(args, keep=keep)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps, keep=keep)
+        self.feed_forward = FeedForward(args, keep=keep)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: Optional[LayerCache] = None) -> torch.Tensor:
         normed = self.attention_norm(x)
@@ -193,14 +199,19 @@ class Transformer(nn.Module):
     receives to what it sends: tokens or hidden states (B, T, d) in, hidden states or logits out.
     """
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, *, keep: Keep = Keep.all, keep_final_norm: Optional[Keep] = None):
+        """
+        Args:
+            keep: what the blocks' hand-written backward keeps (model/ops/keep.py).
+            keep_final_norm: the same for the final norm, outside the blocks; None: as ``keep``.
+        """
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         # A ModuleDict keyed by layer index (as torchtitan does) keeps fully-qualified names stable when
         # a later stage removes layers, e.g. for pipeline parallelism.
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
-        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, keep=keep) for i in range(args.n_layers)})
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps, keep=keep if keep_final_norm is None else keep_final_norm)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         # Derived from args, so not saved in checkpoints (persistent=False); refilled by init_weights.
         self.register_buffer("rope", self._rope_table(device=None), persistent=False)
@@ -238,7 +249,7 @@ class Transformer(nn.Module):
         Each parameter is drawn from a generator of its own, seeded by ``seed`` and its name
         (``parameter_generator``), so its values do not depend on the order or the subset of parameters
         initialised: a sharded model whose ranks each draw every full parameter and keep their shard gets
-        exactly these weights (trainer/init.py). ``seed=None`` takes one from torch's global RNG, so
+        exactly these weights (trainer/parallel/initialize.py). ``seed=None`` takes one from torch's global RNG, so
         ``torch.manual_seed`` still decides.
         """
         self.init_buffers(device=buffer_device)

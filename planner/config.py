@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from trainer.device import gpu_peak
+from trainer.run.device import gpu_peak
 
 
 @dataclass
@@ -14,7 +14,7 @@ class ClusterConfig:
 
     gpu: str = "A100-SXM4-80GB"
     """GPU name as ``torch.cuda.get_device_name`` reports it; its data-sheet bf16 peak is looked up in
-    ``trainer.device.GPU_PEAKS`` (the table MFU uses in training) unless ``peak_flops`` is set."""
+    ``trainer.run.device.GPU_PEAKS`` (the table MFU uses in training) unless ``peak_flops`` is set."""
     gpus: int = 8
     """GPUs in the job: the world size the layout is planned for."""
     gpus_per_node: int = 8
@@ -55,7 +55,7 @@ class ClusterConfig:
             raise ValueError(f"cluster.gemm_efficiency must be in (0, 1], got {self.gemm_efficiency}")
         if self.peak_flops is None and gpu_peak(self.gpu) is None:
             raise ValueError(
-                f"cluster.gpu='{self.gpu}' is not in trainer.device.GPU_PEAKS: set cluster.peak_flops to its "
+                f"cluster.gpu='{self.gpu}' is not in trainer.run.device.GPU_PEAKS: set cluster.peak_flops to its "
                 "dense bf16 peak (FLOP/s)"
             )
 

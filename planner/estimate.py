@@ -30,8 +30,8 @@ from model.config import ModelArgs
 from model.flops import attention_flops_per_token, flops_per_token, param_counts
 from planner.config import ClusterConfig
 from planner.rehearsal import Rehearsal
-from trainer.activation_checkpointing import ACMode, policy
-from trainer.config import ParallelConfig, ReduceDtype
+from trainer.parallel.activation_checkpointing import policy
+from trainer.parallel.config import ACMode, ParallelConfig, ReduceDtype
 
 ADAMW_STATES = 2
 """exp_avg and exp_avg_sq, each like the parameter's local shard."""
@@ -47,8 +47,8 @@ def _bytes(dtype: torch.dtype) -> int:
 
 
 def _reduce_bytes(parallel: ParallelConfig) -> int:
-    """Bytes per gradient element in FSDP's reduce-scatter / all-reduce (``parallel.reduce_dtype``)."""
-    return 4 if parallel.reduce_dtype == ReduceDtype.fp32 else 2
+    """Bytes per gradient element in FSDP's reduce-scatter / all-reduce (``parallel.fsdp.reduce_dtype``)."""
+    return 4 if parallel.fsdp.reduce_dtype == ReduceDtype.fp32 else 2
 
 
 @dataclass(frozen=True)
@@ -159,10 +159,10 @@ def outside_block_activation_bytes(args: ModelArgs, *, tokens: int, tp: int, dty
 def activation_bytes(args: ModelArgs, *, parallel: ParallelConfig, work: Workload, tp: int) -> int:
     """Everything one micro-batch keeps for backward on one rank: the blocks (the policy's formula) and
     the rest."""
-    ac = policy(parallel.activation_checkpoint, every_k=parallel.ac_every_k)
+    ac = policy(parallel.ac)
     blocks = ac.model_bytes(args, batch=work.micro_batch, seq_len=work.seq_len, tp=tp, dtype=work.compute_dtype)
     rest = outside_block_activation_bytes(args, tokens=work.micro_tokens, tp=tp, dtype=work.compute_dtype,
-                                          mode=parallel.activation_checkpoint)  # fmt: skip
+                                          mode=parallel.ac.mode)  # fmt: skip
     return blocks + rest
 
 
@@ -175,9 +175,9 @@ def memory(args: ModelArgs, *, rehearsal: Rehearsal, parallel: ParallelConfig, w
     if dims.fsdp_enabled:
         largest = max(b.gathered_numel for b in rehearsal.blocks)
         every_block = sum(b.gathered_numel for b in rehearsal.blocks)
-        held = 2 * largest if parallel.reshard_after_forward else every_block + largest
+        held = 2 * largest if parallel.fsdp.reshard_after_forward else every_block + largest
         gathered = (rehearsal.root.gathered_numel + held) * e
-        accumulating = work.grad_accum > 1 and parallel.defer_grad_sync
+        accumulating = work.grad_accum > 1 and parallel.fsdp.defer_grad_sync
         # One block's unsharded gradient in the compute dtype and its reduce-dtype copy for the
         # reduce-scatter; while accumulating, FSDP keeps every unsharded gradient in the reduce dtype.
         grads = largest * (e + reduce) + (every_block + rehearsal.root.gathered_numel) * reduce * accumulating
@@ -212,14 +212,14 @@ def _ring(size: int) -> float:
 
 
 def recomputed_blocks(parallel: ParallelConfig, *, n_layers: int) -> int:
-    ac = policy(parallel.activation_checkpoint, every_k=parallel.ac_every_k)
+    ac = policy(parallel.ac)
     return sum(ac.recomputes_block(i) for i in range(n_layers))
 
 
 def recomputed_matmul_flops_per_token(args: ModelArgs, *, parallel: ParallelConfig) -> int:
     """Matmul FLOPs per token (whole model, unsharded) that the policy reruns outside whole-block
     recomputation: ``selective_ffn``'s two up projections in every layer."""
-    ac = policy(parallel.activation_checkpoint, every_k=parallel.ac_every_k)
+    ac = policy(parallel.ac)
     return sum(ac.recomputed_matmul_flops(args, layer=i) for i in range(args.n_layers))
 
 
@@ -227,7 +227,7 @@ def elementwise_recompute_bytes(args: ModelArgs, *, parallel: ParallelConfig, to
     """HBM bytes per micro-batch of the element-wise work that selective checkpointing redoes in backward:
     both RMSNorms (read x, write x/rms) and the SwiGLU gate (read a and b, write silu(a) and the product),
     for every layer. Memory-bound work, priced at HBM bandwidth rather than in FLOPs."""
-    if parallel.activation_checkpoint not in (ACMode.selective, ACMode.selective_ffn):
+    if parallel.ac.mode not in (ACMode.selective, ACMode.selective_ffn):
         return 0
     return args.n_layers * tokens * (2 * 2 * e * args.dim + 4 * e * args.ffn_hidden_dim) // tp
 
@@ -296,12 +296,12 @@ def estimate(args: ModelArgs, *, rehearsal: Rehearsal, parallel: ParallelConfig,
             2 * rehearsal.root.padded_numel * reduce * _ring(dims.dp_replicate) / bw_rep if dims.dp_replicate > 1 else 0.0)  # fmt: skip
         block_fwd_time = t_fwd_block + t_tp / max(n, 1) / 2
         block_bwd_time = t_bwd_block + t_tp / max(n, 1) / 2
-        syncs = 1 if parallel.defer_grad_sync else work.grad_accum
-        bwd_gathers = (n - 1) if parallel.reshard_after_forward else 0
+        syncs = 1 if parallel.fsdp.defer_grad_sync else work.grad_accum
+        bwd_gathers = (n - 1) if parallel.fsdp.reshard_after_forward else 0
         for micro in range(work.grad_accum):
-            sync = micro == work.grad_accum - 1 or not parallel.defer_grad_sync
+            sync = micro == work.grad_accum - 1 or not parallel.fsdp.defer_grad_sync
             t_fsdp += t_root_ag + t_ag + (n - 1) * max(0.0, t_ag - block_fwd_time)
-            bwd_comm = (t_ag if parallel.reshard_after_forward else 0.0) + (t_rs + t_ar if sync else 0.0)
+            bwd_comm = (t_ag if parallel.fsdp.reshard_after_forward else 0.0) + (t_rs + t_ar if sync else 0.0)
             t_fsdp += n * max(0.0, bwd_comm - block_bwd_time)
             if sync:
                 t_fsdp += t_rs + t_ar + t_root_reduce

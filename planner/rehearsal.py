@@ -3,7 +3,7 @@ meta device, and read what one rank holds from the shards that the trainer's own
 
 ``compat.fake_process_group`` joins a world of ``world_size`` ranks whose collectives do nothing; the
 trainer's ``ParallelDims.for_run`` (the same errors as training), the device meshes and
-``build_meta_model`` (tensor parallelism -> activation checkpointing -> FSDP2, trainer/parallelize.py)
+``build_meta_model`` (tensor parallelism -> activation checkpointing -> FSDP2, trainer/parallel/parallelize.py)
 then run unchanged. No memory is allocated: meta tensors have shapes and storage sizes, not data. So a
 sharding bug in the trainer changes the planner's answer, instead of a formula agreeing with itself.
 
@@ -29,9 +29,9 @@ from torch.distributed.tensor import DTensor
 
 from compat import fake_process_group, local_shard_shape
 from model.config import ModelArgs
-from trainer.build import build_meta_model
-from trainer.config import ParallelConfig
-from trainer.parallel_dims import ParallelDims
+from trainer.parallel.build import build_meta_model
+from trainer.parallel.config import ParallelConfig
+from trainer.parallel.dims import ParallelDims
 
 
 @dataclass(frozen=True)

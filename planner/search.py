@@ -17,9 +17,8 @@ from model.config import ModelArgs
 from planner.config import ClusterConfig
 from planner.estimate import Estimate, Workload, estimate
 from planner.rehearsal import Rehearsal, rehearse
-from trainer.activation_checkpointing import ACMode
-from trainer.config import ParallelConfig
-from trainer.parallel_dims import ParallelDims
+from trainer.parallel.config import ACConfig, ACMode, ParallelConfig
+from trainer.parallel.dims import ParallelDims
 
 
 @dataclass(frozen=True)
@@ -29,24 +28,24 @@ class Candidate:
     estimate: Estimate
 
     def overrides(self) -> str:
-        """The layout as command-line overrides for ``python -m trainer.train`` / ``launch.local``."""
+        """The layout as command-line overrides for ``python -m launch.train`` / ``launch.local``."""
         p = self.parallel
         items = [f"parallel.tp={p.tp}", f"parallel.dp_replicate={p.dp_replicate}", "parallel.dp_shard=-1",
-                 f"parallel.activation_checkpoint={p.activation_checkpoint.value}"]  # fmt: skip
-        if p.activation_checkpoint == ACMode.every_k:
-            items.append(f"parallel.ac_every_k={p.ac_every_k}")
-        if p.fsdp_one_rank:
-            items.append("parallel.fsdp_one_rank=true")
-        items += [f"parallel.reshard_after_forward={str(p.reshard_after_forward).lower()}",
+                 f"parallel.ac.mode={p.ac.mode.value}"]  # fmt: skip
+        if p.ac.mode == ACMode.every_k:
+            items.append(f"parallel.ac.every_k={p.ac.every_k}")
+        if p.fsdp.one_rank:
+            items.append("parallel.fsdp.one_rank=true")
+        items += [f"parallel.fsdp.reshard_after_forward={str(p.fsdp.reshard_after_forward).lower()}",
                   f"trainer.micro_batch_size={self.work.micro_batch}", f"trainer.grad_accum_steps={self.work.grad_accum}",
                   f"data.seq_len={self.work.seq_len}"]  # fmt: skip
         return " ".join(items)
 
     def label(self) -> str:
         p = self.parallel
-        ac = p.activation_checkpoint.value + (f"{p.ac_every_k}" if p.activation_checkpoint == ACMode.every_k else "")
+        ac = p.ac.mode.value + (f"{p.ac.every_k}" if p.ac.mode == ACMode.every_k else "")
         return (f"tp{p.tp} rep{p.dp_replicate} {ac} mb{self.work.micro_batch}"
-                f"{'' if p.reshard_after_forward else ' keep'}")  # fmt: skip
+                f"{'' if p.fsdp.reshard_after_forward else ' keep'}")  # fmt: skip
 
 
 def workload(*, global_batch_tokens: int, seq_len: int, dp: int, micro_batch: int,
@@ -74,10 +73,10 @@ def workload(*, global_batch_tokens: int, seq_len: int, dp: int, micro_batch: in
 def planned_parallel(parallel: ParallelConfig, *, world_size: int, compute_dtype: torch.dtype) -> ParallelConfig:
     """The layout as planned: bf16 always through FSDP's mixed precision (bf16 parameters, residual stream
     and saved activations), the multi-GPU path. Where the data-parallel degree is 1 (TP only) that means
-    ``parallel.fsdp_one_rank=true``; without it training would use autocast, which keeps an fp32 residual
+    ``parallel.fsdp.one_rank=true``; without it training would use autocast, which keeps an fp32 residual
     stream and bf16 copies of the weights, and the planner does not model that path."""
     if compute_dtype != torch.float32 and not ParallelDims.from_config(parallel, world_size=world_size).fsdp_enabled:
-        return dataclasses.replace(parallel, fsdp_one_rank=True)
+        return dataclasses.replace(parallel, fsdp=dataclasses.replace(parallel.fsdp, one_rank=True))
     return parallel
 
 
@@ -140,8 +139,8 @@ def candidates(args: ModelArgs, *, base: ParallelConfig, cluster: ClusterConfig,
             per_rank = sequences // dp
             for mode, k in AC_CHOICES:
                 for reshard in (True, False):
-                    parallel = dataclasses.replace(layout, activation_checkpoint=mode, ac_every_k=k,
-                                                   reshard_after_forward=reshard)  # fmt: skip
+                    parallel = dataclasses.replace(layout, ac=ACConfig(mode=mode, every_k=k),
+                                                   fsdp=dataclasses.replace(layout.fsdp, reshard_after_forward=reshard))  # fmt: skip
                     for micro in (m for m in range(1, per_rank + 1) if per_rank % m == 0):
                         yield plan_one(args, parallel=parallel, cluster=cluster, seq_len=seq_len,
                                        global_batch_tokens=global_batch_tokens, micro_batch=micro,

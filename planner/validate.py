@@ -23,8 +23,7 @@ from model.config import ModelArgs
 from planner.config import ClusterConfig
 from planner.estimate import budget
 from planner.search import Candidate, plan_one, search
-from trainer.activation_checkpointing import ACMode
-from trainer.config import ParallelConfig
+from trainer.parallel.config import ACConfig, ACMode, ParallelConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -106,14 +105,14 @@ def published_runs() -> list[PublishedRun]:
     ):  # fmt: skip
         runs.append(PublishedRun(name=f"torchtitan {label}", source=TITAN, model=model, cluster="a100_80gb", gpus=64,
                                  seq_len=seq, global_batch_tokens=64 * micro * seq, tokens_per_sec_per_gpu=tps,
-                                 layout=ParallelConfig(activation_checkpoint=ac, ac_every_k=2), micro_batch=micro))  # fmt: skip
+                                 layout=ParallelConfig(ac=ACConfig(mode=ac, every_k=2)), micro_batch=micro))  # fmt: skip
     # Grand Teton: 96 GB HBM2e at 2.4 TB/s, 500 W, 400 Gb/s RDMA per GPU. Table 1 calibrates, Table 3 predicts.
     teton = {"memory_gib": 94.5, "hbm_gbps": 2400, "gpu_power_w": 500, "inter_node_gbps": 50}
     for gpus, tps, memory, calibrates in ((8, 5762, 82.4, True), (128, 5605, 67.0, False)):
         runs.append(PublishedRun(name=f"torchtitan Llama 3.1 8B, {gpus} GPUs, mb 2, selective op", source=TITAN_H100,
                                  model=LLAMA3_8B, cluster="h100_80gb", gpus=gpus, seq_len=8192,
                                  global_batch_tokens=gpus * 2 * 8192, tokens_per_sec_per_gpu=tps,
-                                 layout=ParallelConfig(activation_checkpoint=op), micro_batch=2, calibrates=calibrates,
+                                 layout=ParallelConfig(ac=ACConfig(mode=op)), micro_batch=2, calibrates=calibrates,
                                  cluster_overrides=teton, memory_gib=memory))  # fmt: skip
     return runs
 

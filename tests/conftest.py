@@ -20,7 +20,7 @@ TINY_VOCAB = 512
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The project config as `python -m trainer.train <overrides>` would see it (Hydra state is cleared)."""
+    """The project config as `python -m launch.train <overrides>` would see it (Hydra state is cleared)."""
     with initialize_config_module(config_module="conf", version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
 

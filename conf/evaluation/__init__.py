@@ -1,1 +1,1 @@
-"""Config root of ``python -m evaluation.run`` (apart from the training root, whose ``checkpoint`` group would take ``checkpoint=``)."""
+"""Config root of ``python -m launch.evaluate`` (apart from the training root, whose ``checkpoint`` group would take ``checkpoint=``)."""

@@ -16,14 +16,14 @@ Grouped-query heads: the CPU kernel takes k, v with Hkv heads itself (checked by
 is expanded. For the CUDA kernel, which is not checked here, k and v are expanded to H heads first,
 k' = repeat_interleave(k, G, dim=heads), and dk = the sum of dk' over each group of G copies.
 
-Saved for backward (neither mode stores P: the kernel's log-sum-exp is what lets its backward rebuild
-it, which is the point of saving it):
-    recompute=True:  q, k, v (Hkv heads), o, lse. Where k and v are expanded, the expansion is redone in
+Saved for backward (``keep``, model/ops/keep.py; no level stores P: the kernel's log-sum-exp is what lets
+its backward rebuild it, which is the point of saving it):
+    Keep.matmul_outputs, Keep.ffn_input:  q, k, v (Hkv heads), o, lse. Where k and v are expanded, the expansion is redone in
                      backward: a copy, cheap to redo, G times larger than k and v.
-    recompute=False: q, k', v' (the expanded H-head copies, which backward consumes, in place of k and
-                     v), o, lse. Without an expansion (CPU, or G = 1) the modes save the same tensors: there
+    Keep.all:        q, k', v' (the expanded H-head copies, which backward consumes, in place of k and
+                     v), o, lse. Without an expansion (CPU, or G = 1) the levels save the same tensors: there
                      is no element-wise work outside the fused kernel to recompute.
-Both modes run the same kernels on the same values, so on CPU results are bitwise equal. On CUDA the
+All levels run the same kernels on the same values, so on CPU results are bitwise equal. On CUDA the
 flash backward accumulates dq with atomic adds, so two runs (and the two modes) can differ in the last
 bits: GPU tests compare with tolerances (tests/gpu/).
 
@@ -42,6 +42,7 @@ import torch
 
 from compat import flash_attention_backward, flash_attention_forward
 from model.ops.amp import autocast_off, matmul_inputs, no_autocast_backward
+from model.ops.keep import Keep
 
 
 def _kernel_takes_gqa(q: torch.Tensor) -> bool:
@@ -99,13 +100,13 @@ class _AttentionCore(torch.autograd.Function):
         return dq, _reduce_heads(dk_rep, groups), _reduce_heads(dv_rep, groups), None
 
 
-def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, recompute: bool = True) -> torch.Tensor:
+def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, keep: Keep) -> torch.Tensor:
     """Causal softmax(q k^T / sqrt(D)) v with grouped-query heads and a hand-written backward.
 
     Args:
         q: (B, T, H, D); k, v: (B, T, Hkv, D) with H % Hkv == 0.
-        recompute: where k and v must be expanded to H heads for the kernel (CUDA), True saves k and v
-            and redoes the expansion in backward, False saves the expanded copies. No effect on CPU.
+        keep: where k and v must be expanded to H heads for the kernel (CUDA), ``Keep.all`` saves the
+            expanded copies, the other levels save k and v and redo the expansion in backward. No effect on CPU.
     Returns:
         (B, T, H, D).
     """
@@ -116,4 +117,4 @@ def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, recompu
         )
     q, k, v = matmul_inputs(q, k, v)  # under autocast: its dtype, as it gives SDPA (model.ops.amp)
     with autocast_off(q.device.type):
-        return _AttentionCore.apply(q, k, v, recompute)
+        return _AttentionCore.apply(q, k, v, keep.recomputes_elementwise)

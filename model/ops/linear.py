@@ -6,9 +6,8 @@ Shape legend: N = B*T tokens (any leading dims are flattened), d_in input width,
     input:    dx = dy W               (..., d_out) @ (d_out, d_in) -> (..., d_in)
     weight:   dW = dy^T x             (d_out, N) @ (N, d_in) -> (d_out, d_in), summed over all N tokens
 
-Saved for backward: x (for dW) and W (for dx). That is all a linear layer needs, and nothing in it is
-element-wise, so there is nothing to recompute: ``recompute`` is accepted only to keep the signature
-uniform with the other ops and has no effect.
+Saved for backward: x (for dW) and W (for dx), at every ``Keep`` level: that is all a linear layer needs,
+and nothing in it is element-wise, so there is nothing to recompute.
 
 Under autocast, x and W are cast to autocast's dtype first (``model.ops.amp``), so forward saves the bf16
 copies autocast itself would have saved, and backward multiplies tensors of one dtype.
@@ -48,15 +47,14 @@ class _Linear(torch.autograd.Function):
         return dx, dw
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, *, recompute: bool = True) -> torch.Tensor:
-    """x W^T with a hand-written backward (see the module docstring); ``recompute`` has no effect here.
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x W^T with a hand-written backward (see the module docstring).
 
     Args:
         x: (..., d_in); weight: (d_out, d_in), as ``nn.Linear.weight``.
     Returns:
         (..., d_out).
     """
-    del recompute  # nothing element-wise to recompute; kept for a uniform signature
     x, weight = matmul_inputs(x, weight)  # under autocast: bf16 copies, as autocast gives F.linear
     with autocast_off(x.device.type):
         return _Linear.apply(x, weight)

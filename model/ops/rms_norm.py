@@ -11,14 +11,14 @@ least fp32 and the result cast back, exactly as ``model.llama.RMSNorm`` does.
               dx    = rrms * (gy - x_hat * mean_d(gy * x_hat))
     weight:   dg    = sum_N(dy * cast(x_hat, x.dtype))       (d,)
 
-Saved for backward:
-    recompute=True:  x, rrms, g. x is the residual stream, which the block keeps alive anyway for the
+Saved for backward (``keep``, model/ops/keep.py):
+    Keep.matmul_outputs, Keep.ffn_input:  x, rrms, g. x is the residual stream, which the block keeps alive anyway for the
                      residual add, so saving it allocates nothing new; rrms is one number per token.
                      x_hat = x * rrms is recomputed (one multiply).
-    recompute=False: x_hat, rrms, g. Backward does not need x once x_hat is stored, so x is not saved;
+    Keep.all:        x_hat, rrms, g. Backward does not need x once x_hat is stored, so x is not saved;
                      x_hat is a fresh (N, d) buffer in c. In fp32 both modes save the same number of
                      bytes, but only this one allocates them.
-Both modes run the same arithmetic in the same order, so outputs and gradients are bitwise equal.
+Both run the same arithmetic in the same order, so outputs and gradients are bitwise equal.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from model.ops.amp import autocast_off, no_autocast_backward
+from model.ops.keep import Keep
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -59,14 +60,14 @@ class _RMSNorm(torch.autograd.Function):
         return dx, dweight, None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float, recompute: bool = True) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float, keep: Keep) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * g over the last dim, with a hand-written backward (module docstring).
 
     Args:
         x: (..., d); weight: g, (d,).
         eps: added to the mean square (``ModelArgs.norm_eps``).
-        recompute: True saves x and recomputes x_hat in backward; False saves x_hat.
+        keep: ``Keep.all`` saves x_hat; the other levels save x and recompute x_hat in backward.
     """
     # Its dtypes are explicit (statistics in >= fp32, output in x's dtype times g's): autocast stays out.
     with autocast_off(x.device.type):
-        return _RMSNorm.apply(x, weight, eps, recompute)
+        return _RMSNorm.apply(x, weight, eps, keep.recomputes_elementwise)

@@ -12,14 +12,15 @@ Shape legend: N = B*T tokens (any leading dims), d model width, F hidden width
               dx = da W1 + db W3                             (N, d)
     weight:   dW2 = dy^T h,  dW1 = da^T x,  dW3 = db^T x    summed over the N tokens
 
-Saved for backward:
-    recompute=True:  x, a, b and W1, W3, W2. s and h are recomputed from a and b (two element-wise ops),
-                     which is far cheaper than the matmuls that produced a and b.
-    recompute=False: also s and h, two more (N, F) buffers.
-    recompute_up=True: x and the weights only. Backward reruns a = x W1^T and b = x W3^T (two of the
-                     layer's seven matmuls, 4 d F FLOPs per token) before the element-wise work: the two
-                     (N, F) buffers that dominate the selective layer's memory (F ~ 8d/3) are not kept.
-All modes run the same arithmetic in the same order (a rerun matmul of the same operands gives the same
+Saved for backward (``keep``, model/ops/keep.py), besides x and W1, W3, W2: the rule of ``kept_activations``
+and ``backward_activations``, which the tensor-parallel form (trainer/parallel/tensor_parallel.py) uses too:
+    Keep.matmul_outputs: a, b. s and h are recomputed from a and b (two element-wise ops), which is far
+                     cheaper than the matmuls that produced a and b.
+    Keep.all:        also s and h, two more (N, F) buffers.
+    Keep.ffn_input:  nothing more. Backward reruns a = x W1^T and b = x W3^T (two of the layer's seven
+                     matmuls, 4 d F FLOPs per token) before the element-wise work: the two (N, F) buffers
+                     that dominate the selective layer's memory (F ~ 8d/3) are not kept.
+All levels run the same arithmetic in the same order (a rerun matmul of the same operands gives the same
 bits), so outputs and gradients are bitwise equal. The
 forward is ``model.llama.FeedForward.forward`` op for op, so swapping this in changes no output bits.
 Under autocast, x and the weights are cast to autocast's dtype first and the gate runs in that dtype, as
@@ -31,7 +32,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from typing import Callable
+
 from model.ops.amp import autocast_off, matmul_inputs, no_autocast_backward
+from model.ops.keep import Keep
 from model.ops.linear import input_grad, weight_grad
 
 
@@ -56,34 +60,40 @@ def gate_backward(dh: torch.Tensor, *, a: torch.Tensor, b: torch.Tensor, s: torc
     return da, db
 
 
+def kept_activations(keep: Keep, *, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor,
+                     h: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """What SwiGLU's forward saves for backward besides its input and weights, per ``keep``."""
+    if keep == Keep.ffn_input:
+        return ()
+    return (a, b) if keep == Keep.matmul_outputs else (a, b, s, h)
+
+
+def backward_activations(keep: Keep, kept: list[torch.Tensor], *,
+                         rerun_up: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """a, b, s, h for backward from what ``kept_activations`` kept: ``rerun_up()`` recomputes (a, b) from the
+    input where they were not kept, and s, h = gate(a, b) are recomputed where they were not."""
+    a, b, *rest = rerun_up() if keep == Keep.ffn_input else kept
+    s, h = rest if rest else gate(a, b)
+    return a, b, s, h
+
+
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w1, w3, w2, recompute: bool, recompute_up: bool) -> torch.Tensor:
+    def forward(ctx, x, w1, w3, w2, keep: Keep) -> torch.Tensor:
         a = F.linear(x, w1)  # (..., F)
         b = F.linear(x, w3)
         s, h = gate(a, b)
         y = F.linear(h, w2)  # (..., d)
-        ctx.recompute, ctx.recompute_up = recompute, recompute_up
-        if recompute_up:
-            ctx.save_for_backward(x, w1, w3, w2)
-        elif recompute:
-            ctx.save_for_backward(x, a, b, w1, w3, w2)
-        else:
-            ctx.save_for_backward(x, a, b, w1, w3, w2, s, h)
+        ctx.keep = keep
+        ctx.save_for_backward(x, w1, w3, w2, *kept_activations(keep, a=a, b=b, s=s, h=h))
         return y
 
     @staticmethod
     @no_autocast_backward
     def backward(ctx, dy: torch.Tensor):
-        if ctx.recompute_up:
-            x, w1, w3, w2 = ctx.saved_tensors
-            a, b = F.linear(x, w1), F.linear(x, w3)
-            s, h = gate(a, b)
-        elif ctx.recompute:
-            x, a, b, w1, w3, w2 = ctx.saved_tensors
-            s, h = gate(a, b)
-        else:
-            x, a, b, w1, w3, w2, s, h = ctx.saved_tensors
+        x, w1, w3, w2, *kept = ctx.saved_tensors
+        a, b, s, h = backward_activations(ctx.keep, kept, rerun_up=lambda: (F.linear(x, w1), F.linear(x, w3)))
+        del kept
         need_x, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
         dw2 = weight_grad(dy, h) if need_w2 else None
         del h
@@ -93,21 +103,16 @@ class _SwiGLU(torch.autograd.Function):
         dw1 = weight_grad(da, x) if need_w1 else None
         del da
         dw3 = weight_grad(db, x) if need_w3 else None
-        return dx, dw1, dw3, dw2, None, None
+        return dx, dw1, dw3, dw2, None
 
 
-def swiglu(
-    x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, *, recompute: bool = True,
-    recompute_up: bool = False,
-) -> torch.Tensor:
+def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, *, keep: Keep) -> torch.Tensor:
     """w2(silu(w1 x) * w3 x) with a hand-written backward (see the module docstring).
 
     Args:
         x: (..., d); w1, w3: (F, d); w2: (d, F), the ``nn.Linear`` weights of ``FeedForward``.
-        recompute: True saves x, a = x W1^T, b = x W3^T and recomputes silu(a) * b in backward;
-            False also saves silu(a) and silu(a) * b.
-        recompute_up: save only x and rerun the two up projections in backward (overrides ``recompute``).
+        keep: what backward keeps (``kept_activations``); the rest is recomputed.
     """
     x, w1, w3, w2 = matmul_inputs(x, w1, w3, w2)  # autocast's rule for the three matmuls (model.ops.amp)
     with autocast_off(x.device.type):
-        return _SwiGLU.apply(x, w1, w3, w2, recompute, recompute_up)
+        return _SwiGLU.apply(x, w1, w3, w2, keep)

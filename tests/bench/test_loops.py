@@ -13,15 +13,15 @@ from bench.common import run_children
 from bench.loops import build_loop_model, loop_loss
 from model.config import ModelArgs
 from model.llama import Attention, FeedForward, RMSNorm
-from trainer.config import ParallelConfig
-from trainer.parallel_dims import ParallelDims
-from trainer.build import build_model
+from trainer.parallel.build import build_model
+from trainer.parallel.config import ACConfig, ParallelConfig
+from trainer.parallel.dims import ParallelDims
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, max_seq_len=32)
 
 
 def _ours() -> torch.nn.Module:
-    parallel = ParallelConfig(activation_checkpoint="none")
+    parallel = ParallelConfig(ac=ACConfig(mode="none"))
     return build_model(ARGS, device=torch.device("cpu"), seed=0, dims=ParallelDims.from_config(parallel, world_size=1),
                        parallel=parallel)  # fmt: skip
 

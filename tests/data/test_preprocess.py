@@ -9,11 +9,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from data.config import SourceConfig
 from data.preprocess.config import ExecutorConfig, InputConfig, PreprocessConfig, SourcePipelineConfig
 from data.preprocess.pipeline import run_preprocess, step_specs
 from data.preprocess.samples import FRENCH, GERMAN, stdlib_docstrings
 from data.preprocess.steps import LanguageFilter, line_hash
-from data.config import SourceConfig
 from data.sources import BadRecordError, SourceFormat, iter_documents, resolve_source_files
 
 

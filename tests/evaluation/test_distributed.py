@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from conf.schema import EvaluateConfig
-from evaluation.config import EvalConfig, TaskConfig
+from evaluation.checkpoints import build_language_model
+from evaluation.config import EvalConfig, EvaluateConfig, TaskConfig
 from evaluation.demo import write_demo_tasks
 from evaluation.evaluate import run_task
-from evaluation.run import build_language_model
 from tests.distributed import run_workers
-from trainer.config import ParallelConfig
-from trainer.distributed import DistEnv
+from trainer.parallel.config import ParallelConfig
+from trainer.parallel.distributed import DistEnv
 
 # Odd counts: shares of unequal size, so the padding of the shorter one is exercised; the texts make
 # different numbers of rolling windows on the two ranks, so the extra forwards are too.

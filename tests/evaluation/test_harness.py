@@ -1,10 +1,10 @@
 """Our model in lm-evaluation-harness against lm-eval's own Hugging Face backend on the exported checkpoint.
 
 One random small model with a real sentencepiece tokenizer, written as our checkpoint and exported with
-``trainer.hf_interop``; three local lm-eval YAML tasks (multiple choice, rolling log-likelihood, greedy
+``trainer.checkpoint.hf_interop``; three local lm-eval YAML tasks (multiple choice, rolling log-likelihood, greedy
 generation) over JSONL files written here. ``simple_evaluate`` runs them with ``--model hf`` on the export
 and with ``--model llama_pretrain`` on the checkpoint: every per-example log-likelihood agrees within 1e-4,
-the accuracies and generations are identical; and ``python -m evaluation.run`` on the same file in our
+the accuracies and generations are identical; and ``python -m launch.evaluate`` on the same file in our
 own layout gives the same log-likelihoods. The bare ``lm_eval`` command runs our checkpoint too.
 """
 
@@ -18,8 +18,8 @@ import pytest
 import sentencepiece as spm
 
 from data.tokenizer import LLAMA_TRAINER_SETTINGS
-from tests.trainer.test_hf_interop import random_model, small_args, write_checkpoint
-from trainer.hf_interop import export_hf
+from tests.trainer.checkpoint.test_hf_interop import random_model, small_args, write_checkpoint
+from trainer.checkpoint.hf_interop import export_hf
 
 TOLERANCE = 1e-4  # fp32 on both sides: the same weights and tokens, GEMMs of other shapes (~1e-6 seen)
 
@@ -125,8 +125,8 @@ def test_rolling_loglikelihoods_and_generations_equal_lm_evals_hf_backend(both):
 def test_our_own_runner_gives_the_same_loglikelihoods(both, setup, tmp_path):
     from evaluation.config import TaskConfig
     from evaluation.evaluate import run_task
-    from evaluation.run import build_language_model
-    from conf.schema import EvaluateConfig
+    from evaluation.checkpoints import build_language_model
+    from evaluation.config import EvaluateConfig
 
     lm, _ = build_language_model(EvaluateConfig(checkpoint=str(setup / "ckpt")))
     result = run_task("mc", TaskConfig(path=str(setup / "mc.jsonl"), format="multiple_choice"), lm, seed=0)

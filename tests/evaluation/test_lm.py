@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from data.tokenizer import Tokenizer
 from evaluation.lm import LanguageModel
 from model.kv_cache import KVCache
-from tests.trainer.test_hf_interop import random_model, small_args, train_sentencepiece
+from tests.trainer.checkpoint.test_hf_interop import random_model, small_args, train_sentencepiece
 
 MAX_LEN = 24
 

@@ -1,4 +1,4 @@
-"""``python -m evaluation.run`` on a checkpoint the trainer wrote: the demo tasks end to end, the files a
+"""``python -m launch.evaluate`` on a checkpoint the trainer wrote: the demo tasks end to end, the files a
 user reads back, and the errors of bad input (unknown task, malformed file, wrong tokenizer)."""
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import pytest
 from hydra import compose, initialize_config_module
 
 from conf.schema import to_config
-from evaluation.run import evaluate_checkpoint, resolve_checkpoint
-from tests.trainer.test_hf_interop import train_sentencepiece
-from trainer.checkpoint_meta import CheckpointError
+from evaluation.checkpoints import evaluate_checkpoint
+from tests.trainer.checkpoint.test_hf_interop import train_sentencepiece
+from trainer.checkpoint.checkpointer import resolve_checkpoint
+from trainer.checkpoint.meta import CheckpointError
 
 REPO = Path(__file__).resolve().parents[2]
 LIMITS = ["eval.catalog.stdlib_next_line.limit=12", "eval.catalog.stdlib_import.limit=6",
@@ -34,7 +35,7 @@ def demo_dir(tmp_path_factory) -> Path:
 def test_the_demo_tasks_from_the_command_line(reference_run, demo_dir, tmp_path):
     run = reference_run("single")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "evaluation.run", f"checkpoint={run}", f"eval.demo_dir={demo_dir}",
+    proc = subprocess.run([sys.executable, "-m", "launch.evaluate", f"checkpoint={run}", f"eval.demo_dir={demo_dir}",
                            f"out_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}", *LIMITS],
                           cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -98,8 +99,8 @@ def test_tasks_scored_during_training_reach_the_metrics_file_and_wandb(tiny_over
     from conf.schema import to_config as to_train_config
     from tests.conftest import compose_config
     from tests.wandb_file import read_run
-    from trainer.loop import train
-    from trainer.runs import series
+    from launch.train import train
+    from trainer.run.records import series
 
     cfg = to_train_config(compose_config([*tiny_overrides, "trainer.max_steps=10", "trainer.eval_every=0",
                                           "eval.every_steps=5", f"eval.demo_dir={demo_dir}", *LIMITS]))  # fmt: skip

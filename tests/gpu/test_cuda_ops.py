@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from model.attention import core_supports, cuda_flash_kernel_runs
 from model.config import AttnBackend, ModelArgs
 from model.llama import Attention, rope_table
-from model.ops import attention_core
+from model.ops import Keep, attention_core
 from tests.gpu.conftest import GPU
 from tests.model.test_ops import (
     DEBUG,
@@ -51,7 +51,8 @@ def test_attention_core_matches_sdpa_bf16(kv_heads, head_dim, recompute, exact_f
     shape = Shape("cuda", batch=2, seq=256, dim=8, hidden=8, heads=8, kv_heads=kv_heads, head_dim=head_dim)
     q, k, v = _cuda_inputs("attention_core", shape, torch.bfloat16)
     assert core_supports(AttnBackend.sdpa, q=q), "the CUDA flash kernel should serve bf16 at this head dim"
-    out, grads, dy = forward_backward(functools.partial(attention_core, recompute=recompute), [q, k, v])
+    out, grads, dy = forward_backward(functools.partial(attention_core, keep=Keep.matmul_outputs if recompute else Keep.all),
+                                      [q, k, v])  # fmt: skip
     ref_out, ref_grads, _ = forward_backward(_sdpa, [q, k, v], dy)
     exact_out, exact_grads, _ = forward_backward(_sdpa, [t.float() for t in (q, k, v)], dy.float())
     assert_as_close_as_reference(names=("out", "q", "k", "v"), actual=(out, *grads), reference=(ref_out, *ref_grads),
@@ -80,7 +81,7 @@ def test_head_dim_over_256_falls_back_to_sdpa(cuda):
     q = torch.zeros(1, 8, 2, 512, device=cuda, dtype=torch.bfloat16)
     assert not core_supports(AttnBackend.sdpa, q=q)
     assert not cuda_flash_kernel_runs(device_index=cuda.index, dtype=torch.bfloat16, head_dim=512)
-    attn = Attention(args).to(cuda)
+    attn = Attention(args, keep=Keep.matmul_outputs).to(cuda)
     x = torch.randn(2, 16, 1024, device=cuda, requires_grad=True)
     rope = rope_table(head_dim=512, max_seq_len=64, theta=10000.0, device=cuda)[:16]
     with torch.autocast("cuda", dtype=torch.bfloat16):

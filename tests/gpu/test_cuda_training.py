@@ -1,6 +1,6 @@
 """One GPU, bf16, every layout that fits on it and every AC policy, compile off and on (``make test-gpu``).
 
-The harness is tests/trainer/test_bf16.py's (the same debug-sized model, batches and tolerances against the
+The harness is tests/trainer/parallel/test_bf16.py's (the same debug-sized model, batches and tolerances against the
 fp32 run): one process under autocast, and FSDP over one rank (NCCL) with bf16 parameters. On CUDA the AC
 policies are not bitwise equal (the flash backward's atomic adds reorder sums), so they are compared with a
 tolerance of their own: 1e-2 relative on gradients, 1e-3 on losses (one bf16 step is 3.9e-3; a reordered
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from tests.gpu.conftest import GPU
-from tests.trainer.test_bf16 import check_against_fp32, fp32_reference, run_layout
-from trainer.config import ACMode
+from tests.trainer.parallel.test_bf16 import check_against_fp32, fp32_reference, run_layout
+from trainer.parallel.config import ACMode
 
 pytestmark = GPU
 

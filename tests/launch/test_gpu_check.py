@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from launch import gpu_check, gpu_wheels
-from launch.gpu_check import StageResult, junit_counts, summary_markdown, all_tests_passed, write_summary
+from launch.gpu_check import StageResult, all_tests_passed, junit_counts, summary_markdown, write_summary
 
 REPO = Path(__file__).resolve().parents[2]
 ENVIRONMENT = {"device": "NVIDIA H100 80GB HBM3", "capability": "sm90", "memory_gib": 79.1, "gpus_visible": 1,

@@ -20,7 +20,7 @@ import pytest
 from launch.harness import LAYOUTS, common_overrides, final_weights, losses, run_layout
 from launch.loss_compare import LOSS_RTOL, WEIGHT_RTOL
 from tests.launch.slurm_cluster import LocalSlurm
-from trainer.runs import TrainResult, series
+from trainer.run.records import TrainResult, series
 
 pytestmark = pytest.mark.slow
 

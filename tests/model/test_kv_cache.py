@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.kv_cache import KVCache
-from tests.trainer.test_hf_interop import random_model, small_args
+from tests.trainer.checkpoint.test_hf_interop import random_model, small_args
 
 
 @pytest.mark.parametrize("n_kv_heads", [None, 2, 1], ids=["mha", "gqa2", "mqa"])

@@ -8,11 +8,12 @@ import torch
 from model.attention import causal_attention, flash_attn_available
 from model.config import AttnBackend, ModelArgs
 from model.llama import FeedForward, RMSNorm, Transformer, apply_rope, rope_table
+from model.ops import Keep
 
 
 def test_rmsnorm_matches_formula():
     torch.manual_seed(0)
-    norm = RMSNorm(16, eps=1e-5).double()
+    norm = RMSNorm(16, eps=1e-5, keep=Keep.all).double()
     with torch.no_grad():
         norm.weight.copy_(torch.randn(16))
     x = torch.randn(3, 5, 16, dtype=torch.float64)
@@ -56,7 +57,7 @@ def test_rope_scores_depend_on_relative_position_only():
 def test_swiglu_matches_formula():
     torch.manual_seed(0)
     args = ModelArgs(dim=32, multiple_of=16)
-    ffn = FeedForward(args).double()
+    ffn = FeedForward(args, keep=Keep.all).double()
     x = torch.randn(4, 32, dtype=torch.float64)
     a = x @ ffn.w1.weight.T
     silu = a * torch.sigmoid(a)

@@ -1,7 +1,7 @@
 """Hand-written backward ops (model.ops) against autograd of decomposed references and the model's modules.
 
-Checks: fp64 gradcheck; fp32 parity with the references at random, debug-model and LLaMA-7B shapes; the
-two recompute modes bitwise equal; the exact bytes each op saves for backward, per mode.
+Checks: fp64 gradcheck; fp32 parity with the references at random, debug-model and LLaMA-7B shapes; every
+``Keep`` level bitwise equal; the exact bytes each op saves for backward, per level.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import model.ops.attention as ops_attention
 from model.attention import causal_attention
 from model.config import AttnBackend, ModelArgs
 from model.llama import FeedForward, RMSNorm
-from model.ops import attention_core, linear, rms_norm, saved_activation_bytes, saved_bytes, swiglu
+from model.ops import Keep, attention_core, linear, rms_norm, saved_activation_bytes, saved_bytes, swiglu
 from model.ops.reference import attention_core_reference, linear_reference, rms_norm_reference, swiglu_reference
 
 EPS = 1e-6
@@ -71,16 +71,27 @@ class Op:
     """An op under test: its argument names (keys of ``make_tensors``), the op, and its reference."""
 
     args: tuple[str, ...]
-    fn: object  # fn(*tensors, recompute=bool)
+    op: object  # op(*tensors, keep=Keep)
     reference: object  # reference(*tensors)
+
+    def at(self, keep: Keep = Keep.matmul_outputs):
+        """The op with ``keep`` fixed (the selective level by default)."""
+        return functools.partial(self.op, keep=keep)
+
+    @property
+    def fn(self):
+        return self.at()
+
+
+def _linear(x, w, *, keep: Keep):
+    del keep  # linear keeps x and W at every level
+    return linear(x, w)
 
 
 OPS = {
     "rms_norm": Op(("x", "g"), functools.partial(rms_norm, eps=EPS), functools.partial(rms_norm_reference, eps=EPS)),
-    "linear": Op(("x", "w1"), linear, linear_reference),
+    "linear": Op(("x", "w1"), _linear, linear_reference),
     "swiglu": Op(("x", "w1", "w3", "w2"), swiglu, swiglu_reference),
-    # selective_ffn's form: only x kept, the up projections rerun in backward (``recompute`` is moot).
-    "swiglu_up": Op(("x", "w1", "w3", "w2"), functools.partial(swiglu, recompute_up=True), swiglu_reference),
     "attention_core": Op(("q", "k", "v"), attention_core, attention_core_reference),
 }
 
@@ -128,12 +139,12 @@ def assert_all_equal(actual, expected) -> None:
         assert torch.equal(a, e), f"tensor {i} differs, max abs diff {(a - e).abs().max().item()}"
 
 
-@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("keep", list(Keep), ids=lambda k: k.value)
 @pytest.mark.parametrize("name", OPS)
-def test_gradcheck_fp64(name, recompute):
+def test_gradcheck_fp64(name, keep):
     op = OPS[name]
     inputs = [t.clone().requires_grad_() for t in op_inputs(name, TINY, torch.float64)]
-    assert torch.autograd.gradcheck(lambda *xs: op.fn(*xs, recompute=recompute), inputs)
+    assert torch.autograd.gradcheck(op.at(keep), inputs)
 
 
 @pytest.mark.parametrize("shape", [RANDOM, DEBUG, LLAMA_7B], ids=lambda s: s.name)
@@ -152,24 +163,15 @@ def test_matches_reference_fp32(name, shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [RANDOM, DEBUG], ids=lambda s: s.name)
 @pytest.mark.parametrize("name", OPS)
-def test_recompute_modes_bitwise_equal(name, shape, dtype):
+def test_keep_levels_bitwise_equal(name, shape, dtype):
+    """Every level does the same arithmetic in the same order; for swiglu that includes rerunning
+    a = x W1^T, b = x W3^T in backward (``Keep.ffn_input``), which gives the bits forward computed."""
     op = OPS[name]
     inputs = op_inputs(name, shape, dtype)
-    out, grads, dy = forward_backward(functools.partial(op.fn, recompute=True), inputs)
-    out_none, grads_none, _ = forward_backward(functools.partial(op.fn, recompute=False), inputs, dy)
-    assert_all_equal((out, *grads), (out_none, *grads_none))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [RANDOM, DEBUG], ids=lambda s: s.name)
-def test_swiglu_rerunning_the_up_projections_is_bitwise_equal(shape, dtype):
-    """Rerunning a = x W1^T, b = x W3^T in backward gives the bits forward computed: the same output and
-    gradients as keeping a, b (selective) and as keeping s, h as well (none)."""
-    inputs = op_inputs("swiglu", shape, dtype)
-    out, grads, dy = forward_backward(functools.partial(swiglu, recompute_up=True), inputs)
-    for recompute in (True, False):
-        kept = forward_backward(functools.partial(swiglu, recompute=recompute), inputs, dy)
-        assert_all_equal((out, *grads), (kept[0], *kept[1]))
+    out, grads, dy = forward_backward(op.at(Keep.all), inputs)
+    for keep in (Keep.matmul_outputs, Keep.ffn_input):
+        kept_out, kept_grads, _ = forward_backward(op.at(keep), inputs, dy)
+        assert_all_equal((out, *grads), (kept_out, *kept_grads))
 
 
 @pytest.mark.parametrize("name", OPS)
@@ -202,17 +204,17 @@ def rel_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
     return ((actual.double() - exact.double()).norm() / exact.double().norm()).item()
 
 
-@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("keep", list(Keep), ids=lambda k: k.value)
 @pytest.mark.parametrize("shape", [RANDOM, DEBUG], ids=lambda s: s.name)
 @pytest.mark.parametrize("name", OPS)
-def test_autocast_bf16_matches_reference(name, shape, recompute):
+def test_autocast_bf16_matches_reference(name, shape, keep):
     """Under autocast each op gives what autocast gives its reference: the same output dtype (bf16 after a
     matmul), fp32 gradients for the fp32 leaves, and values no further from fp32 than the reference's.
     Before the ops followed autocast's rule, backward crashed here (a bf16 gradient times the fp32 weight
     saved by forward)."""
     op = OPS[name]
     inputs = op_inputs(name, shape, torch.float32)
-    out, grads, dy = autocast_forward_backward(functools.partial(op.fn, recompute=recompute), inputs)
+    out, grads, dy = autocast_forward_backward(op.at(keep), inputs)
     ref_out, ref_grads, _ = autocast_forward_backward(op.reference, inputs, dy)
     exact_out, exact_grads, _ = forward_backward(op.reference, inputs, dy.float())
     assert_as_close_as_reference(names=("output", *op.args), actual=(out, *grads), reference=(ref_out, *ref_grads),
@@ -233,10 +235,11 @@ def assert_as_close_as_reference(*, names, actual, reference, exact, label: str,
 def test_autocast_bf16_backward_runs_without_the_callers_autocast():
     """A backward called inside an autocast region (allowed on CPU) gives the same gradients as outside."""
     inputs = op_inputs("swiglu", RANDOM, torch.float32)
-    _, outside, dy = autocast_forward_backward(swiglu, inputs)
+    selective = OPS["swiglu"].fn
+    _, outside, dy = autocast_forward_backward(selective, inputs)
     leaves = [t.detach().requires_grad_() for t in inputs]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        inside = torch.autograd.grad(swiglu(*leaves), leaves, dy)
+        inside = torch.autograd.grad(selective(*leaves), leaves, dy)
     assert_all_equal(inside, outside)
 
 
@@ -246,10 +249,10 @@ def test_autocast_bf16_backward_runs_without_the_callers_autocast():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_rms_norm_forward_equals_module(dtype):
     x, g = op_inputs("rms_norm", DEBUG, dtype)
-    module = RMSNorm(DEBUG.dim, eps=EPS).to(dtype)
+    module = RMSNorm(DEBUG.dim, eps=EPS, keep=Keep.matmul_outputs).to(dtype)
     with torch.no_grad():
         module.weight.copy_(g)
-        assert torch.equal(rms_norm(x, module.weight, eps=EPS), module(x))
+        assert torch.equal(rms_norm(x, module.weight, eps=EPS, keep=module.keep), module(x))
 
 
 def test_linear_forward_equals_module():
@@ -261,13 +264,13 @@ def test_linear_forward_equals_module():
 
 
 def test_swiglu_equals_feed_forward():
-    ffn = FeedForward(ModelArgs(dim=DEBUG.dim))
+    ffn = FeedForward(ModelArgs(dim=DEBUG.dim), keep=Keep.matmul_outputs)
     x, w1, w3, w2 = op_inputs("swiglu", DEBUG, torch.float32)
     with torch.no_grad():
         for lin, w in ((ffn.w1, w1), (ffn.w3, w3), (ffn.w2, w2)):
             lin.weight.copy_(w)
     leaves = (x.detach().requires_grad_(), ffn.w1.weight, ffn.w3.weight, ffn.w2.weight)
-    out, ref_out = swiglu(*leaves), ffn(leaves[0])
+    out, ref_out = swiglu(*leaves, keep=ffn.keep), ffn(leaves[0])
     assert torch.equal(out, ref_out)  # the same ops in the same order
     dy = torch.randn_like(out)
     tol = TOLERANCES[torch.float32]
@@ -283,27 +286,28 @@ def test_attention_core_equals_sdpa_backend(dtype, kv_heads):
     shape = Shape("sdpa", batch=2, seq=9, dim=8, hidden=8, heads=4, kv_heads=kv_heads, head_dim=8)
     inputs = op_inputs("attention_core", shape, dtype)
     sdpa = functools.partial(causal_attention, backend=AttnBackend.sdpa)
-    out, grads, dy = forward_backward(attention_core, inputs)
+    out, grads, dy = forward_backward(OPS["attention_core"].fn, inputs)
     ref_out, ref_grads, _ = forward_backward(sdpa, inputs, dy)
     assert_all_equal((out, *grads), (ref_out, *ref_grads))
 
 
-@pytest.mark.parametrize("recompute", [True, False])
-def test_attention_core_expanded_gqa_path(monkeypatch, recompute):
+@pytest.mark.parametrize("keep", [Keep.matmul_outputs, Keep.all], ids=lambda k: k.value)
+def test_attention_core_expanded_gqa_path(monkeypatch, keep):
     """The expand-then-reduce path that the CUDA kernel takes, run through the CPU kernel."""
     shape = RANDOM
     inputs = op_inputs("attention_core", shape, torch.float32)
-    native_out, native_grads, dy = forward_backward(attention_core, inputs)
+    selective = OPS["attention_core"].fn
+    native_out, native_grads, dy = forward_backward(selective, inputs)
     monkeypatch.setattr(ops_attention, "_kernel_takes_gqa", lambda q: False)
-    op = functools.partial(attention_core, recompute=recompute)
+    op = OPS["attention_core"].at(keep)
     out, grads, _ = forward_backward(op, inputs, dy)
     torch.testing.assert_close((out, *grads), (native_out, *native_grads), **TOLERANCES[torch.float32])
-    selective_out, selective_grads, _ = forward_backward(attention_core, inputs, dy)
+    selective_out, selective_grads, _ = forward_backward(selective, inputs, dy)
     assert_all_equal((out, *grads), (selective_out, *selective_grads))
     fp64 = [t.clone().requires_grad_() for t in op_inputs("attention_core", TINY, torch.float64)]
     assert torch.autograd.gradcheck(op, fp64)
     b, t, h, hkv, d = shape.batch, shape.seq, shape.heads, shape.kv_heads, shape.head_dim
-    kv_heads_saved = hkv if recompute else h  # none mode keeps the expanded k', v'
+    kv_heads_saved = h if keep == Keep.all else hkv  # Keep.all keeps the expanded k', v'
     expected = (2 * b * t * h * d + 2 * b * t * kv_heads_saved * d) * 4 + b * h * t * 4
     assert saved_activation_bytes(lambda: op(*[x.detach().requires_grad_() for x in inputs])) == expected
 
@@ -311,7 +315,7 @@ def test_attention_core_expanded_gqa_path(monkeypatch, recompute):
 # --- bytes saved for backward ----------------------------------------------------------------------------
 
 
-def expected_saved_bytes(name: str, shape: Shape, *, recompute: bool, dtype: torch.dtype) -> tuple[int, int]:
+def expected_saved_bytes(name: str, shape: Shape, *, keep: Keep, dtype: torch.dtype) -> tuple[int, int]:
     """(activation bytes, parameter bytes) an op saves for backward, written out per tensor.
 
     N = B*T tokens; s = bytes per element of the inputs (activations and weights share a dtype here);
@@ -324,32 +328,32 @@ def expected_saved_bytes(name: str, shape: Shape, *, recompute: bool, dtype: tor
     s = torch.finfo(dtype).bits // 8
     c = torch.finfo(torch.promote_types(dtype, torch.float32)).bits // 8
     if name == "rms_norm":
-        # selective: x (N d, s) + rrms (N, c); none: x_hat (N d, c) + rrms. Parameter: g (d).
-        return (n * d * s if recompute else n * d * c) + n * c, d * s
+        # Keep.all: x_hat (N d, c) + rrms (N, c); the other levels: x (N d, s) + rrms. Parameter: g (d).
+        return (n * d * c if keep == Keep.all else n * d * s) + n * c, d * s
     if name == "linear":
         return n * d * s, f * d * s  # x (N d); W (F d)
     if name == "swiglu":
-        # selective: x (N d) + a, b (N F each); none: + s, h (N F each). Parameters: W1, W3, W2 (F d each).
-        return (n * d + 2 * n * f + (0 if recompute else 2 * n * f)) * s, 3 * f * d * s
-    if name == "swiglu_up":
-        return n * d * s, 3 * f * d * s  # x alone (N d), whatever ``recompute`` says; W1, W3, W2
+        # Keep.matmul_outputs: x (N d) + a, b (N F each); Keep.all: + s, h (N F each); Keep.ffn_input: x
+        # alone. Parameters: W1, W3, W2 (F d each).
+        kept_hidden = {Keep.all: 4, Keep.matmul_outputs: 2, Keep.ffn_input: 0}[keep]
+        return (n * d + kept_hidden * n * f) * s, 3 * f * d * s
     if name == "attention_core":
-        # Both modes (CPU kernel, no GQA expansion): q, o (B T H D) + k, v (B T Hkv D) + lse (B H T, c).
+        # Every level (CPU kernel, no GQA expansion): q, o (B T H D) + k, v (B T Hkv D) + lse (B H T, c).
         return (2 * b * t * h * hd + 2 * b * t * hkv * hd) * s + b * h * t * c, 0
     raise AssertionError(name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("keep", list(Keep), ids=lambda k: k.value)
 @pytest.mark.parametrize("name", OPS)
-def test_saved_bytes_match_formula(name, recompute, dtype):
+def test_saved_bytes_match_formula(name, keep, dtype):
     op = OPS[name]
     args = [
         nn.Parameter(t.clone()) if arg in ("g", "w1", "w3", "w2") else t.clone().requires_grad_()
         for arg, t in zip(op.args, op_inputs(name, DEBUG, dtype))
     ]
-    counted = saved_bytes(lambda: op.fn(*args, recompute=recompute))
-    activations, parameters = expected_saved_bytes(name, DEBUG, recompute=recompute, dtype=dtype)
+    counted = saved_bytes(lambda: op.at(keep)(*args))
+    activations, parameters = expected_saved_bytes(name, DEBUG, keep=keep, dtype=dtype)
     assert (counted.activations, counted.parameters) == (activations, parameters)
 
 

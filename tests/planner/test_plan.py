@@ -17,8 +17,7 @@ from planner.estimate import Workload, budget, estimate
 from planner.rehearsal import rehearse
 from planner.search import candidates, plan_one, search
 from tests.planner.conftest import PRESETS
-from trainer.activation_checkpointing import ACMode
-from trainer.config import ParallelConfig
+from trainer.parallel.config import ACConfig, ACMode, FSDPConfig, ParallelConfig
 
 REPO = Path(__file__).resolve().parents[2]
 A100 = ClusterConfig(gpu="A100-SXM4-80GB", gpus=64, memory_gib=79.2)
@@ -55,17 +54,18 @@ def test_memory_items_follow_the_layout():
     assert mem(dp_replicate=8).optimizer == pytest.approx(8 * base.optimizer, rel=1e-3)  # sharded over 8, not 64
     assert mem(tp=2).gathered_parameters == pytest.approx(base.gathered_parameters / 2, rel=1e-3)
     assert mem(tp=2).optimizer == pytest.approx(base.optimizer, rel=1e-3)  # the world still shares the model
-    assert mem(activation_checkpoint=ACMode.full).activations < base.activations < mem(activation_checkpoint=ACMode.none).activations
-    assert mem(reshard_after_forward=False).gathered_parameters > base.gathered_parameters
+    full, none = mem(ac=ACConfig(mode=ACMode.full)), mem(ac=ACConfig(mode=ACMode.none))
+    assert full.activations < base.activations < none.activations
+    assert mem(fsdp=FSDPConfig(reshard_after_forward=False)).gathered_parameters > base.gathered_parameters
     assert mem(micro=1).gradient_buffers > base.gradient_buffers  # accumulation 4, reduction deferred
-    assert mem(micro=1, defer_grad_sync=False).gradient_buffers == base.gradient_buffers
+    assert mem(micro=1, fsdp=FSDPConfig(defer_grad_sync=False)).gradient_buffers == base.gradient_buffers
 
 
 def test_step_time_responds_to_the_cluster():
     """FLOP time scales with the efficiency (no checkpointing: no HBM-bound recomputation in it); a slower
     network only adds exposed communication."""
     args = PRESETS["llama1_7b"]
-    par = ParallelConfig(activation_checkpoint=ACMode.none)
+    par = ParallelConfig(ac=ACConfig(mode=ACMode.none))
     r = rehearse(args, parallel=par, world_size=64, seq_len=2048)
     work = Workload(micro_batch=2, grad_accum=1, seq_len=2048, compute_dtype=torch.bfloat16)
     fast = estimate(args, rehearsal=r, parallel=par, work=work, cluster=A100)
@@ -82,7 +82,7 @@ def test_selective_ffn_sits_between_selective_and_full():
     args = PRESETS["llama1_7b"]
     r = rehearse(args, parallel=ParallelConfig(), world_size=64, seq_len=2048)
     work = Workload(micro_batch=2, grad_accum=1, seq_len=2048, compute_dtype=torch.bfloat16)
-    est = {mode: estimate(args, rehearsal=r, parallel=ParallelConfig(activation_checkpoint=mode), work=work, cluster=A100)
+    est = {mode: estimate(args, rehearsal=r, parallel=ParallelConfig(ac=ACConfig(mode=mode)), work=work, cluster=A100)
            for mode in (ACMode.selective, ACMode.selective_ffn, ACMode.full)}  # fmt: skip
     acts = {mode: e.memory.activations for mode, e in est.items()}
     assert acts[ACMode.full] < acts[ACMode.selective_ffn] < acts[ACMode.selective]

@@ -13,17 +13,17 @@ from compat import local_tensor
 from model.config import ModelArgs
 from model.flops import param_counts
 from model.ops.memory import saved_bytes
-from planner.estimate import ADAMW_STATES, activation_bytes, Workload
+from planner.estimate import ADAMW_STATES, Workload, activation_bytes
 from planner.rehearsal import every_rank_local_numel, rehearse
 from planner.search import planned_parallel
 from tests.distributed import run_workers
-from trainer.activation_checkpointing import ACMode
-from trainer.build import build_model
-from trainer.config import OptimConfig, ParallelConfig
-from trainer.optim import build_optimizer
-from trainer.parallel_dims import ParallelDims
-from trainer.step import ComputeContext, token_loss_sum
 from tests.planner.conftest import PRESETS
+from trainer.parallel.build import build_model
+from trainer.parallel.config import ACConfig, ACMode, ParallelConfig
+from trainer.parallel.dims import ParallelDims
+from trainer.run.config import OptimConfig
+from trainer.run.optim import build_optimizer
+from trainer.run.step import ComputeContext, token_loss_sum
 
 
 def _replication(name: str, parallel: ParallelConfig) -> int:
@@ -183,8 +183,8 @@ UNEVEN = ModelArgs(dim=40, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=130, 
 def test_planner_figures_equal_a_real_two_process_run(tmp_path):
     """Per rank, in fp32 and bf16: parameter, gradient and optimizer bytes equal the real tensors' storage;
     activation bytes equal what autograd really saved (``model.ops.memory.saved_bytes``)."""
-    layouts = {"fsdp2": ParallelConfig(), "fsdp2_full_ac": ParallelConfig(activation_checkpoint=ACMode.full),
-               "tp2": ParallelConfig(tp=2), "tp2_no_ac": ParallelConfig(tp=2, activation_checkpoint=ACMode.none)}  # fmt: skip
+    layouts = {"fsdp2": ParallelConfig(), "fsdp2_full_ac": ParallelConfig(ac=ACConfig(mode=ACMode.full)),
+               "tp2": ParallelConfig(tp=2), "tp2_no_ac": ParallelConfig(tp=2, ac=ACConfig(mode=ACMode.none))}  # fmt: skip
     for name, rank, planned, real in compare_with_real_run(layouts, models={"uneven": UNEVEN}, world=2, tmp_path=tmp_path):
         assert planned == real, (name, rank)
 

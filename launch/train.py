@@ -1,0 +1,96 @@
+"""Training entry point (Hydra), for one process or many (under torchrun).
+
+    python -m launch.train                                   # one process (llama-train)
+    torchrun --nproc-per-node 2 -m launch.train parallel.tp=2
+    python -m launch.local --nproc 4 parallel.dp_replicate=2  # see launch/local.py
+
+``main`` is the only Hydra-decorated function. This module is the one place that holds the root config:
+it turns the composed config into typed dataclasses, names the run directory and ``--multirun`` jobs, and
+hands each part of the trainer its own sub-config (``train``, which tests call directly), with task
+evaluation (evaluation/, a floor above the trainer) as one more loop component when ``eval.every_steps``
+is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from conf.schema import Config, to_config
+from trainer.parallel.distributed import DistEnv
+from trainer.run.records import TrainResult
+from trainer.run.train import run_training
+
+logger = logging.getLogger(__name__)
+
+
+_SWEEP_SYNTAX = re.compile(r",|^(range|choice|interval|glob)\(")
+
+
+def sweep_names(*, sweep_dir: str, job_overrides: list[str], command_line: list[str], job_num: int) -> tuple[str, str]:
+    """(wandb group, run name) of one ``--multirun`` job: the sweep's directory, and the job's values of the
+    swept keys (``optim.lr=0.001,parallel.tp=2``); the keys set alike for every job are left out of the name."""
+    swept = set()
+    for arg in command_line:
+        key, sep, value = arg.partition("=")
+        if sep and _SWEEP_SYNTAX.search(value):
+            swept.add(key.lstrip("+~"))
+    values = [o for o in job_overrides if o.partition("=")[0].lstrip("+~") in swept]
+    group = re.sub(r"[^\w.=-]+", "-", sweep_dir).strip("-")
+    return group, ",".join(values) or f"job{job_num}"
+
+
+def train(cfg: Config, *, run_dir: Path) -> TrainResult:
+    """Train as ``cfg`` says: each component gets its own sub-config; the whole resolved config is written
+    to the run directory and into every checkpoint."""
+    components = []
+    if cfg.eval.every_steps:
+        from evaluation.training import TaskEvaluation  # only runs that evaluate tasks need it
+
+        components.append(lambda built: TaskEvaluation(cfg.eval, built=built, max_steps=cfg.trainer.max_steps))
+    run_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+    return run_training(model=cfg.model, data=cfg.data, optim=cfg.optim, trainer=cfg.trainer, parallel=cfg.parallel,
+                        checkpoint=cfg.checkpoint, log=cfg.logging, profile=cfg.profile, run_dir=Path(run_dir),
+                        run_config=run_config, components=components)  # fmt: skip
+
+
+def _prefix_logs_with_rank(rank: int) -> None:
+    """Every log line says which rank wrote it (Hydra has already installed the handlers)."""
+    fmt = logging.Formatter(f"[%(asctime)s][rank{rank}][%(name)s][%(levelname)s] - %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(fmt)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    env = DistEnv.from_environ()
+    _prefix_logs_with_rank(env.rank)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    cfg = to_config(cfg)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        group, name = sweep_names(sweep_dir=hydra_cfg.sweep.dir, job_overrides=list(hydra_cfg.overrides.task),
+                                  command_line=sys.argv[1:], job_num=hydra_cfg.job.num)  # fmt: skip
+        cfg.logging.group = cfg.logging.group or group
+        cfg.logging.run_name = cfg.logging.run_name or name
+    result = train(cfg, run_dir=run_dir)
+    if env.is_rank0 and result.losses:
+        logger.info(
+            "done: loss %.4f -> %.4f over steps %d-%d, %d tokens at %.0f tokens/s on %d processes, %.1f s; run dir %s",
+            result.losses[0], result.losses[-1], result.first_step, result.first_step + len(result.losses) - 1,
+            result.tokens, result.tokens_per_sec, result.world_size, result.wall_time_s, run_dir,
+        )  # fmt: skip
+    elif env.is_rank0:
+        logger.info("done: nothing to train (resumed at step %d of %d)", result.first_step - 1, cfg.trainer.max_steps)
+
+
+if __name__ == "__main__":
+    main()

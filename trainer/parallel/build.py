@@ -1,0 +1,66 @@
+"""Build the model for a layout: the one construction path of the trainer, the benchmarks, the tests and
+the planner (which stops at the meta device: ``build_meta_model``).
+
+Order (Meta Lingua's and torchtitan's): build on the meta device (no memory), with what every module keeps
+for backward as the activation-checkpointing policy says -> parallelise from outside (TP -> activation
+checkpointing's block wrappers -> compile -> FSDP, trainer/parallel/parallelize.py) -> materialise with
+``to_empty`` on the device -> fill buffers and initialise the weights, identically for every layout
+(trainer/parallel/initialize.py).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from model.config import ModelArgs
+from model.llama import Transformer
+from trainer.parallel.activation_checkpointing import policy
+from trainer.parallel.config import ParallelConfig
+from trainer.parallel.dims import ParallelDims
+from trainer.parallel.initialize import init_parameters
+from trainer.parallel.parallelize import parallelize_llama
+
+
+def build_meta_model(
+    args: ModelArgs,
+    *,
+    dims: ParallelDims,
+    parallel: Optional[ParallelConfig] = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Transformer:
+    """The model of ``args`` parallelised for ``dims`` (with its meshes, where it needs them) and ``parallel``
+    (default ``ParallelConfig()``), still on the meta device: every parameter is its final (sharded) local
+    tensor, with no memory behind it. ``build_model`` materialises it; the planner reads its shards."""
+    if dims.needs_meshes and dims.meshes is None:
+        raise ValueError("build_model needs the layout's meshes: pass dims.with_meshes(device_type=...)")
+    parallel = parallel if parallel is not None else ParallelConfig()
+    ac = policy(parallel.ac)  # the one decision of what is kept: the modules are built with it
+    with torch.device("meta"):
+        model = Transformer(args, keep=ac.keep, keep_final_norm=ac.keep_final_norm)
+    parallelize_llama(model, dims=dims, cfg=parallel, ac=ac, compute_dtype=compute_dtype)
+    return model
+
+
+def build_model(
+    args: ModelArgs,
+    *,
+    device: torch.device,
+    seed: int,
+    dims: Optional[ParallelDims] = None,
+    parallel: Optional[ParallelConfig] = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Transformer:
+    """The model of ``args`` under ``dims`` (default one process; its meshes built where it needs them) and
+    ``parallel``'s settings (default: ``ParallelConfig()``, i.e. selective activation checkpointing).
+
+    Args:
+        compute_dtype: FSDP's parameter dtype (bf16 runs); without FSDP, autocast applies it instead.
+    """
+    dims = dims if dims is not None else ParallelDims.single()
+    model = build_meta_model(args, dims=dims, parallel=parallel, compute_dtype=compute_dtype)
+    model.to_empty(device=device)
+    model.init_buffers(device=device)
+    init_parameters(model, seed=seed)
+    return model

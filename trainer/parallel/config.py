@@ -1,0 +1,118 @@
+"""Typed config of parallelism (``parallel.*``), one dataclass per concern.
+
+- ``ParallelConfig``: the layout (the degrees ``trainer.parallel.dims.ParallelDims`` validates and builds
+  meshes from), the TP layers' one setting, and the three concerns below, each handed to the step of
+  ``parallelize_llama`` that applies it and to nothing else:
+- ``FSDPConfig`` (``parallel.fsdp.*``): how FSDP2 shards, casts, reduces and prefetches;
+- ``ACConfig`` (``parallel.ac.*``): the activation-checkpointing policy;
+- ``compile`` (a flag): torch.compile per block.
+
+Modes are ``str`` enums (OmegaConf 2.3 rejects ``typing.Literal``): YAML and the command line use the plain
+strings, and a wrong one fails at start-up naming the key.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class ACMode(str, enum.Enum):
+    """The activation-checkpointing policies by name (``parallel.ac.mode``; trainer/parallel/activation_checkpointing.py)."""
+
+    none = "none"  # keep every activation the layer's backward uses, element-wise intermediates included
+    selective = "selective"  # keep matmul outputs, recompute the cheap element-wise work (LLaMA paper §2.4)
+    # selective, and the feed-forward's two up projections are rerun in backward: its largest activations
+    # (2 x F ~ 5.3 h per token) go, for 2 of the layer's 7 matmuls rerun; between selective and full in
+    # memory, near torchtitan's per-op policy ("selective op", which keeps every other matmul's output)
+    selective_ffn = "selective_ffn"
+    full = "full"  # keep only each block's input; recompute the block's forward during backward
+    every_k = "every_k"  # full recomputation on every k-th block (parallel.ac.every_k), none on the others
+
+
+class ReduceDtype(str, enum.Enum):
+    fp32 = "fp32"  # gradients reduced in fp32 even when computed in bf16 (the default: no precision lost in sums)
+    bf16 = "bf16"  # half the communication volume, at the cost of rounding in the reduction
+
+
+@dataclass
+class FSDPConfig:
+    """FSDP2 over the data-parallel axes: what it keeps gathered, in which dtype it reduces, when it
+    synchronises and how far ahead it gathers."""
+
+    one_rank: bool = False
+    """Apply FSDP2 even where the data-parallel degree is 1 (one GPU, or TP only): bf16 through FSDP's
+    mixed precision (bf16 parameters, fp32 gradient reduction) instead of autocast, i.e. the multi-GPU
+    code path on one device. One process starts a single-rank process group for it."""
+    reshard_after_forward: bool = True
+    """Free gathered parameters after each block's forward (ZeRO-3); False keeps them until backward."""
+    reduce_dtype: ReduceDtype = ReduceDtype.fp32
+    """Dtype of the gradient reduce-scatter/all-reduce when computing in bf16."""
+    defer_grad_sync: bool = True
+    """With gradient accumulation, reduce gradients only after the last micro-batch, not after each."""
+    prefetch: bool = True
+    """Each block explicitly prefetches the next block's all-gather (forward) and the previous one's
+    (backward), issued asynchronously, so parameter gathering overlaps the current block's compute."""
+
+    def __post_init__(self) -> None:
+        self.reduce_dtype = ReduceDtype(self.reduce_dtype)
+
+
+@dataclass
+class ACConfig:
+    """Activation checkpointing: what the blocks keep for backward (trainer/parallel/activation_checkpointing.py)."""
+
+    mode: ACMode = ACMode.selective
+    """none | selective | selective_ffn | full | every_k: what the blocks recompute in backward instead of keeping."""
+    every_k: int = 2
+    """With mode=every_k: blocks 0, k, 2k, ... are recomputed."""
+
+    def __post_init__(self) -> None:
+        self.mode = ACMode(self.mode)
+        if self.every_k < 1:
+            raise ValueError(f"parallel.ac.every_k must be >= 1, got {self.every_k}")
+
+
+@dataclass
+class ParallelConfig:
+    """How the processes split the work (data-parallel replicate x data-parallel shard x tensor parallel) and
+    how the model is transformed for it.
+
+    The three degrees multiply to the world size; ``dp_shard=-1`` takes whatever the other two leave.
+    HSDP: ``dp_replicate`` > 1 replicates across groups (e.g. nodes) and shards within each.
+    """
+
+    dp_replicate: int = 1
+    """Replicas of the sharded model (HSDP's replicate degree); gradients are all-reduced across them."""
+    dp_shard: int = -1
+    """FSDP degree: parameters, gradients and optimizer state are sharded over this many ranks; -1 = the rest."""
+    tp: int = 1
+    """Tensor (+ sequence) parallel degree, Megatron layout; must divide heads, kv heads and the vocabulary."""
+    tp_overlap: bool = True
+    """TP backward runs the independent GEMM while its all-gather or reduce-scatter is in flight; false
+    waits at once (same arithmetic; for measuring what overlap buys)."""
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    ac: ACConfig = field(default_factory=ACConfig)
+    compile: bool = False
+    """torch.compile each transformer block (after TP and activation checkpointing, before FSDP)."""
+
+    def __post_init__(self) -> None:
+        for key in ("dp_replicate", "tp"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"parallel.{key} must be >= 1, got {getattr(self, key)}")
+        if self.dp_shard < 1 and self.dp_shard != -1:
+            raise ValueError(f"parallel.dp_shard must be >= 1 or -1 (the rest of the world), got {self.dp_shard}")
+
+
+RENAMED_KEYS = {
+    "parallel.fsdp_one_rank": "parallel.fsdp.one_rank",
+    "parallel.reshard_after_forward": "parallel.fsdp.reshard_after_forward",
+    "parallel.reduce_dtype": "parallel.fsdp.reduce_dtype",
+    "parallel.defer_grad_sync": "parallel.fsdp.defer_grad_sync",
+    "parallel.fsdp_prefetch": "parallel.fsdp.prefetch",
+    "parallel.overlap_comm": "parallel.tp_overlap",
+    "parallel.activation_checkpoint": "parallel.ac.mode",
+    "parallel.ac_every_k": "parallel.ac.every_k",
+}
+"""Keys of the flat ``ParallelConfig`` before it was split by concern (2026-12), and where each went: an
+error naming an old key says its new name (``launch.local``, ``conf.schema.to_config``)."""

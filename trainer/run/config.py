@@ -1,0 +1,143 @@
+"""Typed configs of the run: the optimizer, the training loop, logging, profiling.
+
+Modes are ``str`` enums whose names equal their values (OmegaConf 2.3 rejects ``typing.Literal``): YAML
+and the command line use plain strings, and a wrong one fails at start-up naming the key.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class Device(str, enum.Enum):
+    auto = "auto"  # CUDA when available, else CPU
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(str, enum.Enum):
+    auto = "auto"  # bf16 on CUDA; fp32 on CPU, where bf16 matmuls are ~50x slower (shared/ENVIRONMENT.md)
+    fp32 = "fp32"
+    bf16 = "bf16"  # bf16 compute (autocast), fp32 master weights and optimizer state
+
+
+class WandbMode(str, enum.Enum):
+    offline = "offline"  # writes the run locally; needs no network or key; `wandb sync` uploads it later
+    online = "online"
+    disabled = "disabled"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay. Defaults are the LLaMA paper's recipe (section 2.2)."""
+
+    lr: float = 3e-4
+    """Peak learning rate (LLaMA: 3e-4 for 7B/13B, 1.5e-4 for 33B/65B)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices only (linear and embedding weights), not RMSNorm gains."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping (the norm is still logged)."""
+    warmup_steps: int = 2000
+    """Linear warm-up from lr/warmup_steps to lr over this many optimizer steps."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio (LLaMA: 10% of peak)."""
+    decay_steps: Optional[int] = None
+    """Step at which the cosine reaches its floor; None means trainer.max_steps."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop: length, batch, device, precision, evaluation."""
+
+    max_steps: int = 1000
+    """Optimizer steps to run."""
+    micro_batch_size: int = 8
+    """Sequences per micro-batch on each data-parallel rank."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    seed: int = 0
+    """Seeds weight initialisation and the data order."""
+    device: Device = Device.auto
+    """auto | cpu | cuda."""
+    precision: Precision = Precision.auto
+    """auto | fp32 | bf16."""
+    tf32: bool = True
+    """CUDA only: fp32 matmuls run on TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation), as
+    bf16 runs' few fp32 matmuls and most fp32 training want; false keeps full fp32. MFU's peak follows."""
+    eval_every: int = 100
+    """Run validation every this many steps (and after the last); 0 disables it."""
+    eval_steps: int = 10
+    """Validation batches per evaluation (the same batches every time)."""
+    peak_flops: Optional[float] = None
+    """Device peak FLOP/s for MFU; None measures it on CPU and looks it up on known GPUs."""
+    save_final_model: bool = False
+    """Write the consolidated final weights to ``<run_dir>/final_model.pt`` (for layout comparisons)."""
+
+    def __post_init__(self) -> None:
+        self.device = Device(self.device)
+        self.precision = Precision(self.precision)
+        for key in ("max_steps", "micro_batch_size", "grad_accum_steps"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"trainer.{key} must be positive, got {getattr(self, key)}")
+        if self.eval_every < 0 or self.eval_steps < 0:
+            raise ValueError("trainer.eval_every and trainer.eval_steps must be >= 0")
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go: console, a JSONL file in the run directory, wandb."""
+
+    log_every: int = 10
+    """Log training metrics every this many steps (and at the first and last)."""
+    sinks: list[str] = field(default_factory=lambda: ["jsonl", "wandb"])
+    """Where records go besides the console (trainer/run/metrics.py ``SINKS``): jsonl (<run_dir>/metrics.jsonl,
+    what resume and the tools read), wandb (as wandb_mode says)."""
+    wandb_mode: WandbMode = WandbMode.offline
+    """offline | online | disabled. Offline needs no network or API key."""
+    project: str = "llama-pretrain"
+    """wandb project."""
+    entity: Optional[str] = None
+    """wandb entity (team); None is the key's default."""
+    run_name: Optional[str] = None
+    """wandb run name; None uses the run directory's name (under --multirun: the job's overrides)."""
+    group: Optional[str] = None
+    """wandb group; None: runs are ungrouped, except that --multirun groups its jobs under the sweep's name."""
+    system_metrics: Optional[bool] = None
+    """wandb samples GPU utilisation, memory and power (and CPU, disk, network); None: on with CUDA, off on
+    CPU (a sampler thread would compete with training for the cores)."""
+
+    def __post_init__(self) -> None:
+        self.wandb_mode = WandbMode(self.wandb_mode)
+        if self.log_every <= 0:
+            raise ValueError(f"logging.log_every must be positive, got {self.log_every}")
+
+
+@dataclass
+class ProfileConfig:
+    """torch.profiler traces of a few steps (``profile.step=5``), for finding where a step's time goes."""
+
+    step: int = 0
+    """If > 0: record steps step .. step + steps - 1 and write a chrome trace per rank to
+    <run_dir>/profile/rank<r>.json."""
+    steps: int = 2
+    """How many steps the profiler records."""
+
+    def __post_init__(self) -> None:
+        if self.step < 0 or self.steps < 1:
+            raise ValueError(f"profile.step must be >= 0 (0: off) and profile.steps >= 1; got {self.step} and {self.steps}")

@@ -1,0 +1,123 @@
+"""The training loop: a short driver, and the components it calls at named points of every step.
+
+The driver (``run_loop``) only fetches micro-batches, runs ``train_step`` and tells the components what
+happened. Everything else a run does around the step is a component, one module each
+(trainer/run/components/: the training metrics, validation, checkpoints and stop signals, profiling;
+evaluation/training.py: task evaluation), so a new concern (a spike guard, a hang watchdog, a straggler
+monitor) is a new module, not an edit of the loop.
+
+A component receives what it needs when it is built (its own sub-config, the objects it acts on), never the
+trainer as a whole, and overrides the hooks it uses:
+
+    start(first_step)        before the first step of this process (after any resume)
+    step_begin(step)         before the step's data is fetched
+    step_end(outcome, ctrl)  after the optimizer step; ``ctrl.request_stop(...)`` ends the loop after it
+    end()                    after the last step (or the stop), before the run's summary is written
+    close()                  always, also when the run fails: release what ``start`` took
+
+Components are called in list order at each hook; that order is the run's order of side work (metrics,
+then validation, then checkpoints: a checkpoint is taken after the step's evaluation is logged). Hooks that
+communicate are collectives: every rank has the same components and calls them at the same steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+from trainer.run.records import TrainResult
+from trainer.run.step import StepResult
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one finished step tells the components."""
+
+    step: int
+    loss: float
+    """The global batch's mean loss."""
+    grad_norm: float
+    lr: float
+    """The learning rate the step used."""
+    tokens: int
+    """Valid labels in the step's global batch."""
+    total_tokens: int
+    """Training tokens consumed so far, all ranks together (the resumed run's included)."""
+    data_s: float
+    """Seconds this process waited for the step's micro-batches."""
+    compute_s: float
+    """Seconds of forward, backward and optimizer step (with the host synchronisation that ends it)."""
+
+
+class Control:
+    """What components tell the loop after a step: whether to stop, and why."""
+
+    def __init__(self) -> None:
+        self.stop_reason: Optional[str] = None
+
+    def request_stop(self, reason: str) -> None:
+        self.stop_reason = self.stop_reason or reason
+
+    @property
+    def stop(self) -> bool:
+        return self.stop_reason is not None
+
+
+class Component:
+    """A part of the run the loop calls at its hook points; every hook is a no-op unless overridden."""
+
+    def start(self, *, first_step: int) -> None:
+        pass
+
+    def step_begin(self, step: int) -> None:
+        pass
+
+    def step_end(self, outcome: StepOutcome, control: Control) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def run_loop(*, steps: range, batches: Iterator[dict[str, torch.Tensor]], grad_accum_steps: int,
+             train_step: Callable[[list[dict[str, torch.Tensor]], int], StepResult], result: TrainResult,
+             components: Sequence[Component]) -> None:  # fmt: skip
+    """Run ``steps`` (optimizer steps, 1-based), adding each step's loss and tokens to ``result``.
+
+    Args:
+        batches: the loader's micro-batches, already on the device.
+        train_step: ``train_step(micro_batches, step)``: forward, backward and update.
+        result: the run's summary; ``result.tokens`` holds the tokens consumed before ``steps`` (resume).
+    """
+    try:
+        for component in components:
+            component.start(first_step=steps.start)
+        for step in steps:
+            for component in components:
+                component.step_begin(step)
+            started = time.perf_counter()
+            micro_batches = list(itertools.islice(batches, grad_accum_steps))
+            fetched = time.perf_counter()
+            out = train_step(micro_batches, step)
+            computed = time.perf_counter()
+            result.losses.append(out.loss)
+            result.tokens += out.tokens
+            outcome = StepOutcome(step=step, loss=out.loss, grad_norm=out.grad_norm, lr=out.lr, tokens=out.tokens,
+                                  total_tokens=result.tokens, data_s=fetched - started, compute_s=computed - fetched)  # fmt: skip
+            control = Control()
+            for component in components:
+                component.step_end(outcome, control)
+            if control.stop:
+                break
+        for component in components:
+            component.end()
+    finally:
+        for component in components:
+            component.close()

@@ -1,0 +1,156 @@
+"""One optimizer step and one evaluation pass, for any parallel layout.
+
+The loss of a step is the mean cross-entropy over every valid label of the step's *global* batch (all
+micro-batches on all data-parallel ranks). Each micro-batch backpropagates its loss *sum* divided by the
+global count of valid labels (one all-reduce per step), so gradient accumulation and data parallelism
+give the gradient of one big batch, and the loss is the same number for every layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from trainer.parallel.dims import ParallelDims
+from trainer.parallel.distributed import clip_grad_norm_, dp_sum
+
+IGNORE_INDEX = -100
+"""Labels equal to this contribute neither loss nor token count (padding, masked spans)."""
+
+
+@dataclass(frozen=True)
+class ComputeContext:
+    """How this process computes: device and precision, and what the parallel layout means for the loss."""
+
+    device: torch.device
+    dtype: torch.dtype
+    dims: ParallelDims = field(default_factory=ParallelDims.single)
+    """The layout (with its meshes); one process by default."""
+
+    @property
+    def dp_mesh(self) -> Optional[DeviceMesh]:
+        """Data-parallel ranks (the flattened dp axis); None for one process."""
+        return self.dims.dp_mesh
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree (dp_replicate x dp_shard)."""
+        return self.dims.dp
+
+    def autocast(self):
+        # Under FSDP, FSDP casts the parameters to ``dtype`` itself; autocast would only add casts.
+        if self.dtype == torch.float32 or self.dims.fsdp_enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def loss_context(self):
+        """Wraps forward *and* backward: under TP the logits are vocabulary-sharded DTensors, and the
+        vocabulary-parallel cross-entropy has its own backward."""
+        return loss_parallel() if self.dims.tp_enabled else contextlib.nullcontext()
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    """Valid labels in the global batch."""
+
+
+def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], *, ctx: ComputeContext) -> torch.Tensor:
+    """Sum of cross-entropy over the valid labels of one local micro-batch, in fp32."""
+    with ctx.autocast():
+        logits = model(batch["inputs"])  # (B, T, V), or a DTensor sharded over V under TP
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+
+def global_token_count(micro_batches: list[dict[str, torch.Tensor]], *, ctx: ComputeContext) -> torch.Tensor:
+    """Valid labels in the global batch, as a device tensor: nothing is read back to the host here, so the
+    GPU can start the forward while the count (and its all-reduce) is still queued."""
+    local = torch.stack([(mb["labels"] != IGNORE_INDEX).sum() for mb in micro_batches]).sum()
+    return dp_sum(local.to(device=ctx.device, dtype=torch.int64), dp_mesh=ctx.dp_mesh)
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    micro_batches: list[dict[str, torch.Tensor]],
+    *,
+    ctx: ComputeContext,
+    grad_clip: float,
+    defer_grad_sync: bool = True,
+    step: int,
+) -> StepResult:
+    """Forward/backward over the micro-batches, clip by the global norm, check for NaN/inf, then update.
+
+    One host-device synchronisation per step, after backward: loss, gradient norm and token count are read
+    together for the NaN check and the result. Before the forward nothing is read back (the token count
+    stays a device tensor), so a GPU never waits for the host at the start of a step.
+    """
+    lr = scheduler.get_last_lr()[0]
+    num_tokens = global_token_count(micro_batches, ctx=ctx)
+    # FSDP averages gradients over the dp ranks; scaling by dp turns that average into the sum that the
+    # global mean needs. clamp: a batch without valid labels must not divide by zero before it is reported.
+    scale = ctx.dp / num_tokens.clamp(min=1)
+    loss_sum = torch.zeros((), device=ctx.device)
+    for index, mb in enumerate(micro_batches):
+        if isinstance(model, FSDPModule) and defer_grad_sync:
+            # Reduce-scatter only after the last micro-batch; earlier ones accumulate unsharded gradients.
+            model.set_requires_gradient_sync(index == len(micro_batches) - 1)
+        with ctx.loss_context():
+            mb_sum = token_loss_sum(model, mb, ctx=ctx)
+            (mb_sum * scale).backward()
+        loss_sum += _plain(mb_sum.detach())
+    loss = dp_sum(loss_sum, dp_mesh=ctx.dp_mesh) / num_tokens.clamp(min=1)
+    # max_norm=inf still returns the norm (for logging and the NaN check) but scales nothing.
+    grad_norm = clip_grad_norm_(model.parameters(), max_norm=grad_clip if grad_clip > 0 else math.inf)
+    loss_value, norm_value, tokens = torch.stack([loss.double(), grad_norm.double(), num_tokens.double()]).tolist()
+    if tokens == 0:
+        raise ValueError(f"step {step}: the batch has no valid labels (all equal {IGNORE_INDEX})")
+    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        # Raised before optimizer.step() on every rank alike (both values are global): the weights, and
+        # any checkpoint of them, stay finite.
+        raise FloatingPointError(
+            f"step {step}: loss={loss_value}, grad_norm={norm_value} is not finite; stopped before the "
+            f"optimizer step (lr was {lr:.3e}). Lower optim.lr, raise optim.warmup_steps, or check the data."
+        )
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return StepResult(loss=loss_value, grad_norm=norm_value, lr=lr, tokens=int(tokens))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, *, ctx: ComputeContext) -> float:
+    """Mean loss per valid label over ``batches`` (this rank's micro-batches), across all dp ranks."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    count = torch.zeros((), dtype=torch.int64, device=ctx.device)
+    for batch in batches:
+        with ctx.loss_context():
+            loss_sum += _plain(token_loss_sum(model, batch, ctx=ctx)).double()
+        count += (batch["labels"] != IGNORE_INDEX).sum()
+    model.train(was_training)
+    loss_sum, count = dp_sum(loss_sum, dp_mesh=ctx.dp_mesh), dp_sum(count, dp_mesh=ctx.dp_mesh)
+    if count.item() == 0:
+        raise ValueError("evaluation saw no valid labels: raise trainer.eval_steps or the validation data")
+    return (loss_sum / count).item()

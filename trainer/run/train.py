@@ -1,0 +1,228 @@
+"""A training run, for one process or many (under torchrun): set-up, then the loop, then the summary.
+
+``run_training(model=..., data=..., ..., run_dir=...)`` receives each component's own sub-config; the entry point
+(launch/train.py, Hydra) unpacks the root config into it, and tests call it the same way.
+
+Order of construction: process group -> layout and meshes -> data (rank 0 first) -> model (trainer/parallel/
+build.py: meta -> parallelise -> materialise -> initialise) -> optimizer -> restore a checkpoint -> metrics ->
+the loop's components -> the loop (trainer/run/loop.py). Components made outside the trainer (task
+evaluation: evaluation/training.py) are passed in as factories that receive what the set-up built (``Built``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from data import DataConfig, PackedLoader, PreparedData, prepare_data
+from model.config import ModelArgs
+from model.flops import flops_per_token, param_counts
+from trainer.checkpoint.checkpointer import Checkpointer
+from trainer.checkpoint.config import CheckpointConfig
+from trainer.parallel.build import build_model
+from trainer.parallel.config import ParallelConfig
+from trainer.parallel.dims import ParallelDims
+from trainer.parallel.distributed import DistEnv, init_distributed, shutdown_distributed
+from trainer.run.components.checkpointing import PeriodicCheckpoints
+from trainer.run.components.profiling import StepProfiler
+from trainer.run.components.train_log import TrainLog
+from trainer.run.components.validation import Validation
+from trainer.run.config import LoggingConfig, OptimConfig, ProfileConfig, TrainerConfig
+from trainer.run.device import configure_matmul_precision, peak_flops, resolve_device, resolve_dtype
+from trainer.run.loop import Component, run_loop
+from trainer.run.metrics import MetricLogger, system_metrics_enabled
+from trainer.run.optim import build_lr_scheduler, build_optimizer
+from trainer.run.records import TrainResult
+from trainer.run.step import ComputeContext, evaluate, train_step
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Built:
+    """What the set-up built, for the components made outside the trainer (``train(components=...)``)."""
+
+    model: torch.nn.Module
+    """The model being trained, laid out as ``ctx.dims`` says."""
+    args: ModelArgs
+    ctx: ComputeContext
+    """Device, compute dtype and the layout with its meshes."""
+    tokenizer_path: Path
+    metrics: MetricLogger
+    result: TrainResult
+    """The run's summary, which components add their results to."""
+
+
+ComponentFactory = Callable[[Built], Component]
+
+
+def check_data_fits_model(*, model: ModelArgs, prepared: PreparedData, seq_len: int) -> None:
+    if prepared.vocab_size != model.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={model.vocab_size} does not match the tokenizer's vocabulary of "
+            f"{prepared.vocab_size} ({prepared.tokenizer_path}). Set model.vocab_size={prepared.vocab_size}, "
+            f"or train a tokenizer of {model.vocab_size} tokens with data.tokenizer.vocab_size={model.vocab_size}."
+        )
+    if seq_len > model.max_seq_len:
+        raise ValueError(
+            f"data.seq_len={seq_len} exceeds model.max_seq_len={model.max_seq_len}: lower data.seq_len or "
+            f"raise model.max_seq_len"
+        )
+
+
+def prepare_data_rank0_first(cfg: DataConfig, *, env: DistEnv) -> PreparedData:
+    """Rank 0 trains the tokenizer and writes the shards; the others then find them finished and load them.
+
+    The others wait in a barrier of a gloo group of its own whose timeout is ``data.prepare_timeout_minutes``:
+    preparing a large corpus outlasts the default group's 10 minutes (NCCL's watchdog would abort the job).
+    If rank 0 fails instead, its exit ends the job (torchrun stops the other workers).
+    """
+    waiting = None
+    if env.world_size > 1:
+        waiting = dist.new_group(backend="gloo", timeout=timedelta(minutes=cfg.prepare_timeout_minutes))
+    if env.is_rank0:
+        prepared = prepare_data(cfg)
+    if waiting is not None:
+        dist.barrier(group=waiting)
+        dist.destroy_process_group(waiting)
+    if not env.is_rank0:
+        prepared = prepare_data(cfg)
+    return prepared
+
+
+def batches_to(device: torch.device, loader: Iterator[dict]) -> Iterator[dict[str, torch.Tensor]]:
+    """The loader's CPU batches on ``device``. To a GPU through pinned memory: a copy from pageable memory
+    would block the host until it is done, so the host could not queue the step's forward behind it."""
+    for batch in loader:
+        if device.type == "cuda":
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trainer: TrainerConfig, parallel: ParallelConfig,
+          checkpoint: CheckpointConfig, log: LoggingConfig, profile: ProfileConfig, run_dir: Path, run_config: dict,
+          components: Sequence[ComponentFactory] = ()) -> TrainResult:  # fmt: skip
+    """Run training as configured, writing config, metrics and wandb files under ``run_dir`` (rank 0).
+
+    Args:
+        run_config: the resolved root config, written to ``<run_dir>/config.yaml`` and into every checkpoint.
+        components: more loop components, each made from what the set-up built; they run after the
+            trainer's own metrics and validation, before checkpoints.
+    """
+    env = DistEnv.from_environ()
+    if parallel.tp > 1:
+        # The TP backward overlaps a collective with a GEMM by issuing the collective first; with one
+        # hardware queue per device (read when CUDA starts, so set before) kernels start in issue order
+        # and the GEMM cannot take every SM first (Megatron sets the same). No effect on CPU.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    device = resolve_device(trainer.device, local_rank=env.local_rank)
+    configure_matmul_precision(device=device, tf32=trainer.tf32)
+    init_distributed(env, device=device, one_rank=parallel.fsdp.one_rank)
+    started = time.perf_counter()
+    try:
+        dims = ParallelDims.for_run(parallel, world_size=env.world_size, model=model, seq_len=data.seq_len)
+        ctx = ComputeContext(device=device, dtype=resolve_dtype(trainer.precision, device=device),
+                             dims=dims.with_meshes(device_type=device.type))  # fmt: skip
+        prepared = prepare_data_rank0_first(data, env=env)
+        check_data_fits_model(model=model, prepared=prepared, seq_len=data.seq_len)
+        net = build_model(model, device=device, seed=trainer.seed, dims=ctx.dims, parallel=parallel, compute_dtype=ctx.dtype)
+        optimizer = build_optimizer(net, optim)
+        scheduler = build_lr_scheduler(optimizer, optim, max_steps=trainer.max_steps)
+        loader_args = dict(seq_len=data.seq_len, batch_size=trainer.micro_batch_size, dp_rank=ctx.dims.dp_rank(),
+                           dp_size=ctx.dims.dp)  # fmt: skip
+        train_loader = PackedLoader(prepared, split="train", seed=trainer.seed, **loader_args)
+        if env.is_rank0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(run_config))
+        checkpointer = Checkpointer(checkpoint, run_dir=run_dir, tokenizer=prepared.tokenizer_path)
+        result = TrainResult(world_size=env.world_size)
+        wandb_id = _restore(checkpoint, checkpointer=checkpointer, args=model, model=net, optimizer=optimizer,
+                            scheduler=scheduler, loader=train_loader, result=result)  # fmt: skip
+        metrics = MetricLogger(log, run_dir=run_dir, run_config=run_config, enabled=env.is_rank0, wandb_id=wandb_id,
+                               resumed=result.first_step > 1,
+                               system_metrics=system_metrics_enabled(log.system_metrics, device_type=device.type))  # fmt: skip
+        try:
+            peak = _log_start(model=model, data=data, trainer=trainer, ctx=ctx, env=env, run_dir=run_dir)
+            built = Built(model=net, args=model, ctx=ctx, tokenizer_path=prepared.tokenizer_path, metrics=metrics,
+                          result=result)  # fmt: skip
+
+            def validate() -> float:
+                # A fresh loader with a fixed seed: every evaluation scores exactly the same sequences.
+                loader = PackedLoader(prepared, split="val", seed=0, **loader_args)
+                return evaluate(net, itertools.islice(batches_to(device, loader), trainer.eval_steps), ctx=ctx)
+
+            parts: list[Component] = [
+                StepProfiler(profile, run_dir=run_dir, rank=env.rank),
+                TrainLog(metrics=metrics, result=result, log_every=log.log_every, max_steps=trainer.max_steps,
+                         flops_per_token=flops_per_token(model, seq_len=data.seq_len), peak_flops=peak, device=device),
+                Validation(validate=validate, every=trainer.eval_every, max_steps=trainer.max_steps, metrics=metrics,
+                           result=result),
+                *(make(built) for make in components),
+                PeriodicCheckpoints(checkpoint, checkpointer=checkpointer, max_steps=trainer.max_steps, model=net,
+                                    optimizer=optimizer, scheduler=scheduler, loader=train_loader, run_config=run_config,
+                                    wandb_id=metrics.wandb_id, result=result, device=device),
+            ]  # fmt: skip
+
+            def step(micro_batches: list[dict[str, torch.Tensor]], index: int):
+                return train_step(net, optimizer, scheduler, micro_batches, ctx=ctx, grad_clip=optim.grad_clip,
+                                  defer_grad_sync=parallel.fsdp.defer_grad_sync, step=index)  # fmt: skip
+
+            run_loop(steps=range(result.first_step, trainer.max_steps + 1), batches=batches_to(device, train_loader),
+                     grad_accum_steps=trainer.grad_accum_steps, train_step=step, result=result, components=parts)  # fmt: skip
+        finally:
+            metrics.close()
+        result.wall_time_s = time.perf_counter() - started
+        if trainer.save_final_model:
+            _save_full_model(net, path=run_dir / "final_model.pt", is_rank0=env.is_rank0)
+        if env.is_rank0:
+            result.write(run_dir)
+        return result
+    finally:
+        shutdown_distributed()
+
+
+def _log_start(*, model: ModelArgs, data: DataConfig, trainer: TrainerConfig, ctx: ComputeContext, env: DistEnv,
+               run_dir: Path) -> Optional[float]:  # fmt: skip
+    """Log what is about to train; returns the peak FLOP/s of all processes together (None where unknown)."""
+    peak = peak_flops(device=ctx.device, dtype=ctx.dtype, override=trainer.peak_flops, tf32=trainer.tf32)
+    peak = peak * env.world_size if peak is not None else None
+    counts, dims = param_counts(model), ctx.dims
+    logger.info(
+        "model: %s parameters (%s non-embedding), %.3g training FLOPs/token; layout dp_replicate=%d dp_shard=%d "
+        "tp=%d on %d processes; %s %s; peak %s FLOP/s (all processes); run dir %s", f"{counts.total:,}",
+        f"{counts.non_embedding:,}", flops_per_token(model, seq_len=data.seq_len), dims.dp_replicate, dims.dp_shard,
+        dims.tp, env.world_size, ctx.device.type, ctx.dtype, "unknown" if peak is None else f"{peak:.3g}", run_dir,
+    )  # fmt: skip
+    return peak
+
+
+def _restore(cfg: CheckpointConfig, *, checkpointer: Checkpointer, args: ModelArgs, model, optimizer, scheduler, loader,
+             result: TrainResult) -> Optional[str]:  # fmt: skip
+    """Resume from a checkpoint, or take initial weights from one; returns the wandb run id to continue."""
+    path = checkpointer.resume_path()
+    if path is not None:
+        meta = checkpointer.load(path, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader, args=args)
+        result.first_step = meta.step + 1
+        result.tokens = meta.tokens
+        return meta.wandb_id
+    if cfg.init_from is not None:
+        checkpointer.load_model_only(Path(cfg.init_from), model=model, args=args)
+    return None
+
+
+def _save_full_model(model: torch.nn.Module, *, path: Path, is_rank0: bool) -> None:
+    """Consolidated fp32 weights on rank 0 (a collective: every rank must call it)."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if is_rank0:
+        torch.save(state, path)
