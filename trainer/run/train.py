@@ -110,9 +110,9 @@ def batches_to(device: torch.device, loader: Iterator[dict]) -> Iterator[dict[st
         yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trainer: TrainerConfig, parallel: ParallelConfig,
-          checkpoint: CheckpointConfig, log: LoggingConfig, profile: ProfileConfig, run_dir: Path, run_config: dict,
-          components: Sequence[ComponentFactory] = ()) -> TrainResult:  # fmt: skip
+def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trainer: TrainerConfig,
+                 parallel: ParallelConfig, checkpoint: CheckpointConfig, log: LoggingConfig, profile: ProfileConfig,
+                 run_dir: Path, run_config: dict, components: Sequence[ComponentFactory] = ()) -> TrainResult:  # fmt: skip
     """Run training as configured, writing config, metrics and wandb files under ``run_dir`` (rank 0).
 
     Args:
@@ -136,7 +136,8 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
                              dims=dims.with_meshes(device_type=device.type))  # fmt: skip
         prepared = prepare_data_rank0_first(data, env=env)
         check_data_fits_model(model=model, prepared=prepared, seq_len=data.seq_len)
-        net = build_model(model, device=device, seed=trainer.seed, dims=ctx.dims, parallel=parallel, compute_dtype=ctx.dtype)
+        net = build_model(model, device=device, seed=trainer.seed, dims=ctx.dims, parallel=parallel,
+                          compute_dtype=ctx.dtype)  # fmt: skip
         optimizer = build_optimizer(net, optim)
         scheduler = build_lr_scheduler(optimizer, optim, max_steps=trainer.max_steps)
         loader_args = dict(seq_len=data.seq_len, batch_size=trainer.micro_batch_size, dp_rank=ctx.dims.dp_rank(),

@@ -41,6 +41,20 @@ def test_every_mode_has_a_policy():
     assert [policy(ACConfig(mode=ACMode.every_k, every_k=2)).recomputes_block(i) for i in range(3)] == [True, False, True]
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_the_policy_decides_what_every_module_keeps_when_the_model_is_built(mode):
+    """One owner, one decision: the modules are born with the policy's ``Keep`` (nothing sets it later), the
+    final norm with ``keep_final_norm``, and exactly the blocks the policy recomputes are wrapped."""
+    ac = policy(ACConfig(mode=mode, every_k=2))
+    args = dataclasses.replace(ARGS, n_layers=4)
+    model = build_model(args, device=torch.device("cpu"), seed=0, parallel=ParallelConfig(ac=ACConfig(mode=mode)))
+    for name, block in model.layers.items():
+        wrapped = hasattr(block, "_checkpoint_wrapped_module")
+        assert wrapped == ac.recomputes_block(int(name)), (mode, name)
+        assert {m.keep for m in block.modules() if hasattr(m, "keep")} == {ac.keep}
+    assert model.norm.keep == ac.keep_final_norm
+
+
 def test_policies_give_bitwise_identical_losses(tiny_overrides, tmp_path):
     """Every policy runs the same hand-written backward; they differ only in what is kept or recomputed."""
     results = {}

@@ -79,6 +79,8 @@ def test_local_launcher_commands():
         (["--nproc", "2", "parallel.tp=2", "data.seq_len=255"], "data.seq_len=255 is not divisible by parallel.tp=2"),
         (["--nproc", "4", "parallel.tp=4", "model=debug", "model.n_kv_heads=2"], "model.n_kv_heads=2 is not divisible"),
         (["--nproc", "2", "model.max_step=3"], "Key 'max_step' not in 'ModelArgs'"),
+        # a key from before parallel.* was split by concern: the message names its new key
+        (["--nproc", "2", "parallel.activation_checkpoint=full"], "parallel.activation_checkpoint is now parallel.ac.mode"),
     ],
 )
 def test_local_launcher_refuses_a_bad_layout_once_before_starting(args, message, tmp_path):
