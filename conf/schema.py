@@ -21,7 +21,8 @@ from model.config import ModelArgs
 from planner.config import ClusterConfig, PlanSettings
 from trainer.checkpoint.config import CheckpointConfig
 from trainer.parallel.config import ParallelConfig
-from trainer.run.config import LoggingConfig, OptimConfig, ProfileConfig, TrainerConfig
+from trainer.run.config import LoggingConfig, OptimConfig, ProfileConfig, SpikeConfig, TrainerConfig
+from trainer.run.faults import FaultConfig
 
 
 @dataclass
@@ -35,6 +36,10 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     """No config group: ``profile.step=5 profile.steps=2`` on the command line turns it on."""
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    """No config group: the loss-spike guard (``spike.action=rollback``, thresholds; docs/operations.md)."""
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    """Test-only deterministic fault injection (trainer/run/faults.py); empty in every real run."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Task evaluation during training: off unless ``eval.every_steps`` (``eval.tasks``, the demo tasks by
     default); ``python -m launch.evaluate`` evaluates checkpoints afterwards."""

@@ -100,6 +100,10 @@ class DataConfig:
     prepare_timeout_minutes: float = 720.0
     """How long the other ranks wait for rank 0 to train the tokenizer and write the shards (a large corpus
     takes hours on one node); the process group's own timeout is 10 minutes, too short for that."""
+    skip_samples: list[list[int]] = field(default_factory=list)
+    """Global training samples never to train on, as ``[first, stop)`` ranges of whole global batches
+    (``data.skip_samples=[[2048,4096]]``), e.g. the batches of a loss spike when restarting by hand
+    (``spike.action=rollback`` does it by itself). Resumed runs keep skipping what their checkpoint skipped."""
 
     def __post_init__(self) -> None:
         self.sources = {
@@ -119,6 +123,9 @@ class DataConfig:
             raise _fail("data.prepare_timeout_minutes", f"got {self.prepare_timeout_minutes}", "use a positive number")
         if self.shard_bytes < 1:
             raise _fail("data.shard_bytes", f"got {self.shard_bytes}", "use a positive byte count")
+        for entry in self.skip_samples:
+            if len(entry) != 2 or not 0 <= entry[0] < entry[1]:
+                raise _fail("data.skip_samples", f"got {entry!r}", "give [first, stop) pairs with 0 <= first < stop")
 
     def check(self) -> None:
         """Everything ``__post_init__`` checks, again (a config may have been changed since), and what needs

@@ -13,6 +13,12 @@ Sampling, in terms of the global sample index g (0, 1, 2, ... across all data-pa
 The state is therefore just the number of global samples consumed and how many of them each
 source supplied: identical on every rank and independent of dp_size, so a run resumed with a
 different dp_size (same global batch) continues the same global sample order.
+
+Skipping (a loss-spike rollback, trainer/run/components/spike_guard.py): ``skip(first, stop)`` marks the
+global samples [first, stop) as never to be trained on. When the loader reaches them it draws them (the
+mixture and the window order advance as if they had been trained) without yielding them, so every later
+sample is the one it would have been. The skipped ranges are part of the state, so a resume keeps skipping
+them, and a loader given the same ranges from the start yields exactly the same batches.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from data.shards import read_sidecar
 
 MIXTURE_BLOCK = 4096
 _STATE_VERSION = 1
+# State without "skipped" (written before skipping existed) loads as skipping nothing.
 
 
 def _stable_key(name: str) -> int:
@@ -104,13 +111,40 @@ class PackedLoader:
         self._cdf = np.cumsum(weights / weights.sum())
         self._consumed = 0
         self._source_samples = {name: 0 for name in self.names}
+        self._skipped: list[tuple[int, int]] = []  # [first, stop) global sample ranges, sorted, disjoint
         self._block_cache: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))
         self._perm_cache: dict[tuple[str, int], np.ndarray] = {}
 
     def __iter__(self) -> PackedLoader:
         return self
 
+    @property
+    def consumed_samples(self) -> int:
+        """Global samples drawn so far (skipped ones included): where the next batch starts."""
+        return self._consumed
+
+    def skip(self, first: int, stop: int) -> None:
+        """Never yield the global samples [first, stop) (whole global batches: multiples of dp_size * batch_size)."""
+        global_batch = self.dp_size * self.batch_size
+        if first % global_batch or stop % global_batch or not 0 <= first < stop:
+            raise ValueError(f"skip [{first}, {stop}): the range must hold whole global batches of {global_batch} samples")
+        self._skipped = _merge([*self._skipped, (first, stop)])
+
+    @property
+    def skipped(self) -> list[tuple[int, int]]:
+        return list(self._skipped)
+
+    def _pass_skipped(self) -> None:
+        """Draw, without yielding, a skipped range that starts where the loader stands."""
+        for first, stop in self._skipped:
+            if first <= self._consumed < stop:
+                choices = self._sources_of(self._consumed, stop - self._consumed)
+                for index, name in enumerate(self.names):
+                    self._source_samples[name] += int((choices == index).sum())
+                self._consumed = stop
+
     def __next__(self) -> dict[str, torch.Tensor]:
+        self._pass_skipped()
         global_batch = self.dp_size * self.batch_size
         choices = self._sources_of(self._consumed, global_batch)  # (G,) source index per global sample
         ordinals = np.empty(global_batch, dtype=np.int64)  # k: how many earlier samples used that source
@@ -166,6 +200,7 @@ class PackedLoader:
             "source_epochs": {
                 name: self._source_samples[name] // self.streams[name].num_windows for name in self.names
             },
+            "skipped": [list(r) for r in self._skipped],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -179,6 +214,18 @@ class PackedLoader:
                 )
         self._consumed = int(state["consumed_samples"])
         self._source_samples = {name: int(state["source_samples"][name]) for name in self.names}
+        self._skipped = _merge([(int(a), int(b)) for a, b in state.get("skipped", [])])
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, with overlapping or touching ranges joined."""
+    merged: list[tuple[int, int]] = []
+    for first, stop in sorted(ranges):
+        if merged and first <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(stop, merged[-1][1]))
+        else:
+            merged.append((first, stop))
+    return merged
 
 
 def _check_args(

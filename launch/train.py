@@ -17,6 +17,7 @@ import logging
 import re
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -24,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from conf.schema import Config, to_config
 from trainer.parallel.distributed import DistEnv
 from trainer.run.records import TrainResult
-from trainer.run.train import run_training
+from trainer.run.train import ComponentFactory, run_training
 
 logger = logging.getLogger(__name__)
 
@@ -45,18 +46,18 @@ def sweep_names(*, sweep_dir: str, job_overrides: list[str], command_line: list[
     return group, ",".join(values) or f"job{job_num}"
 
 
-def train(cfg: Config, *, run_dir: Path) -> TrainResult:
+def train(cfg: Config, *, run_dir: Path, components: Sequence[ComponentFactory] = ()) -> TrainResult:
     """Train as ``cfg`` says: each component gets its own sub-config; the whole resolved config is written
-    to the run directory and into every checkpoint."""
-    components = []
+    to the run directory and into every checkpoint. ``components``: more loop components (``run_training``)."""
+    components = list(components)
     if cfg.eval.every_steps:
         from evaluation.training import TaskEvaluation  # only runs that evaluate tasks need it
 
         components.append(lambda built: TaskEvaluation(cfg.eval, built=built, max_steps=cfg.trainer.max_steps))
     run_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
     return run_training(model=cfg.model, data=cfg.data, optim=cfg.optim, trainer=cfg.trainer, parallel=cfg.parallel,
-                        checkpoint=cfg.checkpoint, log=cfg.logging, profile=cfg.profile, run_dir=Path(run_dir),
-                        run_config=run_config, components=components)  # fmt: skip
+                        checkpoint=cfg.checkpoint, log=cfg.logging, profile=cfg.profile, spike=cfg.spike,
+                        run_dir=Path(run_dir), run_config=run_config, components=components, faults=cfg.faults)  # fmt: skip
 
 
 def _prefix_logs_with_rank(rank: int) -> None:

@@ -131,3 +131,36 @@ def test_state_from_other_settings_is_rejected(prepared):
     state = _loader(prepared).state_dict()
     with pytest.raises(ValueError, match="seed"):
         _loader(prepared, seed=5).load_state_dict(state)
+
+
+def test_skipped_samples_are_drawn_but_never_yielded(prepared):
+    """Skipping global batches 2 and 3 (samples [8, 16) at batch 4): the loader yields batches 0, 1, 4, 5, ...
+    of the plain order, so every later sample is the one it would have been; the state carries the range,
+    and a loader resumed from it (or given the same range from the start) keeps skipping it."""
+    plain = _take(_loader(prepared), 8)
+    skipping = _loader(prepared)
+    skipping.skip(8, 16)
+    got = _take(skipping, 6)
+    assert all(torch.equal(a, b) for a, b in zip(got, [plain[i] for i in (0, 1, 4, 5, 6, 7)]))
+    assert skipping.consumed_samples == 32 and skipping.state_dict()["skipped"] == [[8, 16]]
+
+    early = _loader(prepared)
+    early.skip(8, 16)
+    _take(early, 1)
+    resumed = _loader(prepared)
+    resumed.load_state_dict(json.loads(json.dumps(early.state_dict())))  # through JSON, as in meta.json
+    assert all(torch.equal(a, b) for a, b in zip(_take(resumed, 5), [plain[i] for i in (1, 4, 5, 6, 7)]))
+
+
+def test_skip_takes_whole_global_batches_and_merges_ranges(prepared):
+    loader = _loader(prepared, dp_size=2, dp_rank=1)  # global batch 8
+    with pytest.raises(ValueError, match="whole global batches of 8"):
+        loader.skip(4, 12)
+    loader.skip(16, 24)
+    loader.skip(8, 16)
+    loader.skip(40, 48)
+    assert loader.skipped == [(8, 24), (40, 48)]
+    old = loader.state_dict()
+    del old["skipped"]  # a checkpoint written before skipping existed
+    loader.load_state_dict(old)
+    assert loader.skipped == []

@@ -67,12 +67,17 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:08d}"
 
 
+def step_of(path: Path) -> int:
+    """The step of a complete checkpoint directory (``step_00000100`` -> 100)."""
+    return int(_COMPLETE.match(Path(path).name).group(1))
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first."""
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _COMPLETE.match(p.name)]
-    return sorted(found, key=lambda p: int(_COMPLETE.match(p.name).group(1)))
+    return sorted(found, key=step_of)
 
 
 def resolve_checkpoint(spec: str, *, outputs: Path = Path("outputs")) -> Path:

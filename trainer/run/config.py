@@ -141,3 +141,51 @@ class ProfileConfig:
     def __post_init__(self) -> None:
         if self.step < 0 or self.steps < 1:
             raise ValueError(f"profile.step must be >= 0 (0: off) and profile.steps >= 1; got {self.step} and {self.steps}")
+
+
+class SpikeAction(str, enum.Enum):
+    warn = "warn"  # log it (metrics, summary) and train on
+    skip = "skip"  # skip the optimizer step on every rank: the weights stay those of the step before
+    rollback = "rollback"  # reload the newest checkpoint from before the spike and never train on its batches
+    stop = "stop"  # skip the update and stop the run with an error naming the step and its batches
+
+
+@dataclass
+class SpikeConfig:
+    """The loss-spike guard (trainer/run/components/spike_guard.py): what counts as a spike, what to do.
+
+    A step is a spike when its loss exceeds the running mean of the recent losses by ``loss_sigmas``
+    running standard deviations, or its gradient norm (before clipping) exceeds ``grad_norm_ratio`` times
+    the running median of the recent norms. Both statistics are taken over the last ``window`` steps that
+    were not spikes, and only once ``min_history`` of them exist (the first steps of a run move fast).
+    """
+
+    enabled: bool = True
+    action: SpikeAction = SpikeAction.skip
+    loss_sigmas: float = 6.0
+    """A 6-sigma rise: for Gaussian noise one false alarm in ~10^9 steps, and still ~1 in 10^4 for the heavy
+    tails real loss curves have, i.e. a handful over a 500k-step run; the spikes PaLM and OPT report rose by
+    far more than 6 of their window's deviations in a step. 0 turns the loss test off."""
+    grad_norm_ratio: float = 10.0
+    """Pre-clip gradient norms wander by 2-3x around their median in a healthy run (warm-up aside, which
+    ``min_history`` covers); a spike's batch multiplies it by 10-100x. 0 turns the gradient test off."""
+    window: int = 100
+    """Steps of history the statistics are taken over."""
+    min_history: int = 50
+    """Steps of history needed before anything counts as a spike."""
+    rollback_skip_steps: int = 1
+    """With rollback: how many steps' batches, ending with the spike's, are never trained on (PaLM skipped
+    200-500 batches around each spike; 1 skips just the batch that spiked)."""
+    max_rollbacks: int = 3
+    """With rollback: more than this many rollbacks within ``rollback_window`` steps stops the run."""
+    rollback_window: int = 1000
+
+    def __post_init__(self) -> None:
+        self.action = SpikeAction(self.action)
+        if self.loss_sigmas < 0 or self.grad_norm_ratio < 0:
+            raise ValueError("spike.loss_sigmas and spike.grad_norm_ratio must be >= 0 (0 turns a test off)")
+        if self.window < 2 or not 2 <= self.min_history <= self.window:
+            raise ValueError(f"spike.window ({self.window}) must be >= 2 and spike.min_history ({self.min_history}) "
+                             "between 2 and spike.window")  # fmt: skip
+        if self.rollback_skip_steps < 1 or self.max_rollbacks < 0 or self.rollback_window < 1:
+            raise ValueError("spike.rollback_skip_steps and spike.rollback_window must be >= 1, spike.max_rollbacks >= 0")

@@ -11,7 +11,10 @@ trainer as a whole, and overrides the hooks it uses:
 
     start(first_step)        before the first step of this process (after any resume)
     step_begin(step)         before the step's data is fetched
-    step_end(outcome, ctrl)  after the optimizer step; ``ctrl.request_stop(...)`` ends the loop after it
+    pre_optim_step(step, loss, grad_norm) -> bool
+                             after backward, before the update; False from any component skips the update
+    step_end(outcome, ctrl)  after the optimizer step; ``ctrl.request_stop(...)`` ends the loop after it,
+                             ``ctrl.request_rollback(...)`` takes the run back to a checkpoint
     end()                    after the last step (or the stop), before the run's summary is written
     close()                  always, also when the run fails: release what ``start`` took
 
@@ -22,6 +25,7 @@ communicate are collectives: every rank has the same components and calls them a
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from dataclasses import dataclass
@@ -51,16 +55,40 @@ class StepOutcome:
     """Seconds this process waited for the step's micro-batches."""
     compute_s: float
     """Seconds of forward, backward and optimizer step (with the host synchronisation that ends it)."""
+    applied: bool = True
+    """False where a component declined the update (``pre_optim_step``)."""
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """Go back to the newest checkpoint from before ``step`` and never train on the global samples
+    [``skip_first``, ``skip_stop``) (a loss spike's batches)."""
+
+    step: int
+    skip_first: int
+    skip_stop: int
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Where a rollback left the run: the next step to train and the tokens consumed before it."""
+
+    next_step: int
+    tokens: int
 
 
 class Control:
-    """What components tell the loop after a step: whether to stop, and why."""
+    """What components tell the loop after a step: whether to stop (and why), or to roll back."""
 
     def __init__(self) -> None:
         self.stop_reason: Optional[str] = None
+        self.rollback: Optional[Rollback] = None
 
     def request_stop(self, reason: str) -> None:
         self.stop_reason = self.stop_reason or reason
+
+    def request_rollback(self, rollback: Rollback) -> None:
+        self.rollback = self.rollback or rollback
 
     @property
     def stop(self) -> bool:
@@ -76,6 +104,10 @@ class Component:
     def step_begin(self, step: int) -> None:
         pass
 
+    def pre_optim_step(self, step: int, *, loss: float, grad_norm: float) -> bool:
+        """Whether the step's update may be applied (every rank must answer alike)."""
+        return True
+
     def step_end(self, outcome: StepOutcome, control: Control) -> None:
         pass
 
@@ -86,38 +118,62 @@ class Component:
         pass
 
 
-def run_loop(*, steps: range, batches: Iterator[dict[str, torch.Tensor]], grad_accum_steps: int,
-             train_step: Callable[[list[dict[str, torch.Tensor]], int], StepResult], result: TrainResult,
-             components: Sequence[Component]) -> None:  # fmt: skip
+StepFn = Callable[[list[dict[str, torch.Tensor]], int, Callable[[StepResult], bool]], StepResult]
+
+
+def run_loop(*, steps: range, batches: Iterator[dict[str, torch.Tensor]], grad_accum_steps: int, train_step: StepFn,
+             result: TrainResult, components: Sequence[Component],
+             rollback: Optional[Callable[[Rollback], Resumed]] = None) -> None:  # fmt: skip
     """Run ``steps`` (optimizer steps, 1-based), adding each step's loss and tokens to ``result``.
 
     Args:
         batches: the loader's micro-batches, already on the device.
-        train_step: ``train_step(micro_batches, step)``: forward, backward and update.
+        train_step: ``train_step(micro_batches, step, review)``: forward, backward and, if ``review`` allows
+            it, the update.
         result: the run's summary; ``result.tokens`` holds the tokens consumed before ``steps`` (resume).
+        rollback: restores the checkpoint a ``Rollback`` asks for; the losses of the steps it undid are
+            dropped from ``result`` and training continues from the step after the checkpoint.
     """
+    first = steps.start
     try:
         for component in components:
-            component.start(first_step=steps.start)
-        for step in steps:
+            component.start(first_step=first)
+        step = first
+        while step < steps.stop:
             for component in components:
                 component.step_begin(step)
             started = time.perf_counter()
             micro_batches = list(itertools.islice(batches, grad_accum_steps))
             fetched = time.perf_counter()
-            out = train_step(micro_batches, step)
+            out = train_step(micro_batches, step, functools.partial(_review, components, step))
             computed = time.perf_counter()
             result.losses.append(out.loss)
             result.tokens += out.tokens
             outcome = StepOutcome(step=step, loss=out.loss, grad_norm=out.grad_norm, lr=out.lr, tokens=out.tokens,
-                                  total_tokens=result.tokens, data_s=fetched - started, compute_s=computed - fetched)  # fmt: skip
+                                  total_tokens=result.tokens, data_s=fetched - started, compute_s=computed - fetched,
+                                  applied=out.applied)  # fmt: skip
             control = Control()
             for component in components:
                 component.step_end(outcome, control)
             if control.stop:
                 break
+            if control.rollback is not None:
+                if rollback is None:
+                    raise RuntimeError("a component asked for a rollback, but this loop was given no way to roll back")
+                resumed = rollback(control.rollback)
+                del result.losses[resumed.next_step - first :]  # the undone steps' losses
+                result.tokens = resumed.tokens
+                step = resumed.next_step
+                continue
+            step += 1
         for component in components:
             component.end()
     finally:
         for component in components:
             component.close()
+
+
+def _review(components: Sequence[Component], step: int, out: StepResult) -> bool:
+    """Every component's verdict on the update (all are asked: a verdict may be a collective)."""
+    verdicts = [c.pre_optim_step(step, loss=out.loss, grad_norm=out.grad_norm) for c in components]
+    return all(verdicts)

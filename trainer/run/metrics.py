@@ -119,6 +119,7 @@ class MetricLogger:
         self.enabled = enabled
         self._sinks: dict[str, Any] = {}
         self._already_logged: dict[str, int] = {}
+        self._redone_through = 0
         if not enabled:
             return
         unknown = [name for name in cfg.sinks if name not in SINKS]
@@ -139,12 +140,17 @@ class MetricLogger:
         """Log ``metrics`` as ``<namespace>/<name>`` at ``step``; ``console`` prefixes the log line."""
         if not self.enabled:
             return
-        if step <= self._already_logged.get(namespace, 0):
-            return  # logged before the interruption this run resumed from
+        if step <= max(self._already_logged.get(namespace, 0), self._redone_through):
+            return  # logged before: by the run this one resumed from, or before a rollback redid the step
         record = {"step": step, TOKENS: tokens, **{f"{namespace}/{k}": v for k, v in metrics.items()}}
         for sink in self._sinks.values():
             sink.write(record)
         logger.info("%s step %d | %s", console or namespace, step, _format(metrics))
+
+    def redo_through(self, step: int) -> None:
+        """Steps up to ``step`` have been logged and are about to be trained again (a loss-spike rollback):
+        log none of them a second time, in any namespace."""
+        self._redone_through = max(self._redone_through, step)
 
     def close(self) -> None:
         sinks, self._sinks = self._sinks, {}

@@ -43,6 +43,9 @@ class TrainResult:
     checkpoint_stall_s: list[float] = field(default_factory=list)
     """Seconds each checkpoint save held training up."""
     stopped_by_signal: bool = False
+    spikes: list[dict] = field(default_factory=list)
+    """Every loss spike the guard saw: step, loss, grad_norm, reasons, action, the global ``samples`` of its
+    batch and, after a rollback, the ``skipped`` samples."""
 
     def write(self, run_dir: Path) -> Path:
         path = Path(run_dir) / SUMMARY_FILE

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -63,9 +63,13 @@ class ComputeContext:
 class StepResult:
     loss: float
     grad_norm: float
+    """The global gradient norm before clipping."""
     lr: float
     tokens: int
     """Valid labels in the global batch."""
+    applied: bool = True
+    """False where ``review`` declined the update: the optimizer step was skipped (the weights and the
+    optimizer state are those of the step before; the LR schedule still advances)."""
 
 
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], *, ctx: ComputeContext) -> torch.Tensor:
@@ -98,8 +102,12 @@ def train_step(
     grad_clip: float,
     defer_grad_sync: bool = True,
     step: int,
+    review: Optional[Callable[[StepResult], bool]] = None,
 ) -> StepResult:
     """Forward/backward over the micro-batches, clip by the global norm, check for NaN/inf, then update.
+
+    ``review`` sees the step's loss and gradient norm before the update and may decline it (a loss-spike
+    guard): it must decide alike on every rank (its inputs are global values, the same everywhere).
 
     One host-device synchronisation per step, after backward: loss, gradient norm and token count are read
     together for the NaN check and the result. Before the forward nothing is read back (the token count
@@ -125,17 +133,20 @@ def train_step(
     loss_value, norm_value, tokens = torch.stack([loss.double(), grad_norm.double(), num_tokens.double()]).tolist()
     if tokens == 0:
         raise ValueError(f"step {step}: the batch has no valid labels (all equal {IGNORE_INDEX})")
-    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+    out = StepResult(loss=loss_value, grad_norm=norm_value, lr=lr, tokens=int(tokens))
+    out.applied = review(out) if review is not None else True
+    if out.applied and not (math.isfinite(loss_value) and math.isfinite(norm_value)):
         # Raised before optimizer.step() on every rank alike (both values are global): the weights, and
         # any checkpoint of them, stay finite.
         raise FloatingPointError(
             f"step {step}: loss={loss_value}, grad_norm={norm_value} is not finite; stopped before the "
             f"optimizer step (lr was {lr:.3e}). Lower optim.lr, raise optim.warmup_steps, or check the data."
         )
-    optimizer.step()
+    if out.applied:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    return StepResult(loss=loss_value, grad_norm=norm_value, lr=lr, tokens=int(tokens))
+    return out
 
 
 @torch.no_grad()

@@ -36,15 +36,17 @@ from trainer.parallel.dims import ParallelDims
 from trainer.parallel.distributed import DistEnv, init_distributed, shutdown_distributed
 from trainer.run.components.checkpointing import PeriodicCheckpoints
 from trainer.run.components.profiling import StepProfiler
+from trainer.run.components.spike_guard import SpikeGuard
 from trainer.run.components.train_log import TrainLog
 from trainer.run.components.validation import Validation
-from trainer.run.config import LoggingConfig, OptimConfig, ProfileConfig, TrainerConfig
+from trainer.run.config import LoggingConfig, OptimConfig, ProfileConfig, SpikeConfig, TrainerConfig
+from trainer.run.faults import FaultConfig, poisoned
 from trainer.run.device import configure_matmul_precision, peak_flops, resolve_device, resolve_dtype
 from trainer.run.loop import Component, run_loop
 from trainer.run.metrics import MetricLogger, system_metrics_enabled
 from trainer.run.optim import build_lr_scheduler, build_optimizer
 from trainer.run.records import TrainResult
-from trainer.run.step import ComputeContext, evaluate, train_step
+from trainer.run.step import ComputeContext, StepResult, evaluate, train_step
 
 logger = logging.getLogger(__name__)
 
@@ -112,13 +114,15 @@ def batches_to(device: torch.device, loader: Iterator[dict]) -> Iterator[dict[st
 
 def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trainer: TrainerConfig,
                  parallel: ParallelConfig, checkpoint: CheckpointConfig, log: LoggingConfig, profile: ProfileConfig,
-                 run_dir: Path, run_config: dict, components: Sequence[ComponentFactory] = ()) -> TrainResult:  # fmt: skip
+                 spike: SpikeConfig, run_dir: Path, run_config: dict, components: Sequence[ComponentFactory] = (),
+                 faults: Optional[FaultConfig] = None) -> TrainResult:  # fmt: skip
     """Run training as configured, writing config, metrics and wandb files under ``run_dir`` (rank 0).
 
     Args:
         run_config: the resolved root config, written to ``<run_dir>/config.yaml`` and into every checkpoint.
         components: more loop components, each made from what the set-up built; they run after the
-            trainer's own metrics and validation, before checkpoints.
+            trainer's own metrics and validation, before the spike guard and checkpoints.
+        faults: test-only fault injection (trainer/run/faults.py).
     """
     env = DistEnv.from_environ()
     if parallel.tp > 1:
@@ -150,6 +154,11 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
         result = TrainResult(world_size=env.world_size)
         wandb_id = _restore(checkpoint, checkpointer=checkpointer, args=model, model=net, optimizer=optimizer,
                             scheduler=scheduler, loader=train_loader, result=result)  # fmt: skip
+        for first, stop in data.skip_samples:  # after the restore: a checkpoint's own skips are kept too
+            train_loader.skip(first, stop)
+        batches: Iterator[dict[str, torch.Tensor]] = train_loader
+        if faults is not None and faults.poison_samples:
+            batches = poisoned(train_loader, loader=train_loader, cfg=faults, vocab_size=model.vocab_size)
         metrics = MetricLogger(log, run_dir=run_dir, run_config=run_config, enabled=env.is_rank0, wandb_id=wandb_id,
                                resumed=result.first_step > 1,
                                system_metrics=system_metrics_enabled(log.system_metrics, device_type=device.type))  # fmt: skip
@@ -170,17 +179,24 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
                 Validation(validate=validate, every=trainer.eval_every, max_steps=trainer.max_steps, metrics=metrics,
                            result=result),
                 *(make(built) for make in components),
-                PeriodicCheckpoints(checkpoint, checkpointer=checkpointer, max_steps=trainer.max_steps, model=net,
-                                    optimizer=optimizer, scheduler=scheduler, loader=train_loader, run_config=run_config,
-                                    wandb_id=metrics.wandb_id, result=result, device=device),
             ]  # fmt: skip
+            if spike.enabled:
+                samples_per_step = ctx.dims.dp * trainer.micro_batch_size * trainer.grad_accum_steps
+                parts.append(SpikeGuard(spike, loader=train_loader, samples_per_step=samples_per_step, metrics=metrics,
+                                        result=result, device=device))  # fmt: skip
+            checkpoints = PeriodicCheckpoints(checkpoint, checkpointer=checkpointer, max_steps=trainer.max_steps,
+                                              args=model, model=net, optimizer=optimizer, scheduler=scheduler,
+                                              loader=train_loader, run_config=run_config, wandb_id=metrics.wandb_id,
+                                              result=result, device=device)  # fmt: skip
+            parts.append(checkpoints)
 
-            def step(micro_batches: list[dict[str, torch.Tensor]], index: int):
+            def step(micro_batches: list[dict[str, torch.Tensor]], index: int, review) -> StepResult:
                 return train_step(net, optimizer, scheduler, micro_batches, ctx=ctx, grad_clip=optim.grad_clip,
-                                  defer_grad_sync=parallel.fsdp.defer_grad_sync, step=index)  # fmt: skip
+                                  defer_grad_sync=parallel.fsdp.defer_grad_sync, step=index, review=review)  # fmt: skip
 
-            run_loop(steps=range(result.first_step, trainer.max_steps + 1), batches=batches_to(device, train_loader),
-                     grad_accum_steps=trainer.grad_accum_steps, train_step=step, result=result, components=parts)  # fmt: skip
+            run_loop(steps=range(result.first_step, trainer.max_steps + 1), batches=batches_to(device, batches),
+                     grad_accum_steps=trainer.grad_accum_steps, train_step=step, result=result, components=parts,
+                     rollback=checkpoints.roll_back)  # fmt: skip
         finally:
             metrics.close()
         result.wall_time_s = time.perf_counter() - started

@@ -14,7 +14,7 @@ import torch
 
 from trainer.run.components.train_log import TrainLog
 from trainer.run.components.validation import Validation
-from trainer.run.loop import Component, Control, StepOutcome, run_loop
+from trainer.run.loop import Component, Control, Resumed, Rollback, StepOutcome, run_loop
 from trainer.run.records import TrainResult
 from trainer.run.step import StepResult
 
@@ -48,8 +48,10 @@ def batches():
         yield {"inputs": torch.tensor([i])}
 
 
-def fake_step(micro_batches, step):
-    return StepResult(loss=10.0 / step, grad_norm=1.0, lr=1e-3, tokens=4 * len(micro_batches))
+def fake_step(micro_batches, step, review=None):
+    out = StepResult(loss=10.0 / step, grad_norm=1.0, lr=1e-3, tokens=4 * len(micro_batches))
+    out.applied = review(out) if review is not None else True
+    return out
 
 
 def test_hooks_run_in_order_and_the_result_adds_up():
@@ -77,15 +79,64 @@ def test_a_component_stops_the_loop_after_the_step_every_component_saw():
 def test_a_failing_step_still_closes_every_component_but_does_not_end_them():
     calls: list = []
 
-    def failing(micro_batches, step):
+    def failing(micro_batches, step, review=None):
         if step == 2:
             raise FloatingPointError("step 2: loss=nan")
-        return fake_step(micro_batches, step)
+        return fake_step(micro_batches, step, review)
 
     with pytest.raises(FloatingPointError, match="step 2"):
         run_loop(steps=range(1, 5), batches=batches(), grad_accum_steps=1, train_step=failing, result=TrainResult(),
                  components=[Recorder("a", calls)])  # fmt: skip
     assert calls[-1] == ("a", "close") and ("a", "finish") not in calls
+
+
+class Veto(Component):
+    """Declines the update of one step; records what every component saw."""
+
+    def __init__(self, step: int, seen: list):
+        self.step, self.seen = step, seen
+
+    def pre_optim_step(self, step: int, *, loss: float, grad_norm: float) -> bool:
+        return step != self.step
+
+    def step_end(self, outcome: StepOutcome, control: Control) -> None:
+        self.seen.append((outcome.step, outcome.applied))
+
+
+def test_any_component_can_decline_an_update_and_every_one_is_asked():
+    asked, seen = [], []
+
+    class Asked(Component):
+        def pre_optim_step(self, step: int, *, loss: float, grad_norm: float) -> bool:
+            asked.append(step)
+            return True
+
+    run_loop(steps=range(1, 4), batches=batches(), grad_accum_steps=1, train_step=fake_step, result=TrainResult(),
+             components=[Veto(2, seen), Asked()])  # fmt: skip
+    assert seen == [(1, True), (2, False), (3, True)] and asked == [1, 2, 3]
+
+
+def test_a_rollback_drops_the_undone_losses_and_continues_after_the_checkpoint():
+    class SpikeAt(Component):
+        def __init__(self):
+            self.fired = False
+
+        def step_end(self, outcome: StepOutcome, control: Control) -> None:
+            if outcome.step == 4 and not self.fired:
+                self.fired = True
+                control.request_rollback(Rollback(step=4, skip_first=12, skip_stop=16))
+
+    asked = []
+
+    def roll_back(rollback: Rollback) -> Resumed:
+        asked.append(rollback)
+        return Resumed(next_step=3, tokens=8)  # back to the checkpoint of step 2
+
+    result = TrainResult()
+    run_loop(steps=range(1, 6), batches=batches(), grad_accum_steps=1, train_step=fake_step, result=result,
+             components=[SpikeAt()], rollback=roll_back)  # fmt: skip
+    assert asked == [Rollback(step=4, skip_first=12, skip_stop=16)]
+    assert result.losses == [10.0 / s for s in (1, 2, 3, 4, 5)] and result.tokens == 8 + 3 * 4
 
 
 class FakeMetrics:

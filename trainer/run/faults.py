@@ -1,0 +1,42 @@
+"""Deterministic fault injection for the tests of the run's guards (``faults.*``); all off by default.
+
+Nothing here belongs in a real run: each fault stands in for something a large run meets by chance, made to
+happen at a chosen step, rank or sample, so a test can check what the user sees afterwards.
+
+- ``poison_samples``: the global training samples in these ``[first, stop)`` ranges get a label the model has
+  never seen as a target at every position: bad data whose loss and gradient spike (the spike guard's test).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from data import PackedLoader
+
+
+@dataclass
+class FaultConfig:
+    """Test-only fault injection (trainer/run/faults.py)."""
+
+    poison_samples: list[list[int]] = field(default_factory=list)
+    """Global training samples ``[first, stop)`` whose labels are replaced by ``poison_label``."""
+    poison_label: int = -1
+    """The label poisoned samples get; -1: the last token id of the vocabulary."""
+
+
+def poisoned(batches: Iterator[dict[str, torch.Tensor]], *, loader: PackedLoader, cfg: FaultConfig,
+             vocab_size: int) -> Iterator[dict[str, torch.Tensor]]:  # fmt: skip
+    """``batches`` (drawn from ``loader``) with the rows of poisoned global samples relabelled."""
+    label = cfg.poison_label if cfg.poison_label >= 0 else vocab_size - 1
+    per_rank = loader.batch_size
+    for batch in batches:
+        # The batch just drawn ends where the loader now stands; this rank's rows are its dp_rank-th slice.
+        first = loader.consumed_samples - loader.dp_size * per_rank + loader.dp_rank * per_rank
+        rows = [i for i in range(per_rank) if any(a <= first + i < b for a, b in cfg.poison_samples)]
+        if rows:
+            batch = dict(batch, labels=batch["labels"].clone())
+            batch["labels"][rows] = label
+        yield batch
