@@ -21,7 +21,9 @@ from model.config import ModelArgs
 from planner.config import ClusterConfig, PlanSettings
 from trainer.checkpoint.config import CheckpointConfig
 from trainer.parallel.config import ParallelConfig
-from trainer.run.config import LoggingConfig, OptimConfig, ProfileConfig, SpikeConfig, TrainerConfig
+from trainer.run.config import (
+    LoggingConfig, OptimConfig, ProfileConfig, SpikeConfig, StragglerConfig, TrainerConfig,
+)  # fmt: skip
 from trainer.run.faults import FaultConfig
 
 
@@ -38,6 +40,8 @@ class Config:
     """No config group: ``profile.step=5 profile.steps=2`` on the command line turns it on."""
     spike: SpikeConfig = field(default_factory=SpikeConfig)
     """No config group: the loss-spike guard (``spike.action=rollback``, thresholds; docs/operations.md)."""
+    straggler: StragglerConfig = field(default_factory=StragglerConfig)
+    """No config group: the straggler monitor (``straggler.every_steps``, ``straggler.warn_ratio``)."""
     faults: FaultConfig = field(default_factory=FaultConfig)
     """Test-only deterministic fault injection (trainer/run/faults.py); empty in every real run."""
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -189,3 +189,20 @@ class SpikeConfig:
                              "between 2 and spike.window")  # fmt: skip
         if self.rollback_skip_steps < 1 or self.max_rollbacks < 0 or self.rollback_window < 1:
             raise ValueError("spike.rollback_skip_steps and spike.rollback_window must be >= 1, spike.max_rollbacks >= 0")
+
+
+@dataclass
+class StragglerConfig:
+    """The straggler monitor (trainer/run/components/straggler.py): every ``every_steps`` steps each rank
+    times the same matmul on its own device and the ranks compare (one small all-gather)."""
+
+    every_steps: int = 100
+    """How often the ranks compare (0: never). One probe costs a few matmuls: ~1 ms on a GPU at 7B widths."""
+    warn_ratio: float = 1.2
+    """Warn when the slowest rank's time is this many times the median's. GPUs of one model differ by a few
+    percent in matmul speed; a throttled or faulty one (or a host whose CPU is shared) falls 20%+ behind,
+    and under synchronous data parallelism every rank then waits for it."""
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0 or self.warn_ratio <= 1.0:
+            raise ValueError("straggler.every_steps must be >= 0 and straggler.warn_ratio > 1")

@@ -5,6 +5,8 @@ happen at a chosen step, rank or sample, so a test can check what the user sees 
 
 - ``poison_samples``: the global training samples in these ``[first, stop)`` ranges get a label the model has
   never seen as a target at every position: bad data whose loss and gradient spike (the spike guard's test).
+- ``slow_rank`` / ``slow_factor``: that rank's device computes ``slow_factor`` times slower (each of its
+  straggler-probe matmuls runs that many times), as a throttled GPU would (the straggler monitor's test).
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ class FaultConfig:
     """Global training samples ``[first, stop)`` whose labels are replaced by ``poison_label``."""
     poison_label: int = -1
     """The label poisoned samples get; -1: the last token id of the vocabulary."""
+    slow_rank: int = -1
+    """The rank whose compute is slowed (-1: none)."""
+    slow_factor: int = 1
+    """How many times slower that rank computes."""
 
 
 def poisoned(batches: Iterator[dict[str, torch.Tensor]], *, loader: PackedLoader, cfg: FaultConfig,

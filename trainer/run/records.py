@@ -46,6 +46,9 @@ class TrainResult:
     spikes: list[dict] = field(default_factory=list)
     """Every loss spike the guard saw: step, loss, grad_norm, reasons, action, the global ``samples`` of its
     batch and, after a rollback, the ``skipped`` samples."""
+    stragglers: list[dict] = field(default_factory=list)
+    """Every time the straggler monitor found a rank slower than ``straggler.warn_ratio`` x the median: step,
+    rank, host, ratio."""
 
     def write(self, run_dir: Path) -> Path:
         path = Path(run_dir) / SUMMARY_FILE

@@ -37,9 +37,12 @@ from trainer.parallel.distributed import DistEnv, init_distributed, shutdown_dis
 from trainer.run.components.checkpointing import PeriodicCheckpoints
 from trainer.run.components.profiling import StepProfiler
 from trainer.run.components.spike_guard import SpikeGuard
+from trainer.run.components.straggler import StragglerMonitor
 from trainer.run.components.train_log import TrainLog
 from trainer.run.components.validation import Validation
-from trainer.run.config import LoggingConfig, OptimConfig, ProfileConfig, SpikeConfig, TrainerConfig
+from trainer.run.config import (
+    LoggingConfig, OptimConfig, ProfileConfig, SpikeConfig, StragglerConfig, TrainerConfig,
+)  # fmt: skip
 from trainer.run.faults import FaultConfig, poisoned
 from trainer.run.device import configure_matmul_precision, peak_flops, resolve_device, resolve_dtype
 from trainer.run.loop import Component, run_loop
@@ -114,8 +117,8 @@ def batches_to(device: torch.device, loader: Iterator[dict]) -> Iterator[dict[st
 
 def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trainer: TrainerConfig,
                  parallel: ParallelConfig, checkpoint: CheckpointConfig, log: LoggingConfig, profile: ProfileConfig,
-                 spike: SpikeConfig, run_dir: Path, run_config: dict, components: Sequence[ComponentFactory] = (),
-                 faults: Optional[FaultConfig] = None) -> TrainResult:  # fmt: skip
+                 spike: SpikeConfig, straggler: StragglerConfig, run_dir: Path, run_config: dict,
+                 components: Sequence[ComponentFactory] = (), faults: Optional[FaultConfig] = None) -> TrainResult:  # fmt: skip
     """Run training as configured, writing config, metrics and wandb files under ``run_dir`` (rank 0).
 
     Args:
@@ -180,6 +183,11 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
                            result=result),
                 *(make(built) for make in components),
             ]  # fmt: skip
+            if straggler.every_steps and env.world_size > 1:
+                slowed = faults is not None and faults.slow_rank == env.rank
+                parts.append(StragglerMonitor(straggler, args=model, tokens=trainer.micro_batch_size * data.seq_len,
+                                              dtype=ctx.dtype, device=device, metrics=metrics, result=result,
+                                              repeats=faults.slow_factor if slowed else 1))  # fmt: skip
             if spike.enabled:
                 samples_per_step = ctx.dims.dp * trainer.micro_batch_size * trainer.grad_accum_steps
                 parts.append(SpikeGuard(spike, loader=train_loader, samples_per_step=samples_per_step, metrics=metrics,
