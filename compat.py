@@ -211,3 +211,29 @@ def dcp_place_loaded_bytes(planner: Any, read_item: Any, value: Any) -> None:
         set_element(planner.original_state_dict, planner.mappings[read_item.dest_index.fqn], value)
     else:
         planner.state_dict[read_item.dest_index.fqn] = value
+
+
+# --- NCCL flight recorder (the hang watchdog's report) ------------------------------------------------------
+
+
+def nccl_flight_recorder() -> str | None:
+    """The NCCL flight recorder's record of this process's recent collectives, as text; None where there is
+    none (no NCCL in this build, no NCCL group, or ``TORCH_NCCL_TRACE_BUFFER_SIZE`` unset: the recorder is
+    off unless that is > 0). ``torch._C._distributed_c10d._dump_nccl_trace`` (torch 2.3+, private; the
+    record's keys have grown between versions, so each entry is written with the keys it has)."""
+    dump = getattr(torch._C._distributed_c10d, "_dump_nccl_trace", None)
+    if dump is None:
+        return None
+    import pickle
+
+    try:
+        record = pickle.loads(dump())  # this process's own record, made by torch: not untrusted input
+    except Exception as err:  # no NCCL group yet, recorder off, a changed format: the report says so
+        return f"(no NCCL flight record: {type(err).__name__}: {err})"
+    keys = ("record_id", "pg_id", "collective_seq_id", "profiling_name", "state", "input_sizes", "output_sizes",
+            "time_created_ns", "time_discovered_started_ns", "time_discovered_completed_ns")  # fmt: skip
+    lines = [f"NCCL flight recorder, version {record.get('version', '?')}:"]
+    for entry in record.get("entries", []):
+        lines.append("  " + ", ".join(f"{k}={entry[k]}" for k in keys if k in entry))
+    return "\n".join(lines)
+

@@ -22,7 +22,7 @@ from planner.config import ClusterConfig, PlanSettings
 from trainer.checkpoint.config import CheckpointConfig
 from trainer.parallel.config import ParallelConfig
 from trainer.run.config import (
-    LoggingConfig, OptimConfig, ProfileConfig, SpikeConfig, StragglerConfig, TrainerConfig,
+    LoggingConfig, OptimConfig, ProfileConfig, SpikeConfig, StragglerConfig, TrainerConfig, WatchdogConfig,
 )  # fmt: skip
 from trainer.run.faults import FaultConfig
 
@@ -42,6 +42,8 @@ class Config:
     """No config group: the loss-spike guard (``spike.action=rollback``, thresholds; docs/operations.md)."""
     straggler: StragglerConfig = field(default_factory=StragglerConfig)
     """No config group: the straggler monitor (``straggler.every_steps``, ``straggler.warn_ratio``)."""
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    """No config group: the hang watchdog (``watchdog.timeout_s``, ...; docs/operations.md)."""
     faults: FaultConfig = field(default_factory=FaultConfig)
     """Test-only deterministic fault injection (trainer/run/faults.py); empty in every real run."""
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -21,6 +21,8 @@ from trainer.run.train import Built
 
 
 class TaskEvaluation(Component):
+    phase = "eval"
+
     def __init__(self, cfg: EvalConfig, *, built: Built, max_steps: int):
         """Reads the task files once, here; every rank builds it (scoring is a collective)."""
         self.every, self.max_steps = cfg.every_steps, max_steps

@@ -15,9 +15,12 @@ SCRIPT = REPO / "launch" / "slurm.sbatch"
 
 _FAKES = {
     # srun: record its environment's relevant variables and its arguments, then succeed.
+    # With FAKE_HANG: the trainer's hang watchdog ended the run (its reports written, a failed exit).
     "srun": '#!/bin/bash\n{ for v in SRUN_CPUS_PER_TASK NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME; do echo "$v=${!v:-}"; done;'
-            ' printf "%s\\n" "$@"; } > "$FAKE_OUT/srun"\n',
-    "scontrol": '#!/bin/bash\nif [[ "$1 $2" == "show hostnames" ]]; then printf "node1\\nnode2\\n"; fi\n',
+            ' printf "%s\\n" "$@"; } > "$FAKE_OUT/srun"\n'
+            'if [[ -n "${FAKE_HANG:-}" ]]; then mkdir -p "$RUN_DIR/hang"; echo report > "$RUN_DIR/hang/rank0.txt"; exit 1; fi\n',
+    "scontrol": '#!/bin/bash\nif [[ "$1 $2" == "show hostnames" ]]; then printf "node1\\nnode2\\n"; fi\n'
+                'if [[ "$1" == requeue ]]; then echo "$@" > "$FAKE_OUT/requeue"; fi\n',
     "nvidia-smi": '#!/bin/bash\nfor ((i = 0; i < ${FAKE_GPUS:-0}; i++)); do echo "GPU $i: NVIDIA H100 80GB HBM3 (UUID: x)"; done\n',
 }
 
@@ -64,3 +67,16 @@ def test_cpu_job_runs_one_process_per_node_without_a_device_override(tmp_path, g
     assert proc.returncode == 0, proc.stderr
     assert "--nproc-per-node=1" in args and "trainer.device=cuda" not in args
     assert srun_env == {"SRUN_CPUS_PER_TASK": "", "NCCL_SOCKET_IFNAME": "", "GLOO_SOCKET_IFNAME": ""}
+
+
+def test_a_hung_run_is_requeued_a_bounded_number_of_times_keeping_its_reports(tmp_path):
+    proc, _, _ = _run(tmp_path, FAKE_HANG="1", SLURM_RESTART_COUNT="1")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "requeue").read_text().split() == ["requeue", "12345"]
+    assert (tmp_path / "run" / "hang" / "job12345-1" / "rank0.txt").is_file()  # kept per attempt
+    assert "training hung" in proc.stdout
+
+    (tmp_path / "requeue").unlink()
+    proc, _, _ = _run(tmp_path, FAKE_HANG="1", SLURM_RESTART_COUNT="3")  # HANG_REQUEUES=3 done
+    assert proc.returncode == 1 and not (tmp_path / "requeue").exists()
+    assert "not requeueing (HANG_REQUEUES=3)" in proc.stderr

@@ -75,6 +75,7 @@ _PRIVATE = (
     r"algorithms\._checkpoint",
     r"aten\._scaled_dot_product\w*\(",
     r"_get_acs_underlying_tensor",
+    r"_dump_nccl_trace",
 )
 
 

@@ -95,11 +95,17 @@ class ParallelConfig:
     ac: ACConfig = field(default_factory=ACConfig)
     compile: bool = False
     """torch.compile each transformer block (after TP and activation checkpointing, before FSDP)."""
+    pg_timeout_s: float = 7200.0
+    """The process group's timeout: a collective that waits longer fails (NCCL aborts the communicator).
+    Above every allowance of the hang watchdog (``watchdog.*``, at most an hour by default), so that a hang
+    is reported by the watchdog, with every rank's stacks, rather than by this bare timeout."""
 
     def __post_init__(self) -> None:
         for key in ("dp_replicate", "tp"):
             if getattr(self, key) < 1:
                 raise ValueError(f"parallel.{key} must be >= 1, got {getattr(self, key)}")
+        if self.pg_timeout_s <= 0:
+            raise ValueError(f"parallel.pg_timeout_s must be positive, got {self.pg_timeout_s}")
         if self.dp_shard < 1 and self.dp_shard != -1:
             raise ValueError(f"parallel.dp_shard must be >= 1 or -1 (the rest of the world), got {self.dp_shard}")
 

@@ -39,10 +39,11 @@ class DistEnv:
         )
 
 
-def init_distributed(env: DistEnv, *, device: torch.device, timeout_s: int = 600, one_rank: bool = False) -> None:
+def init_distributed(env: DistEnv, *, device: torch.device, timeout_s: float = 7200.0, one_rank: bool = False) -> None:
     """Join the process group (NCCL on CUDA, gloo on CPU) when there is more than one process.
 
     Args:
+        timeout_s: how long a collective may wait (``parallel.pg_timeout_s``).
         one_rank: a lone process (no torchrun) starts a process group of one, for FSDP on one device
             (``parallel.fsdp.one_rank``); it needs no rendezvous, so an in-memory store serves.
     """

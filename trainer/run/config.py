@@ -206,3 +206,51 @@ class StragglerConfig:
     def __post_init__(self) -> None:
         if self.every_steps < 0 or self.warn_ratio <= 1.0:
             raise ValueError("straggler.every_steps must be >= 0 and straggler.warn_ratio > 1")
+
+
+@dataclass
+class WatchdogConfig:
+    """The hang watchdog (trainer/run/components/watchdog.py): when the run makes no progress for too long,
+    every rank writes where it is stuck to ``<run_dir>/hang/rank<N>.txt`` and exits with code 86, so that
+    torchrun's ``--max-restarts`` (or the Slurm job's requeue) restarts it from the newest checkpoint.
+
+    Progress is a finished step, or the end of side work. Its allowance (``timeout``) depends on what the
+    run is doing: the training steps get ``timeout_s``, the first step (compile, first collectives)
+    ``first_step_timeout_s``, a checkpoint save or an evaluation ``side_work_timeout_s``. Keep all of them
+    below ``parallel.pg_timeout_s``, so that the watchdog, not the process group's bare timeout, reports a
+    hang (a warning at start says when they are not).
+    """
+
+    enabled: bool = True
+    timeout_s: Optional[float] = None
+    """Seconds without a finished step before a hang is declared; None: ``step_multiple`` times the slowest
+    step so far, at least ``min_timeout_s``."""
+    step_multiple: float = 20.0
+    """A step 20x slower than the slowest seen so far is no longer noise (a GC pause, a slow data read, a
+    checkpoint's background write competing are a few x at most)."""
+    min_timeout_s: float = 600.0
+    """The floor of the automatic timeout: a fast step times 20 could be seconds, below what a slow file
+    system or a busy network can stall a healthy step for."""
+    first_step_timeout_s: float = 1800.0
+    """Before any step has finished: compilation and the first collectives of a 65B run take minutes."""
+    side_work_timeout_s: float = 3600.0
+    """A checkpoint save or an evaluation (a 65B checkpoint is ~800 GB of optimizer state to write)."""
+    poll_s: float = 5.0
+    """How often the watchdog thread looks."""
+    grace_s: float = 15.0
+    """After writing its report a rank waits this long before exiting, so that the other ranks' watchdogs
+    (which fire within ``poll_s`` of each other) write theirs before the launcher stops them."""
+
+    def __post_init__(self) -> None:
+        for key in ("min_timeout_s", "first_step_timeout_s", "side_work_timeout_s", "poll_s", "step_multiple"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"watchdog.{key} must be positive, got {getattr(self, key)}")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ValueError(f"watchdog.timeout_s must be positive (or null: automatic), got {self.timeout_s}")
+        if self.grace_s < 0:
+            raise ValueError(f"watchdog.grace_s must be >= 0, got {self.grace_s}")
+
+    def longest_s(self) -> Optional[float]:
+        """The longest allowance the watchdog may grant (None: the automatic one has no upper bound)."""
+        return None if self.timeout_s is None else max(self.timeout_s, self.first_step_timeout_s,
+                                                       self.side_work_timeout_s)  # fmt: skip

@@ -7,16 +7,23 @@ happen at a chosen step, rank or sample, so a test can check what the user sees 
   never seen as a target at every position: bad data whose loss and gradient spike (the spike guard's test).
 - ``slow_rank`` / ``slow_factor``: that rank's device computes ``slow_factor`` times slower (each of its
   straggler-probe matmuls runs that many times), as a throttled GPU would (the straggler monitor's test).
+- ``hang_rank`` / ``hang_step``: that rank blocks forever at the start of that step, before the step's first
+  collective, as a rank stuck in a driver call or a dead file system would; the others then wait in that
+  collective (the hang watchdog's test). Only in the first attempt: a run restarted by torchrun
+  (``TORCHELASTIC_RESTART_COUNT`` > 0) goes on.
 """
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
 from data import PackedLoader
+from trainer.run.loop import Component
 
 
 @dataclass
@@ -31,6 +38,28 @@ class FaultConfig:
     """The rank whose compute is slowed (-1: none)."""
     slow_factor: int = 1
     """How many times slower that rank computes."""
+    hang_rank: int = -1
+    """The rank that blocks (-1: none)."""
+    hang_step: int = 0
+    """The step at whose start it blocks."""
+
+
+class FaultInjector(Component):
+    """Blocks ``hang_rank`` at the start of ``hang_step`` (first attempt only)."""
+
+    def __init__(self, cfg: FaultConfig, *, rank: int):
+        self.cfg, self.rank = cfg, rank
+
+    def step_begin(self, step: int) -> None:
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if self.rank == self.cfg.hang_rank and step == self.cfg.hang_step and first_attempt:
+            injected_hang()
+
+
+def injected_hang() -> None:
+    """Block forever (the frame the hang report's stack must show)."""
+    while True:
+        time.sleep(1.0)
 
 
 def poisoned(batches: Iterator[dict[str, torch.Tensor]], *, loader: PackedLoader, cfg: FaultConfig,

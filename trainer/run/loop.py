@@ -21,6 +21,9 @@ trainer as a whole, and overrides the hooks it uses:
 Components are called in list order at each hook; that order is the run's order of side work (metrics,
 then validation, then checkpoints: a checkpoint is taken after the step's evaluation is logged). Hooks that
 communicate are collectives: every rank has the same components and calls them at the same steps.
+
+``Progress`` says where the loop is (the step, and the phase: data, forward, backward, optimizer, or the
+``phase`` of the component being called: checkpoint, eval, ...); the hang watchdog reads it from its thread.
 """
 
 from __future__ import annotations
@@ -95,8 +98,39 @@ class Control:
         return self.stop_reason is not None
 
 
+class Progress:
+    """Where the loop is: written by the loop's thread, read by the hang watchdog's (single attribute
+    writes, atomic under the GIL)."""
+
+    SIDE_WORK = ("checkpoint", "eval", "rollback")
+    """Phases that may legitimately take long without a step finishing."""
+
+    def __init__(self) -> None:
+        now = time.monotonic()
+        self.step, self.phase, self.phase_since = 0, "start", now
+        self.steps_done = 0
+        self.last_progress = now
+        """When the last step finished, or the last side work ended (the hang clock starts there)."""
+        self.slowest_step_s = 0.0
+
+    def enter(self, phase: str) -> None:
+        now = time.monotonic()
+        if self.phase in self.SIDE_WORK and phase not in self.SIDE_WORK:
+            self.last_progress = now
+        self.phase, self.phase_since = phase, now
+
+    def step_done(self, step_s: float) -> None:
+        self.steps_done += 1
+        self.slowest_step_s = max(self.slowest_step_s, step_s)
+        self.last_progress = time.monotonic()
+
+
 class Component:
     """A part of the run the loop calls at its hook points; every hook is a no-op unless overridden."""
+
+    phase: str = "after_step"
+    """What the run is doing while this component's ``step_end`` runs (``Progress``): ``checkpoint`` and
+    ``eval`` are side work, which may take long without a step finishing."""
 
     def start(self, *, first_step: int) -> None:
         pass
@@ -118,35 +152,42 @@ class Component:
         pass
 
 
-StepFn = Callable[[list[dict[str, torch.Tensor]], int, Callable[[StepResult], bool]], StepResult]
+StepFn = Callable[[list[dict[str, torch.Tensor]], int, Callable[[StepResult], bool], Callable[[str], None]],
+                  StepResult]
+"""``train_step(micro_batches, step, review, phase)``."""
 
 
 def run_loop(*, steps: range, batches: Iterator[dict[str, torch.Tensor]], grad_accum_steps: int, train_step: StepFn,
              result: TrainResult, components: Sequence[Component],
-             rollback: Optional[Callable[[Rollback], Resumed]] = None) -> None:  # fmt: skip
+             rollback: Optional[Callable[[Rollback], Resumed]] = None, progress: Optional[Progress] = None) -> None:  # fmt: skip
     """Run ``steps`` (optimizer steps, 1-based), adding each step's loss and tokens to ``result``.
 
     Args:
         batches: the loader's micro-batches, already on the device.
-        train_step: ``train_step(micro_batches, step, review)``: forward, backward and, if ``review`` allows
-            it, the update.
+        train_step: ``train_step(micro_batches, step, review, phase)``: forward, backward and, if ``review``
+            allows it, the update, telling ``phase`` when forward, backward and the optimizer begin.
         result: the run's summary; ``result.tokens`` holds the tokens consumed before ``steps`` (resume).
         rollback: restores the checkpoint a ``Rollback`` asks for; the losses of the steps it undid are
             dropped from ``result`` and training continues from the step after the checkpoint.
+        progress: kept up to date with the step and phase (for a watchdog); a private one if None.
     """
     first = steps.start
+    progress = progress if progress is not None else Progress()
     try:
         for component in components:
             component.start(first_step=first)
         step = first
         while step < steps.stop:
+            progress.step = step
+            progress.enter("data")
             for component in components:
                 component.step_begin(step)
             started = time.perf_counter()
             micro_batches = list(itertools.islice(batches, grad_accum_steps))
             fetched = time.perf_counter()
-            out = train_step(micro_batches, step, functools.partial(_review, components, step))
+            out = train_step(micro_batches, step, functools.partial(_review, components, step), progress.enter)
             computed = time.perf_counter()
+            progress.step_done(computed - started)
             result.losses.append(out.loss)
             result.tokens += out.tokens
             outcome = StepOutcome(step=step, loss=out.loss, grad_norm=out.grad_norm, lr=out.lr, tokens=out.tokens,
@@ -154,12 +195,14 @@ def run_loop(*, steps: range, batches: Iterator[dict[str, torch.Tensor]], grad_a
                                   applied=out.applied)  # fmt: skip
             control = Control()
             for component in components:
+                progress.enter(component.phase)
                 component.step_end(outcome, control)
             if control.stop:
                 break
             if control.rollback is not None:
                 if rollback is None:
                     raise RuntimeError("a component asked for a rollback, but this loop was given no way to roll back")
+                progress.enter("rollback")
                 resumed = rollback(control.rollback)
                 del result.losses[resumed.next_step - first :]  # the undone steps' losses
                 result.tokens = resumed.tokens

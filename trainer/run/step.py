@@ -103,17 +103,20 @@ def train_step(
     defer_grad_sync: bool = True,
     step: int,
     review: Optional[Callable[[StepResult], bool]] = None,
+    phase: Callable[[str], None] = lambda name: None,
 ) -> StepResult:
     """Forward/backward over the micro-batches, clip by the global norm, check for NaN/inf, then update.
 
     ``review`` sees the step's loss and gradient norm before the update and may decline it (a loss-spike
     guard): it must decide alike on every rank (its inputs are global values, the same everywhere).
+    ``phase(name)`` is told when forward, backward and the optimizer begin (the hang watchdog reports it).
 
     One host-device synchronisation per step, after backward: loss, gradient norm and token count are read
     together for the NaN check and the result. Before the forward nothing is read back (the token count
     stays a device tensor), so a GPU never waits for the host at the start of a step.
     """
     lr = scheduler.get_last_lr()[0]
+    phase("forward")
     num_tokens = global_token_count(micro_batches, ctx=ctx)
     # FSDP averages gradients over the dp ranks; scaling by dp turns that average into the sum that the
     # global mean needs. clamp: a batch without valid labels must not divide by zero before it is reported.
@@ -124,9 +127,13 @@ def train_step(
             # Reduce-scatter only after the last micro-batch; earlier ones accumulate unsharded gradients.
             model.set_requires_gradient_sync(index == len(micro_batches) - 1)
         with ctx.loss_context():
+            if index:
+                phase("forward")
             mb_sum = token_loss_sum(model, mb, ctx=ctx)
+            phase("backward")
             (mb_sum * scale).backward()
         loss_sum += _plain(mb_sum.detach())
+    phase("optimizer")
     loss = dp_sum(loss_sum, dp_mesh=ctx.dp_mesh) / num_tokens.clamp(min=1)
     # max_norm=inf still returns the norm (for logging and the NaN check) but scales nothing.
     grad_norm = clip_grad_norm_(model.parameters(), max_norm=grad_clip if grad_clip > 0 else math.inf)

@@ -38,14 +38,15 @@ from trainer.run.components.checkpointing import PeriodicCheckpoints
 from trainer.run.components.profiling import StepProfiler
 from trainer.run.components.spike_guard import SpikeGuard
 from trainer.run.components.straggler import StragglerMonitor
+from trainer.run.components.watchdog import HangWatchdog
 from trainer.run.components.train_log import TrainLog
 from trainer.run.components.validation import Validation
 from trainer.run.config import (
-    LoggingConfig, OptimConfig, ProfileConfig, SpikeConfig, StragglerConfig, TrainerConfig,
+    LoggingConfig, OptimConfig, ProfileConfig, SpikeConfig, StragglerConfig, TrainerConfig, WatchdogConfig,
 )  # fmt: skip
-from trainer.run.faults import FaultConfig, poisoned
+from trainer.run.faults import FaultConfig, FaultInjector, poisoned
 from trainer.run.device import configure_matmul_precision, peak_flops, resolve_device, resolve_dtype
-from trainer.run.loop import Component, run_loop
+from trainer.run.loop import Component, Progress, run_loop
 from trainer.run.metrics import MetricLogger, system_metrics_enabled
 from trainer.run.optim import build_lr_scheduler, build_optimizer
 from trainer.run.records import TrainResult
@@ -117,8 +118,9 @@ def batches_to(device: torch.device, loader: Iterator[dict]) -> Iterator[dict[st
 
 def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trainer: TrainerConfig,
                  parallel: ParallelConfig, checkpoint: CheckpointConfig, log: LoggingConfig, profile: ProfileConfig,
-                 spike: SpikeConfig, straggler: StragglerConfig, run_dir: Path, run_config: dict,
-                 components: Sequence[ComponentFactory] = (), faults: Optional[FaultConfig] = None) -> TrainResult:  # fmt: skip
+                 spike: SpikeConfig, straggler: StragglerConfig, watchdog: WatchdogConfig, run_dir: Path,
+                 run_config: dict, components: Sequence[ComponentFactory] = (),
+                 faults: Optional[FaultConfig] = None) -> TrainResult:  # fmt: skip
     """Run training as configured, writing config, metrics and wandb files under ``run_dir`` (rank 0).
 
     Args:
@@ -135,7 +137,12 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     device = resolve_device(trainer.device, local_rank=env.local_rank)
     configure_matmul_precision(device=device, tf32=trainer.tf32)
-    init_distributed(env, device=device, one_rank=parallel.fsdp.one_rank)
+    if watchdog.enabled and device.type == "cuda":
+        # The NCCL flight recorder (what the hang report lists of the collectives in flight) records only
+        # with a buffer; read when the first NCCL group starts.
+        os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
+    _check_timeouts(watchdog, pg_timeout_s=parallel.pg_timeout_s)
+    init_distributed(env, device=device, one_rank=parallel.fsdp.one_rank, timeout_s=parallel.pg_timeout_s)
     started = time.perf_counter()
     try:
         dims = ParallelDims.for_run(parallel, world_size=env.world_size, model=model, seq_len=data.seq_len)
@@ -175,7 +182,11 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
                 loader = PackedLoader(prepared, split="val", seed=0, **loader_args)
                 return evaluate(net, itertools.islice(batches_to(device, loader), trainer.eval_steps), ctx=ctx)
 
+            progress = Progress()
             parts: list[Component] = [
+                *([HangWatchdog(watchdog, progress=progress, run_dir=run_dir, rank=env.rank, device=device)]
+                  if watchdog.enabled else []),
+                *([FaultInjector(faults, rank=env.rank)] if faults is not None and faults.hang_rank >= 0 else []),
                 StepProfiler(profile, run_dir=run_dir, rank=env.rank),
                 TrainLog(metrics=metrics, result=result, log_every=log.log_every, max_steps=trainer.max_steps,
                          flops_per_token=flops_per_token(model, seq_len=data.seq_len), peak_flops=peak, device=device),
@@ -198,13 +209,14 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
                                               result=result, device=device)  # fmt: skip
             parts.append(checkpoints)
 
-            def step(micro_batches: list[dict[str, torch.Tensor]], index: int, review) -> StepResult:
+            def step(micro_batches: list[dict[str, torch.Tensor]], index: int, review, phase) -> StepResult:
                 return train_step(net, optimizer, scheduler, micro_batches, ctx=ctx, grad_clip=optim.grad_clip,
-                                  defer_grad_sync=parallel.fsdp.defer_grad_sync, step=index, review=review)  # fmt: skip
+                                  defer_grad_sync=parallel.fsdp.defer_grad_sync, step=index, review=review,
+                                  phase=phase)  # fmt: skip
 
             run_loop(steps=range(result.first_step, trainer.max_steps + 1), batches=batches_to(device, batches),
                      grad_accum_steps=trainer.grad_accum_steps, train_step=step, result=result, components=parts,
-                     rollback=checkpoints.roll_back)  # fmt: skip
+                     rollback=checkpoints.roll_back, progress=progress)  # fmt: skip
         finally:
             metrics.close()
         result.wall_time_s = time.perf_counter() - started
@@ -215,6 +227,18 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
         return result
     finally:
         shutdown_distributed()
+
+
+def _check_timeouts(watchdog: WatchdogConfig, *, pg_timeout_s: float) -> None:
+    """Warn where the process group's timeout would fire before the watchdog could report a hang."""
+    if not watchdog.enabled:
+        return
+    longest = max(watchdog.timeout_s or watchdog.min_timeout_s, watchdog.first_step_timeout_s,
+                  watchdog.side_work_timeout_s)  # fmt: skip
+    if pg_timeout_s <= longest:
+        logger.warning("parallel.pg_timeout_s=%.0f is not above the hang watchdog's longest allowance (%.0f s): a hang "
+                       "may end in the process group's bare timeout instead of the watchdog's report; raise "
+                       "parallel.pg_timeout_s or lower watchdog.*", pg_timeout_s, longest)  # fmt: skip
 
 
 def _log_start(*, model: ModelArgs, data: DataConfig, trainer: TrainerConfig, ctx: ComputeContext, env: DistEnv,

@@ -48,7 +48,7 @@ def batches():
         yield {"inputs": torch.tensor([i])}
 
 
-def fake_step(micro_batches, step, review=None):
+def fake_step(micro_batches, step, review=None, phase=None):
     out = StepResult(loss=10.0 / step, grad_norm=1.0, lr=1e-3, tokens=4 * len(micro_batches))
     out.applied = review(out) if review is not None else True
     return out
@@ -79,10 +79,10 @@ def test_a_component_stops_the_loop_after_the_step_every_component_saw():
 def test_a_failing_step_still_closes_every_component_but_does_not_end_them():
     calls: list = []
 
-    def failing(micro_batches, step, review=None):
+    def failing(micro_batches, step, review=None, phase=None):
         if step == 2:
             raise FloatingPointError("step 2: loss=nan")
-        return fake_step(micro_batches, step, review)
+        return fake_step(micro_batches, step, review, phase)
 
     with pytest.raises(FloatingPointError, match="step 2"):
         run_loop(steps=range(1, 5), batches=batches(), grad_accum_steps=1, train_step=failing, result=TrainResult(),

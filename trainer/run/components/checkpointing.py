@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 
 class PeriodicCheckpoints(Component):
+    phase = "checkpoint"
+
     def __init__(self, cfg: CheckpointConfig, *, checkpointer: Checkpointer, max_steps: int, args: ModelArgs,
                  model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, loader: PackedLoader, run_config: dict,

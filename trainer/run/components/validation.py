@@ -14,6 +14,8 @@ from trainer.run.records import TrainResult
 
 
 class Validation(Component):
+    phase = "eval"
+
     def __init__(self, *, validate: Callable[[], float], every: int, max_steps: int, metrics: MetricLogger,
                  result: TrainResult):  # fmt: skip
         """
