@@ -22,7 +22,8 @@ from planner.config import ClusterConfig, PlanSettings
 from trainer.checkpoint.config import CheckpointConfig
 from trainer.parallel.config import ParallelConfig
 from trainer.run.config import (
-    LoggingConfig, OptimConfig, ProfileConfig, SpikeConfig, StragglerConfig, TrainerConfig, WatchdogConfig,
+    GoodputConfig, LoggingConfig, OptimConfig, ProfileConfig, SpikeConfig, StragglerConfig, TrainerConfig,
+    WatchdogConfig,
 )  # fmt: skip
 from trainer.run.faults import FaultConfig
 
@@ -44,6 +45,8 @@ class Config:
     """No config group: the straggler monitor (``straggler.every_steps``, ``straggler.warn_ratio``)."""
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     """No config group: the hang watchdog (``watchdog.timeout_s``, ...; docs/operations.md)."""
+    goodput: GoodputConfig = field(default_factory=GoodputConfig)
+    """No config group: where the run's time goes (``<run_dir>/events.jsonl``, ``launch.runs goodput``)."""
     faults: FaultConfig = field(default_factory=FaultConfig)
     """Test-only deterministic fault injection (trainer/run/faults.py); empty in every real run."""
     eval: EvalConfig = field(default_factory=EvalConfig)

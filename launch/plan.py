@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig
 
 from conf.schema import PlanConfig, to_config
+from model.flops import param_counts
 from planner.estimate import budget
 from planner.report import describe, plot_memory, ranking
 from planner.search import plan_one, search
@@ -44,7 +45,8 @@ def run_plan(cfg: PlanConfig, *, out_dir: Path) -> str:
                       global_batch_tokens=global_tokens, micro_batch=cfg.trainer.micro_batch_size,
                       compute_dtype=dtype)  # fmt: skip
     text = describe(chosen, args=cfg.model, cluster=cfg.cluster, tokens=cfg.plan.tokens,
-                    budget=budget(chosen.estimate, tokens=cfg.plan.tokens, cluster=cfg.cluster))  # fmt: skip
+                    budget=budget(chosen.estimate, tokens=cfg.plan.tokens, cluster=cfg.cluster,
+                                  params=param_counts(cfg.model).total))  # fmt: skip
     shown = [chosen]
     if cfg.plan.search:
         found = search(cfg.model, base=cfg.parallel, cluster=cfg.cluster, seq_len=seq_len,

@@ -57,7 +57,7 @@ def train(cfg: Config, *, run_dir: Path, components: Sequence[ComponentFactory] 
     run_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
     return run_training(model=cfg.model, data=cfg.data, optim=cfg.optim, trainer=cfg.trainer, parallel=cfg.parallel,
                         checkpoint=cfg.checkpoint, log=cfg.logging, profile=cfg.profile, spike=cfg.spike,
-                        straggler=cfg.straggler, watchdog=cfg.watchdog, run_dir=Path(run_dir),
+                        straggler=cfg.straggler, watchdog=cfg.watchdog, goodput=cfg.goodput, run_dir=Path(run_dir),
                         run_config=run_config, components=components, faults=cfg.faults)  # fmt: skip
 
 

@@ -37,6 +37,14 @@ class ClusterConfig:
     """Power usage effectiveness of the data centre (LLaMA paper, section 6)."""
     kg_co2_per_kwh: float = 0.385
     """Carbon intensity (the LLaMA paper's US national average)."""
+    checkpoint_write_gbps: float = 2.0
+    """Write bandwidth to the checkpoint file system per node, GB/s (Llama 3's storage: 2-7 TB/s for ~2,000
+    nodes). Prices a save for the checkpoint-interval advice and the expected goodput."""
+    restart_minutes: float = 10.0
+    """From a failure to training again: detection (the hang watchdog, the process-group timeout), relaunch,
+    start-up, loading the checkpoint."""
+    failures_per_gpu_hour: float = 419 / (54 * 24 * 16384)
+    """Unexpected interruptions per GPU-hour; Llama 3's: 419 in 54 days on 16,384 GPUs."""
     memory_reserve_gib: float = 1.5
     """Fixed device memory outside PyTorch's allocator: CUDA context, cuBLAS/NCCL workspaces."""
     fragmentation: float = 0.1
@@ -51,6 +59,9 @@ class ClusterConfig:
                 f"cluster.gpus={self.gpus} is not a whole number of nodes of cluster.gpus_per_node="
                 f"{self.gpus_per_node}: request whole nodes"
             )
+        if self.checkpoint_write_gbps <= 0 or self.restart_minutes < 0 or self.failures_per_gpu_hour <= 0:
+            raise ValueError("cluster.checkpoint_write_gbps and cluster.failures_per_gpu_hour must be positive, "
+                             "cluster.restart_minutes >= 0")  # fmt: skip
         if not 0 < self.gemm_efficiency <= 1:
             raise ValueError(f"cluster.gemm_efficiency must be in (0, 1], got {self.gemm_efficiency}")
         if self.peak_flops is None and gpu_peak(self.gpu) is None:

@@ -53,6 +53,10 @@ def describe(candidate: Candidate, *, args: ModelArgs, cluster: ClusterConfig, b
         f"run of {tokens:.3g} tokens: {budget.steps:,} steps, {budget.days:.1f} days, {budget.gpu_hours:,.0f} "
         f"GPU-hours, {budget.mwh:,.0f} MWh ({cluster.gpu_power_w:.0f} W per GPU, PUE {cluster.pue}), "
         f"{budget.tco2eq:,.0f} tCO2eq ({cluster.kg_co2_per_kwh} kg/kWh)",
+        f"failures: at {cluster.failures_per_gpu_hour:.2g} per GPU-hour the job fails every {budget.mtbf_hours:.1f} h; "
+        f"a save takes {budget.checkpoint_save_s:.1f} s ({cluster.checkpoint_write_gbps:g} GB/s per node), so checkpoint "
+        f"every {budget.checkpoint_interval_s / 60:.1f} min (Young/Daly; checkpoint.every_minutes); expected goodput "
+        f"{budget.expected_goodput:.1%} with {cluster.restart_minutes:g} min restarts: {budget.days_with_failures:.1f} days",
     ]
     return "\n".join(lines)
 

@@ -20,6 +20,7 @@ from typing import Optional
 import yaml
 
 from model.config import ModelArgs
+from model.flops import param_counts
 from planner.config import ClusterConfig
 from planner.estimate import budget
 from planner.search import Candidate, plan_one, search
@@ -170,7 +171,8 @@ def validate() -> list[dict]:
             if run.memory_gib is not None:
                 row["published_memory_gib"] = run.memory_gib
             if run.gpu_hours is not None:
-                cost = budget(est, tokens=run.tokens, cluster=_cluster(run, gemm_efficiency=efficiency[run.cluster]))
+                cost = budget(est, tokens=run.tokens, cluster=_cluster(run, gemm_efficiency=efficiency[run.cluster]),
+                              params=param_counts(ModelArgs(**run.model)).total)  # fmt: skip
                 row |= {"published_gpu_hours": run.gpu_hours, "predicted_gpu_hours": round(cost.gpu_hours),
                         "predicted_days": round(cost.days, 1)}  # fmt: skip
         rows.append(row)

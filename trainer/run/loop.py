@@ -112,6 +112,12 @@ class Progress:
         self.last_progress = now
         """When the last step finished, or the last side work ended (the hang clock starts there)."""
         self.slowest_step_s = 0.0
+        self.seconds: dict[str, float] = {"train": 0.0, "checkpoint": 0.0, "eval": 0.0, "rollback": 0.0, "other": 0.0}
+        """Where this process's loop time went: the steps, and each component's work by its ``phase``."""
+
+    def spend(self, phase: str, seconds: float) -> None:
+        key = phase if phase in self.seconds else "other"
+        self.seconds[key] += seconds
 
     def enter(self, phase: str) -> None:
         now = time.monotonic()
@@ -188,6 +194,7 @@ def run_loop(*, steps: range, batches: Iterator[dict[str, torch.Tensor]], grad_a
             out = train_step(micro_batches, step, functools.partial(_review, components, step), progress.enter)
             computed = time.perf_counter()
             progress.step_done(computed - started)
+            progress.spend("train", computed - started)
             result.losses.append(out.loss)
             result.tokens += out.tokens
             outcome = StepOutcome(step=step, loss=out.loss, grad_norm=out.grad_norm, lr=out.lr, tokens=out.tokens,
@@ -196,14 +203,21 @@ def run_loop(*, steps: range, batches: Iterator[dict[str, torch.Tensor]], grad_a
             control = Control()
             for component in components:
                 progress.enter(component.phase)
+                began = time.perf_counter()
                 component.step_end(outcome, control)
+                progress.spend(component.phase, time.perf_counter() - began)
             if control.stop:
                 break
             if control.rollback is not None:
                 if rollback is None:
                     raise RuntimeError("a component asked for a rollback, but this loop was given no way to roll back")
                 progress.enter("rollback")
+                began = time.perf_counter()
                 resumed = rollback(control.rollback)
+                # The undone steps' training time was lost to the rollback too (at this run's mean step time).
+                undone = (step + 1 - resumed.next_step) * progress.seconds["train"] / max(progress.steps_done, 1)
+                progress.spend("train", -undone)
+                progress.spend("rollback", time.perf_counter() - began + undone)
                 del result.losses[resumed.next_step - first :]  # the undone steps' losses
                 result.tokens = resumed.tokens
                 step = resumed.next_step

@@ -46,6 +46,8 @@ class TrainResult:
     spikes: list[dict] = field(default_factory=list)
     """Every loss spike the guard saw: step, loss, grad_norm, reasons, action, the global ``samples`` of its
     batch and, after a rollback, the ``skipped`` samples."""
+    goodput: dict = field(default_factory=dict)
+    """Where the run directory's time went, restarts included (``trainer.run.goodput.Goodput.as_dict``)."""
     stragglers: list[dict] = field(default_factory=list)
     """Every time the straggler monitor found a rank slower than ``straggler.warn_ratio`` x the median: step,
     rank, host, ratio."""

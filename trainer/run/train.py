@@ -35,17 +35,19 @@ from trainer.parallel.config import ParallelConfig
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.distributed import DistEnv, init_distributed, shutdown_distributed
 from trainer.run.components.checkpointing import PeriodicCheckpoints
+from trainer.run.components.goodput import GoodputRecorder
 from trainer.run.components.profiling import StepProfiler
 from trainer.run.components.spike_guard import SpikeGuard
 from trainer.run.components.straggler import StragglerMonitor
-from trainer.run.components.watchdog import HangWatchdog
 from trainer.run.components.train_log import TrainLog
 from trainer.run.components.validation import Validation
+from trainer.run.components.watchdog import HangWatchdog
 from trainer.run.config import (
-    LoggingConfig, OptimConfig, ProfileConfig, SpikeConfig, StragglerConfig, TrainerConfig, WatchdogConfig,
+    GoodputConfig, LoggingConfig, OptimConfig, ProfileConfig, SpikeConfig, StragglerConfig, TrainerConfig,
+    WatchdogConfig,
 )  # fmt: skip
-from trainer.run.faults import FaultConfig, FaultInjector, poisoned
 from trainer.run.device import configure_matmul_precision, peak_flops, resolve_device, resolve_dtype
+from trainer.run.faults import FaultConfig, FaultInjector, poisoned
 from trainer.run.loop import Component, Progress, run_loop
 from trainer.run.metrics import MetricLogger, system_metrics_enabled
 from trainer.run.optim import build_lr_scheduler, build_optimizer
@@ -118,8 +120,8 @@ def batches_to(device: torch.device, loader: Iterator[dict]) -> Iterator[dict[st
 
 def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trainer: TrainerConfig,
                  parallel: ParallelConfig, checkpoint: CheckpointConfig, log: LoggingConfig, profile: ProfileConfig,
-                 spike: SpikeConfig, straggler: StragglerConfig, watchdog: WatchdogConfig, run_dir: Path,
-                 run_config: dict, components: Sequence[ComponentFactory] = (),
+                 spike: SpikeConfig, straggler: StragglerConfig, watchdog: WatchdogConfig, goodput: GoodputConfig,
+                 run_dir: Path, run_config: dict, components: Sequence[ComponentFactory] = (),
                  faults: Optional[FaultConfig] = None) -> TrainResult:  # fmt: skip
     """Run training as configured, writing config, metrics and wandb files under ``run_dir`` (rank 0).
 
@@ -208,6 +210,10 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
                                               loader=train_loader, run_config=run_config, wandb_id=metrics.wandb_id,
                                               result=result, device=device)  # fmt: skip
             parts.append(checkpoints)
+            if goodput.enabled:  # last: it reads the step's checkpoint stall
+                parts.append(GoodputRecorder(goodput, run_dir=run_dir, enabled=env.is_rank0, progress=progress,
+                                             gpus=env.world_size, metrics=metrics, result=result,
+                                             checkpoint_every_minutes=checkpoint.every_minutes))  # fmt: skip
 
             def step(micro_batches: list[dict[str, torch.Tensor]], index: int, review, phase) -> StepResult:
                 return train_step(net, optimizer, scheduler, micro_batches, ctx=ctx, grad_clip=optim.grad_clip,
