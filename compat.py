@@ -237,3 +237,19 @@ def nccl_flight_recorder() -> str | None:
         lines.append("  " + ", ".join(f"{k}={entry[k]}" for k in keys if k in entry))
     return "\n".join(lines)
 
+
+# --- CUDA memory history (the out-of-memory report) -----------------------------------------------------------
+
+
+def record_cuda_memory_history(*, max_entries: int) -> None:
+    """Start recording the CUDA caching allocator's allocations and frees with their Python stacks
+    (``torch.cuda.memory._record_memory_history``: private, torch 2.1+; ``stacks="python"`` keeps the cost
+    to the Python frames, without C++ unwinding)."""
+    torch.cuda.memory._record_memory_history(enabled="all", stacks="python", max_entries=max_entries)
+
+
+def dump_cuda_memory_snapshot(path) -> None:
+    """Write the recorded history and the allocator's state as a pickle that https://pytorch.org/memory_viz
+    reads (``torch.cuda.memory._dump_snapshot``: private, torch 2.1+)."""
+    torch.cuda.memory._dump_snapshot(str(path))
+

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from conf.schema import Config, to_config
 from trainer.parallel.distributed import DistEnv
+from trainer.run.oom import TrainingOutOfMemory
 from trainer.run.records import TrainResult
 from trainer.run.train import ComponentFactory, run_training
 
@@ -55,10 +56,57 @@ def train(cfg: Config, *, run_dir: Path, components: Sequence[ComponentFactory] 
 
         components.append(lambda built: TaskEvaluation(cfg.eval, built=built, max_steps=cfg.trainer.max_steps))
     run_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
-    return run_training(model=cfg.model, data=cfg.data, optim=cfg.optim, trainer=cfg.trainer, parallel=cfg.parallel,
-                        checkpoint=cfg.checkpoint, log=cfg.logging, profile=cfg.profile, spike=cfg.spike,
-                        straggler=cfg.straggler, watchdog=cfg.watchdog, goodput=cfg.goodput, run_dir=Path(run_dir),
-                        run_config=run_config, components=components, faults=cfg.faults)  # fmt: skip
+    try:
+        return run_training(model=cfg.model, data=cfg.data, optim=cfg.optim, trainer=cfg.trainer,
+                            parallel=cfg.parallel, checkpoint=cfg.checkpoint, log=cfg.logging, profile=cfg.profile,
+                            spike=cfg.spike, straggler=cfg.straggler, watchdog=cfg.watchdog, goodput=cfg.goodput,
+                            run_dir=Path(run_dir), run_config=run_config, components=components,
+                            faults=cfg.faults)  # fmt: skip
+    except TrainingOutOfMemory as err:
+        env = DistEnv.from_environ()
+        if env.is_rank0:  # the planner's view of the same layout, next to the allocator's
+            prediction = write_oom_prediction(cfg, path=err.report.parent / "prediction.txt", world_size=env.world_size)
+            err.args = (f"{err.args[0]}; the planner's prediction for this layout: {prediction}",)
+        raise
+
+
+def write_oom_prediction(cfg: Config, *, path: Path, world_size: int) -> Path:
+    """The planner's memory report for the layout that ran out of memory, on this machine's GPU model (or,
+    without one, the planner's default cluster), into ``path``; a planner failure is written there too."""
+    import torch
+
+    from planner.config import ClusterConfig
+    from planner.estimate import budget
+    from planner.report import describe
+    from planner.search import plan_one
+    from model.flops import param_counts
+    from trainer.run.device import gpu_peak, resolve_dtype
+
+    try:
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name(0)
+            cluster = ClusterConfig(gpu=name, gpus=world_size, gpus_per_node=min(world_size, torch.cuda.device_count()),
+                                    memory_gib=torch.cuda.get_device_properties(0).total_memory / 2**30,
+                                    peak_flops=None if gpu_peak(name) else 1e15)  # fmt: skip
+            note = f"priced on this machine's GPU, {name}"
+        else:
+            cluster = ClusterConfig(gpus=world_size, gpus_per_node=world_size)
+            note = f"no CUDA device here: priced on the planner's default cluster, {cluster.gpu}"
+        dtype = resolve_dtype(cfg.trainer.precision, device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        global_tokens = (cfg.trainer.micro_batch_size * cfg.trainer.grad_accum_steps * cfg.data.seq_len
+                         * (world_size // cfg.parallel.tp))  # fmt: skip
+        chosen = plan_one(cfg.model, parallel=cfg.parallel, cluster=cluster, seq_len=cfg.data.seq_len,
+                          global_batch_tokens=global_tokens, micro_batch=cfg.trainer.micro_batch_size,
+                          compute_dtype=dtype)  # fmt: skip
+        tokens = global_tokens * cfg.trainer.max_steps
+        text = f"({note})\n" + describe(chosen, args=cfg.model, cluster=cluster, tokens=tokens,
+                                         budget=budget(chosen.estimate, tokens=tokens, cluster=cluster,
+                                                       params=param_counts(cfg.model).total))  # fmt: skip
+    except Exception as err:  # the report of an error must not fail on the planner's own
+        text = f"the planner could not price this layout: {type(err).__name__}: {err}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    return path
 
 
 def _prefix_logs_with_rank(rank: int) -> None:
@@ -83,7 +131,13 @@ def main(cfg: DictConfig) -> None:
                                   command_line=sys.argv[1:], job_num=hydra_cfg.job.num)  # fmt: skip
         cfg.logging.group = cfg.logging.group or group
         cfg.logging.run_name = cfg.logging.run_name or name
-    result = train(cfg, run_dir=run_dir)
+    try:
+        result = train(cfg, run_dir=run_dir)
+    except TrainingOutOfMemory as err:
+        print(f"launch.train: {err}. Lower trainer.micro_batch_size, checkpoint more activations "
+              "(parallel.ac.mode=full), or shard more (parallel.tp, more processes); python -m launch.plan "
+              "--search lists the layouts that fit.", file=sys.stderr)  # fmt: skip
+        sys.exit(1)
     if env.is_rank0 and result.losses:
         logger.info(
             "done: loss %.4f -> %.4f over steps %d-%d, %d tokens at %.0f tokens/s on %d processes, %.1f s; run dir %s",

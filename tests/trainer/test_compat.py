@@ -76,6 +76,8 @@ _PRIVATE = (
     r"aten\._scaled_dot_product\w*\(",
     r"_get_acs_underlying_tensor",
     r"_dump_nccl_trace",
+    r"_record_memory_history",
+    r"_dump_snapshot",
 )
 
 

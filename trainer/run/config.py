@@ -86,6 +86,9 @@ class TrainerConfig:
     """Validation batches per evaluation (the same batches every time)."""
     peak_flops: Optional[float] = None
     """Device peak FLOP/s for MFU; None measures it on CPU and looks it up on known GPUs."""
+    memory_history: bool = True
+    """CUDA: record the allocator's history (the last 100,000 allocations, with Python stacks) so that an
+    out-of-memory error leaves a snapshot of what held the memory (trainer/run/oom.py)."""
     save_final_model: bool = False
     """Write the consolidated final weights to ``<run_dir>/final_model.pt`` (for layout comparisons)."""
 

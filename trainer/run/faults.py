@@ -11,6 +11,8 @@ happen at a chosen step, rank or sample, so a test can check what the user sees 
   collective, as a rank stuck in a driver call or a dead file system would; the others then wait in that
   collective (the hang watchdog's test). Only in the first attempt: a run restarted by torchrun
   (``TORCHELASTIC_RESTART_COUNT`` > 0) goes on.
+- ``oom_step``: every rank raises ``torch.OutOfMemoryError`` at the start of that step, as an allocation too
+  large for the device would (the out-of-memory report's test, on any device).
 """
 
 from __future__ import annotations
@@ -42,10 +44,17 @@ class FaultConfig:
     """The rank that blocks (-1: none)."""
     hang_step: int = 0
     """The step at whose start it blocks."""
+    oom_step: int = 0
+    """The step at whose start every rank runs out of memory (0: never)."""
+
+    @property
+    def injects_in_loop(self) -> bool:
+        return self.hang_rank >= 0 or self.oom_step > 0
 
 
 class FaultInjector(Component):
-    """Blocks ``hang_rank`` at the start of ``hang_step`` (first attempt only)."""
+    """Blocks ``hang_rank`` at the start of ``hang_step`` (first attempt only); runs out of memory at
+    ``oom_step``."""
 
     def __init__(self, cfg: FaultConfig, *, rank: int):
         self.cfg, self.rank = cfg, rank
@@ -54,6 +63,8 @@ class FaultInjector(Component):
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
         if self.rank == self.cfg.hang_rank and step == self.cfg.hang_step and first_attempt:
             injected_hang()
+        if step == self.cfg.oom_step:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 20.00 GiB (injected at step {step})")
 
 
 def injected_hang() -> None:

@@ -50,6 +50,7 @@ from trainer.run.device import configure_matmul_precision, peak_flops, resolve_d
 from trainer.run.faults import FaultConfig, FaultInjector, poisoned
 from trainer.run.loop import Component, Progress, run_loop
 from trainer.run.metrics import MetricLogger, system_metrics_enabled
+from trainer.run.oom import out_of_memory, start_memory_history
 from trainer.run.optim import build_lr_scheduler, build_optimizer
 from trainer.run.records import TrainResult
 from trainer.run.step import ComputeContext, StepResult, evaluate, train_step
@@ -139,6 +140,8 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     device = resolve_device(trainer.device, local_rank=env.local_rank)
     configure_matmul_precision(device=device, tf32=trainer.tf32)
+    if trainer.memory_history:
+        start_memory_history(device)
     if watchdog.enabled and device.type == "cuda":
         # The NCCL flight recorder (what the hang report lists of the collectives in flight) records only
         # with a buffer; read when the first NCCL group starts.
@@ -188,7 +191,7 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
             parts: list[Component] = [
                 *([HangWatchdog(watchdog, progress=progress, run_dir=run_dir, rank=env.rank, device=device)]
                   if watchdog.enabled else []),
-                *([FaultInjector(faults, rank=env.rank)] if faults is not None and faults.hang_rank >= 0 else []),
+                *([FaultInjector(faults, rank=env.rank)] if faults is not None and faults.injects_in_loop else []),
                 StepProfiler(profile, run_dir=run_dir, rank=env.rank),
                 TrainLog(metrics=metrics, result=result, log_every=log.log_every, max_steps=trainer.max_steps,
                          flops_per_token=flops_per_token(model, seq_len=data.seq_len), peak_flops=peak, device=device),
@@ -220,9 +223,13 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
                                   defer_grad_sync=parallel.fsdp.defer_grad_sync, step=index, review=review,
                                   phase=phase)  # fmt: skip
 
-            run_loop(steps=range(result.first_step, trainer.max_steps + 1), batches=batches_to(device, batches),
-                     grad_accum_steps=trainer.grad_accum_steps, train_step=step, result=result, components=parts,
-                     rollback=checkpoints.roll_back, progress=progress)  # fmt: skip
+            try:
+                run_loop(steps=range(result.first_step, trainer.max_steps + 1), batches=batches_to(device, batches),
+                         grad_accum_steps=trainer.grad_accum_steps, train_step=step, result=result, components=parts,
+                         rollback=checkpoints.roll_back, progress=progress)  # fmt: skip
+            except torch.OutOfMemoryError as err:
+                raise out_of_memory(err, run_dir=run_dir, rank=env.rank, step=progress.step, phase=progress.phase,
+                                    device=device) from err  # fmt: skip
         finally:
             metrics.close()
         result.wall_time_s = time.perf_counter() - started
