@@ -99,7 +99,7 @@ class DataConfig:
     in the log and in the shard sidecars (``bad_records_skipped``)."""
     prepare_timeout_minutes: float = 720.0
     """How long the other ranks wait for rank 0 to train the tokenizer and write the shards (a large corpus
-    takes hours on one node); the process group's own timeout is 10 minutes, too short for that."""
+    takes hours on one node); the process group's own timeout (``parallel.pg_timeout_s``, 2 h) may be too short."""
     skip_samples: list[list[int]] = field(default_factory=list)
     """Global training samples never to train on, as ``[first, stop)`` ranges of whole global batches
     (``data.skip_samples=[[2048,4096]]``), e.g. the batches of a loss spike when restarting by hand

@@ -94,7 +94,8 @@ def prepare_data_rank0_first(cfg: DataConfig, *, env: DistEnv) -> PreparedData:
     """Rank 0 trains the tokenizer and writes the shards; the others then find them finished and load them.
 
     The others wait in a barrier of a gloo group of its own whose timeout is ``data.prepare_timeout_minutes``:
-    preparing a large corpus outlasts the default group's 10 minutes (NCCL's watchdog would abort the job).
+    preparing a large corpus can outlast the default group's timeout (``parallel.pg_timeout_s``; NCCL's watchdog
+    would abort the job).
     If rank 0 fails instead, its exit ends the job (torchrun stops the other workers).
     """
     waiting = None

@@ -15,6 +15,7 @@ import torch
 from conf.schema import to_config
 from launch.train import train
 from tests.conftest import compose_config
+from tests.wandb_file import read_run
 from trainer.checkpoint.checkpointer import complete_checkpoints
 from trainer.checkpoint.meta import CheckpointMeta
 from trainer.run.components.spike_guard import LossSpikeError, spike_reasons
@@ -77,7 +78,7 @@ class WeightSnapshots(Component):
 
 def test_skip_leaves_the_weights_of_the_spike_step_unchanged(tiny_overrides, tmp_path):
     snapshots: dict = {}
-    result = run(tiny_overrides, tmp_path / "run", poison(), "spike.action=skip",
+    result = run(tiny_overrides, tmp_path / "run", poison(), "spike.action=skip", "logging.wandb_mode=offline",
                  components=[lambda built: WeightSnapshots(built.model, snapshots)])  # fmt: skip
     assert [s["step"] for s in result.spikes] == [SPIKE_STEP]
     spike = result.spikes[0]
@@ -91,6 +92,9 @@ def test_skip_leaves_the_weights_of_the_spike_step_unchanged(tiny_overrides, tmp
         (SPIKE_STEP, 1, SPIKE_SAMPLES[0])]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["spikes"][0]["step"] == SPIKE_STEP
+    wandb_run = read_run(next((tmp_path / "run" / "wandb").glob("offline-run-*")))  # what a sync would upload
+    assert wandb_run.series("train/spikes") == [(SPIKE_STEP, 1)]
+    assert wandb_run.series("train/spike_first_sample") == [(SPIKE_STEP, SPIKE_SAMPLES[0])]
 
 
 def test_rollback_gives_exactly_the_run_that_never_saw_the_batch(tiny_overrides, tmp_path):
