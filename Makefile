@@ -51,8 +51,8 @@ test-slow: $(STAMP)  ## the slow suite (multi-node, fault injection, long runs)
 test-multinode: $(STAMP)  ## multi-node training (two network-namespace nodes, a local Slurm cluster) and data preparation on Slurm: tokenization array tasks, a datatrove recipe (root; ~5 min)
 	$(PY) -m pytest -m slow tests/launch/test_multinode.py tests/launch/test_preemption.py tests/launch/test_prepare_slurm.py tests/launch/test_preprocess_slurm.py $(PYTEST_ARGS)
 
-test-faults: $(STAMP)  ## fault tolerance: preemption signal -> checkpoint -> resume, killed ranks (slow)
-	$(PY) -m pytest -m slow tests/trainer/run/test_faults.py $(PYTEST_ARGS)
+test-faults: $(STAMP)  ## fault tolerance: preemption signal -> checkpoint -> resume, killed ranks, a hang restarted by torchrun (slow)
+	$(PY) -m pytest -m slow tests/trainer/run/test_faults.py tests/trainer/run/test_watchdog.py $(PYTEST_ARGS)
 
 test-gpu:  ## tests that need a CUDA device, run with the machine's own torch (GPU_PY=python3); fails without a GPU
 	$(GPU_PY) -m launch.gpu_check --tests-only --wheels $(GPU_WHEELS) $(ARGS)

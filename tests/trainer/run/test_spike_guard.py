@@ -88,13 +88,14 @@ def test_skip_leaves_the_weights_of_the_spike_step_unchanged(tiny_overrides, tmp
     assert not all(torch.equal(at[k], after[k]) for k in at)  # the next one was
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "train/spikes" in r]
-    assert [(r["step"], r["train/spikes"], r["train/spike_first_sample"]) for r in logged] == [
-        (SPIKE_STEP, 1, SPIKE_SAMPLES[0])]
+    assert [(r["step"], r["train/spikes"], r["train/spike_first_sample"], r["train/spike_action"]) for r in logged] == [
+        (SPIKE_STEP, 1, SPIKE_SAMPLES[0], "skip")]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["spikes"][0]["step"] == SPIKE_STEP
     wandb_run = read_run(next((tmp_path / "run" / "wandb").glob("offline-run-*")))  # what a sync would upload
     assert wandb_run.series("train/spikes") == [(SPIKE_STEP, 1)]
     assert wandb_run.series("train/spike_first_sample") == [(SPIKE_STEP, SPIKE_SAMPLES[0])]
+    assert wandb_run.series("train/spike_action") == [(SPIKE_STEP, "skip")]
 
 
 def test_rollback_gives_exactly_the_run_that_never_saw_the_batch(tiny_overrides, tmp_path):

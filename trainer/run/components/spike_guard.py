@@ -96,8 +96,8 @@ class SpikeGuard(Component):
         logger.warning("loss spike at %s: %s; %s", where, "; ".join(spike["reasons"]), spike["action"])
         self.metrics.log({"spikes": len(self.result.spikes), "spike_loss": spike["loss"],
                           "spike_grad_norm": spike["grad_norm"], "spike_first_sample": spike["samples"][0],
-                          "spike_stop_sample": stop}, step=outcome.step, tokens=outcome.total_tokens,
-                         namespace="train")  # fmt: skip
+                          "spike_stop_sample": stop, "spike_action": spike["action"]}, step=outcome.step,
+                         tokens=outcome.total_tokens, namespace="train")  # fmt: skip
         if self.cfg.action == SpikeAction.stop:
             raise LossSpikeError(f"loss spike at {where}: {'; '.join(spike['reasons'])}. The update was not applied; "
                                  "the newest checkpoint is from before it. Resume with spike.action=rollback (or skip), "
