@@ -112,7 +112,7 @@ class EvalConfig:
 
 @dataclass
 class EvaluateConfig:
-    """The root of ``python -m launch.evaluate`` (``conf/eval.yaml``): a checkpoint and the tasks. The model,
+    """The root of ``python -m launch.evaluate`` (``conf/evaluation/eval.yaml``): a checkpoint and the tasks. The model,
     its shape and its tokenizer come from the checkpoint."""
 
     checkpoint: str = "latest"

@@ -1,7 +1,7 @@
 """Typed config of preprocessing (``python -m launch.preprocess``): one source's pipeline and where it runs.
 
 ``conf/preprocess/<source>.yaml`` (the Hydra group ``preprocess``) holds each source's recipe: its input and its
-steps, each ``{kind: <step>, <its options>}`` from ``pipeline.STEP_KINDS``. ``conf/preprocess.yaml`` adds the
+steps, each ``{kind: <step>, <its options>}`` from ``pipeline.STEP_KINDS``. ``conf/preprocessing/preprocess.yaml`` adds the
 executor and the output directory.
 """
 

@@ -189,35 +189,17 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
                 return evaluate(net, itertools.islice(batches_to(device, loader), trainer.eval_steps), ctx=ctx)
 
             progress = Progress()
-            parts: list[Component] = [
-                *([HangWatchdog(watchdog, progress=progress, run_dir=run_dir, rank=env.rank, device=device)]
-                  if watchdog.enabled else []),
-                *([FaultInjector(faults, rank=env.rank)] if faults is not None and faults.injects_in_loop else []),
-                StepProfiler(profile, run_dir=run_dir, rank=env.rank),
-                TrainLog(metrics=metrics, result=result, log_every=log.log_every, max_steps=trainer.max_steps,
-                         flops_per_token=flops_per_token(model, seq_len=data.seq_len), peak_flops=peak, device=device),
-                Validation(validate=validate, every=trainer.eval_every, max_steps=trainer.max_steps, metrics=metrics,
-                           result=result),
-                *(make(built) for make in components),
-            ]  # fmt: skip
-            if straggler.every_steps and env.world_size > 1:
-                slowed = faults is not None and faults.slow_rank == env.rank
-                parts.append(StragglerMonitor(straggler, args=model, tokens=trainer.micro_batch_size * data.seq_len,
-                                              dtype=ctx.dtype, device=device, metrics=metrics, result=result,
-                                              repeats=faults.slow_factor if slowed else 1))  # fmt: skip
-            if spike.enabled:
-                samples_per_step = ctx.dims.dp * trainer.micro_batch_size * trainer.grad_accum_steps
-                parts.append(SpikeGuard(spike, loader=train_loader, samples_per_step=samples_per_step, metrics=metrics,
-                                        result=result, device=device))  # fmt: skip
-            checkpoints = PeriodicCheckpoints(checkpoint, checkpointer=checkpointer, max_steps=trainer.max_steps,
-                                              args=model, model=net, optimizer=optimizer, scheduler=scheduler,
-                                              loader=train_loader, run_config=run_config, wandb_id=metrics.wandb_id,
-                                              result=result, device=device)  # fmt: skip
-            parts.append(checkpoints)
-            if goodput.enabled:  # last: it reads the step's checkpoint stall
-                parts.append(GoodputRecorder(goodput, run_dir=run_dir, enabled=env.is_rank0, progress=progress,
-                                             gpus=env.world_size, metrics=metrics, result=result,
-                                             checkpoint_every_minutes=checkpoint.every_minutes))  # fmt: skip
+            parts = _components(
+                spike=spike, straggler=straggler, watchdog=watchdog, goodput=goodput, profile=profile, log=log,
+                checkpoint=checkpoint, faults=faults, extra=[make(built) for make in components], progress=progress,
+                env=env, run_dir=run_dir, built=built, validate=validate, peak_flops=peak, optimizer=optimizer,
+                scheduler=scheduler, loader=train_loader, checkpointer=checkpointer, run_config=run_config,
+                flops_per_token=flops_per_token(model, seq_len=data.seq_len), max_steps=trainer.max_steps,
+                eval_every=trainer.eval_every,
+                samples_per_step=ctx.dims.dp * trainer.micro_batch_size * trainer.grad_accum_steps,
+                probe_tokens=trainer.micro_batch_size * data.seq_len,
+            )  # fmt: skip
+            checkpoints = next(c for c in parts if isinstance(c, PeriodicCheckpoints))
 
             def step(micro_batches: list[dict[str, torch.Tensor]], index: int, review, phase) -> StepResult:
                 return train_step(net, optimizer, scheduler, micro_batches, ctx=ctx, grad_clip=optim.grad_clip,
@@ -241,6 +223,47 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
         return result
     finally:
         shutdown_distributed()
+
+
+def _components(*, spike: SpikeConfig, straggler: StragglerConfig, watchdog: WatchdogConfig, goodput: GoodputConfig,
+                profile: ProfileConfig, log: LoggingConfig, checkpoint: CheckpointConfig, faults: Optional[FaultConfig],
+                extra: list[Component], progress: Progress, env: DistEnv, run_dir: Path, built: Built,
+                validate: Callable[[], float], peak_flops: Optional[float], optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler, loader: PackedLoader, checkpointer: Checkpointer,
+                run_config: dict, flops_per_token: int, max_steps: int, eval_every: int, samples_per_step: int,
+                probe_tokens: int) -> list[Component]:  # fmt: skip
+    """The loop's components in the order they are called (docs/architecture.md, "The loop"), each given its
+    own sub-config and what it acts on."""
+    metrics, result, device = built.metrics, built.result, built.ctx.device
+    parts: list[Component] = []
+    if watchdog.enabled:
+        parts.append(HangWatchdog(watchdog, progress=progress, run_dir=run_dir, rank=env.rank, device=device))
+    if faults is not None and faults.injects_in_loop:
+        parts.append(FaultInjector(faults, rank=env.rank))
+    parts += [
+        StepProfiler(profile, run_dir=run_dir, rank=env.rank),
+        TrainLog(metrics=metrics, result=result, log_every=log.log_every, max_steps=max_steps,
+                 flops_per_token=flops_per_token, peak_flops=peak_flops, device=device),
+        Validation(validate=validate, every=eval_every, max_steps=max_steps, metrics=metrics,
+                   result=result),
+        *extra,
+    ]  # fmt: skip
+    if straggler.every_steps and env.world_size > 1:
+        slowed = faults is not None and faults.slow_rank == env.rank
+        parts.append(StragglerMonitor(straggler, args=built.args, tokens=probe_tokens, dtype=built.ctx.dtype,
+                                      device=device, metrics=metrics, result=result,
+                                      repeats=faults.slow_factor if slowed else 1))  # fmt: skip
+    if spike.enabled:
+        parts.append(SpikeGuard(spike, loader=loader, samples_per_step=samples_per_step, metrics=metrics,
+                                result=result, device=device))  # fmt: skip
+    parts.append(PeriodicCheckpoints(checkpoint, checkpointer=checkpointer, max_steps=max_steps, args=built.args,
+                                     model=built.model, optimizer=optimizer, scheduler=scheduler, loader=loader,
+                                     run_config=run_config, wandb_id=metrics.wandb_id, result=result, device=device))  # fmt: skip
+    if goodput.enabled:  # last: it reads the step's checkpoint stall
+        parts.append(GoodputRecorder(goodput, run_dir=run_dir, enabled=env.is_rank0, progress=progress,
+                                     gpus=env.world_size, metrics=metrics, result=result,
+                                     checkpoint_every_minutes=checkpoint.every_minutes))  # fmt: skip
+    return parts
 
 
 def _check_timeouts(watchdog: WatchdogConfig, *, pg_timeout_s: float) -> None:
