@@ -1,7 +1,7 @@
 """Activation-checkpointing policies: what each transformer block keeps for backward, and how many bytes.
 
-One small class per policy, registered under its ``ACMode`` value; adding a policy is adding a class here
-(and its name to ``ACMode`` in trainer/parallel/config.py), and its test. A policy is the one owner of what the blocks keep, and decides it
+One small class per policy, registered under its ``ACMode`` value; adding a policy is adding a class and an
+``ACMode`` member here, and its test. A policy is the one owner of what the blocks keep, and decides it
 once, at build time (trainer/parallel/build.py):
 - ``keep`` / ``keep_final_norm``: what the modules' hand-written backward keeps (``model.ops.Keep``), an
   argument of the model's constructor, so every module, and the tensor-parallel forms built from them
@@ -44,8 +44,9 @@ log-sum-exp instead of the (a, s, s) probabilities, which is what removes Korthi
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -53,8 +54,25 @@ from compat import checkpoint_wrapper
 from model.config import ModelArgs
 from model.llama import Transformer
 from model.ops.keep import Keep
-from trainer.parallel.config import ACConfig, ACMode
 from trainer.parallel.dims import check_tp_divides
+
+if TYPE_CHECKING:  # the config imports ACMode from here
+    from trainer.parallel.config import ACConfig
+
+
+class ACMode(str, enum.Enum):
+    """The policies by name (``parallel.ac.mode``); a ``str`` enum, as OmegaConf needs."""
+
+    none = "none"  # keep every activation the layer's backward uses, element-wise intermediates included
+    selective = "selective"  # keep matmul outputs, recompute the cheap element-wise work (LLaMA paper §2.4)
+    # selective, and the feed-forward's two up projections are rerun in backward: its largest activations
+    # (2 x F ~ 5.3 h per token) go, for 2 of the layer's 7 matmuls rerun; between selective and full in
+    # memory, near torchtitan's per-op policy ("selective op", which keeps every other matmul's output)
+    selective_ffn = "selective_ffn"
+    full = "full"  # keep only each block's input; recompute the block's forward during backward
+    every_k = "every_k"  # full recomputation on every k-th block (parallel.ac.every_k), none on the others
+
+
 
 
 @dataclass(frozen=True)

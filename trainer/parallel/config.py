@@ -16,18 +16,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-
-class ACMode(str, enum.Enum):
-    """The activation-checkpointing policies by name (``parallel.ac.mode``; trainer/parallel/activation_checkpointing.py)."""
-
-    none = "none"  # keep every activation the layer's backward uses, element-wise intermediates included
-    selective = "selective"  # keep matmul outputs, recompute the cheap element-wise work (LLaMA paper §2.4)
-    # selective, and the feed-forward's two up projections are rerun in backward: its largest activations
-    # (2 x F ~ 5.3 h per token) go, for 2 of the layer's 7 matmuls rerun; between selective and full in
-    # memory, near torchtitan's per-op policy ("selective op", which keeps every other matmul's output)
-    selective_ffn = "selective_ffn"
-    full = "full"  # keep only each block's input; recompute the block's forward during backward
-    every_k = "every_k"  # full recomputation on every k-th block (parallel.ac.every_k), none on the others
+from trainer.parallel.activation_checkpointing import ACMode
 
 
 class ReduceDtype(str, enum.Enum):

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from compat import flatten_mesh
 from model.config import ModelArgs
-from trainer.parallel.config import ParallelConfig
+
+if TYPE_CHECKING:  # the config's module imports activation_checkpointing, which imports this one
+    from trainer.parallel.config import ParallelConfig
 
 AXES = ("dp_replicate", "dp_shard", "tp")
 
