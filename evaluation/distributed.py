@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from data.tokenizer import Tokenizer
 from evaluation.lm import LanguageModel
+from evaluation.sampling import GREEDY, Sampling
 from model.config import ModelArgs
 from model.kv_cache import KVCache
 from trainer.checkpoint.dcp import load_tensors
@@ -103,8 +104,15 @@ class ShardedLanguageModel:
     def loglikelihood_rolling(self, texts: Sequence[str], *, stride: Optional[int] = None) -> list[tuple[float, int]]:
         return self._sharded(texts, lambda share: self.lm.loglikelihood_rolling(share, stride=stride))
 
-    def generate_until(self, prompts: Sequence[str], *, stops: Sequence[Sequence[str]],
-                       max_new_tokens: int) -> list[str]:  # fmt: skip
-        pairs = list(zip(prompts, stops))
-        return self._sharded(pairs, lambda share: self.lm.generate_until([p for p, _ in share], stops=[s for _, s in share],
-                                                                         max_new_tokens=max_new_tokens))  # fmt: skip
+    def generate_until(self, prompts: Sequence[str], *, stops: Sequence[Sequence[str]], max_new_tokens: int,
+                       sampling: Sampling = GREEDY, seeds: Optional[Sequence[int]] = None) -> list[str]:  # fmt: skip
+        """As ``LanguageModel.generate_until``; each request keeps its global seed on whichever rank runs it."""
+        seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+        triples = list(zip(prompts, stops, seeds))
+
+        def run(share: list) -> list[str]:
+            return self.lm.generate_until([p for p, _, _ in share], stops=[s for _, s, _ in share],
+                                          max_new_tokens=max_new_tokens, sampling=sampling,
+                                          seeds=[seed for _, _, seed in share])  # fmt: skip
+
+        return self._sharded(triples, run)

@@ -32,17 +32,45 @@ from evaluation import lm_eval_hook
 
 from evaluation.checkpoints import build_language_model
 from evaluation.config import EvalConfig, EvaluateConfig
+from evaluation.sampling import GREEDY, Sampling
 from trainer.run.config import Device, Precision
 
 MODEL_NAME = lm_eval_hook.MODEL_NAME
 logger = logging.getLogger(__name__)
 
 
+GENERATION_ARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k")
+"""lm-eval's generation arguments this model honours; any other is refused, never ignored."""
+
+
+def generation_settings(kwargs: dict, *, default_max: int, seed: int) -> tuple[list[str], int, Sampling]:
+    """(stop strings, most new tokens, sampling) of one lm-eval ``generate_until`` request's arguments.
+
+    ``do_sample`` false (or absent with no temperature) is greedy whatever the temperature, as in
+    transformers; ``do_sample`` true with temperature 0 is greedy too. An argument this model does not
+    implement raises ValueError naming it."""
+    unknown = sorted(set(kwargs) - set(GENERATION_ARGS))
+    if unknown:
+        raise ValueError(f"llama_pretrain does not support the generation argument(s) {unknown} of this task; "
+                         f"it honours {list(GENERATION_ARGS)}")  # fmt: skip
+    until = kwargs.get("until") or []
+    until = [until] if isinstance(until, str) else list(until)
+    max_new = int(kwargs.get("max_gen_toks", default_max))
+    temperature = float(kwargs.get("temperature", 0.0) or 0.0)
+    do_sample = bool(kwargs.get("do_sample", temperature > 0))
+    if not do_sample or temperature == 0:
+        return until, max_new, GREEDY
+    return until, max_new, Sampling(temperature=temperature, top_p=float(kwargs.get("top_p", 1.0) or 1.0),
+                                    top_k=int(kwargs.get("top_k", 0) or 0), seed=seed)  # fmt: skip
+
+
 class LlamaPretrainLM(LM):
-    """``--model_args checkpoint=<dir>[,tokenizer=...,batch_size=8,device=auto,precision=auto,max_gen_toks=256]``."""
+    """``--model_args checkpoint=<dir>[,tokenizer=...,batch_size=8,device=auto,precision=auto,max_gen_toks=256,
+    seed=1234]``. Sampled generations (a task's ``do_sample``/``temperature``/``top_p``/``top_k``) draw
+    from one generator per request, seeded by ``seed`` and the request's index: a result is reproducible."""
 
     def __init__(self, checkpoint: str = "latest", tokenizer: Optional[str] = None, batch_size: Any = 8,
-                 device: Optional[str] = None, precision: str = "auto", max_gen_toks: int = 256,
+                 device: Optional[str] = None, precision: str = "auto", max_gen_toks: int = 256, seed: int = 1234,
                  **unused: Any):  # fmt: skip
         super().__init__()
         # lm-eval passes its --batch_size / --device through here (None when not given); "auto" batch sizes
@@ -56,7 +84,7 @@ class LlamaPretrainLM(LM):
         cfg = EvaluateConfig(checkpoint=str(checkpoint), tokenizer=tokenizer, device=device_choice,
                              precision=Precision(precision), eval=EvalConfig(batch_size=size))  # fmt: skip
         self.lm, self.checkpoint = build_language_model(cfg)
-        self.max_gen_toks = int(max_gen_toks)
+        self.max_gen_toks, self.seed = int(max_gen_toks), int(seed)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         scored = self.lm.loglikelihood([tuple(r.args) for r in requests])
@@ -67,12 +95,11 @@ class LlamaPretrainLM(LM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out = []
-        for request in requests:  # one at a time: each request carries its own stop strings and length
+        for index, request in enumerate(requests):  # one at a time: each carries its own stops, length, sampling
             context, kwargs = request.args
-            until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
-            out.extend(self.lm.generate_until([context], stops=[until], max_new_tokens=max_new))
+            until, max_new, sampling = generation_settings(kwargs, default_max=self.max_gen_toks, seed=self.seed)
+            out.extend(self.lm.generate_until([context], stops=[until], max_new_tokens=max_new, sampling=sampling,
+                                              seeds=[index]))  # fmt: skip
         return out
 
 

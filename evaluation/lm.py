@@ -6,9 +6,10 @@ request types:
 
 - ``loglikelihood([(context, continuation)])`` -> (log p(continuation | context), is_greedy, tokens);
 - ``loglikelihood_rolling([text])`` -> (log p(text), tokens), over windows of at most ``max_len`` tokens;
-- ``generate_until([prompt], stops=..., max_new_tokens=...)`` -> greedy text up to the first stop,
-  decoded incrementally with a key/value cache when ``make_cache`` is given (one position per new token),
-  else by rerunning the prefix.
+- ``generate_until([prompt], stops=..., max_new_tokens=..., sampling=..., seeds=...)`` -> text up to the
+  first stop, greedy or sampled (evaluation/sampling.py: temperature, top-k, top-p, one seeded generator per
+  request), decoded incrementally with a key/value cache when ``make_cache`` is given (one position per new
+  token), else by rerunning the prefix.
 
 Tokenisation follows lm-evaluation-harness's Hugging Face backend, so that the two score the same tokens:
 spaces at the end of a context are moved to the front of its continuation; the continuation's tokens are
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from data.tokenizer import Tokenizer
+from evaluation.sampling import GREEDY, Sampling, next_token, request_generator
 from evaluation.scoring import cut_at_stop
 from model.kv_cache import KVCache
 
@@ -138,9 +140,12 @@ class LanguageModel:
 
     # --- generation -----------------------------------------------------------------------------------------
 
-    def generate_until(self, prompts: Sequence[str], *, stops: Sequence[Sequence[str]],
-                       max_new_tokens: int) -> list[str]:  # fmt: skip
-        """Greedy continuation of each prompt up to its first stop string (or EOS, or ``max_new_tokens``)."""
+    def generate_until(self, prompts: Sequence[str], *, stops: Sequence[Sequence[str]], max_new_tokens: int,
+                       sampling: Sampling = GREEDY, seeds: Optional[Sequence[int]] = None) -> list[str]:  # fmt: skip
+        """The continuation of each prompt up to its first stop string (or EOS, or ``max_new_tokens``), greedy
+        or sampled. ``seeds``: each request's own seed (default: its index here); pass the global ones when a
+        caller splits a request list (evaluation/distributed.py), so a result does not depend on the split."""
+        seeds = list(range(len(prompts))) if seeds is None else list(seeds)
         keep = self.max_len - max_new_tokens
         if keep < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in {self.max_len} positions")
@@ -149,7 +154,9 @@ class LanguageModel:
             batch = list(range(start, min(start + self.batch_size, len(prompts))))
             ids = [[self.tokenizer.bos_id, *self.tokenizer.encode(prompts[i])][-keep:] for i in batch]
             step = self._decode_cached if self.make_cache is not None else self._decode_full
-            new = step(ids, stops=[stops[i] for i in batch], max_new_tokens=max_new_tokens)
+            generators = [request_generator(sampling, seeds[i]) for i in batch]
+            new = step(ids, stops=[stops[i] for i in batch], max_new_tokens=max_new_tokens, sampling=sampling,
+                       generators=generators)  # fmt: skip
             outputs.extend(cut_at_stop(self.tokenizer.decode(n), stops[i]) for n, i in zip(new, batch))
         return outputs
 
@@ -161,9 +168,9 @@ class LanguageModel:
         return len(new) >= max_new_tokens or any(s in self.tokenizer.decode(new) for s in stops)
 
     @torch.no_grad()
-    def _decode_cached(self, ids: list[list[int]], *, stops: Sequence[Sequence[str]],
-                       max_new_tokens: int) -> list[list[int]]:  # fmt: skip
-        """Incremental greedy decoding with a key/value cache (model/kv_cache.py). The rows share positions:
+    def _decode_cached(self, ids: list[list[int]], *, stops: Sequence[Sequence[str]], max_new_tokens: int,
+                       sampling: Sampling, generators: list) -> list[list[int]]:  # fmt: skip
+        """Incremental decoding with a key/value cache (model/kv_cache.py). The rows share positions:
         the batch is run from its shortest prompt on, and a row still inside its prompt is fed its own next
         token instead of the model's (Meta's reference generation), so no row ever attends to padding."""
         lengths = [len(x) for x in ids]
@@ -177,24 +184,24 @@ class LanguageModel:
         done = [False] * len(ids)
         previous = 0
         for position in range(first, total):
-            logits = self.forward(tokens[:, previous:position].to(self.device), cache=cache)
-            chosen = logits[:, -1].float().argmax(-1).cpu()
+            last = self.forward(tokens[:, previous:position].to(self.device), cache=cache)[:, -1].float().cpu()
             for row in range(len(ids)):
                 if position < lengths[row]:
                     continue  # still the prompt: its own token stays in place
                 if not done[row]:
-                    tokens[row, position] = chosen[row]
-                    done[row] = self._finished(new[row], int(chosen[row]), stops[row], max_new_tokens)
+                    chosen = next_token(last[row], sampling, generator=generators[row])
+                    tokens[row, position] = chosen
+                    done[row] = self._finished(new[row], chosen, stops[row], max_new_tokens)
             previous = position
             if self.agree(int(all(done)), "min"):
                 break
         return new
 
     @torch.no_grad()
-    def _decode_full(self, ids: list[list[int]], *, stops: Sequence[Sequence[str]],
-                     max_new_tokens: int) -> list[list[int]]:  # fmt: skip
-        """Greedy decoding that reruns the whole prefix for every token: for a ``forward`` without a cache
-        (e.g. a tensor-parallel model)."""
+    def _decode_full(self, ids: list[list[int]], *, stops: Sequence[Sequence[str]], max_new_tokens: int,
+                     sampling: Sampling, generators: list) -> list[list[int]]:  # fmt: skip
+        """Decoding that reruns the whole prefix for every token: for a ``forward`` without a cache (e.g. a
+        tensor-parallel model)."""
         new: list[list[int]] = [[] for _ in ids]
         done = [False] * len(ids)
         while not self.agree(int(all(done)), "min"):
@@ -205,6 +212,6 @@ class LanguageModel:
             logits = self.forward(tokens.to(self.device)).float().cpu()
             for row, (x, n) in enumerate(zip(ids, new)):
                 if not done[row]:
-                    done[row] = self._finished(n, int(logits[row, len(x) + len(n) - 1].argmax()), stops[row],
-                                               max_new_tokens)  # fmt: skip
+                    chosen = next_token(logits[row, len(x) + len(n) - 1], sampling, generator=generators[row])
+                    done[row] = self._finished(n, chosen, stops[row], max_new_tokens)
         return new

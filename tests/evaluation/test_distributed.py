@@ -12,6 +12,7 @@ from evaluation.checkpoints import build_language_model
 from evaluation.config import EvalConfig, EvaluateConfig, TaskConfig
 from evaluation.demo import write_demo_tasks
 from evaluation.evaluate import run_task
+from evaluation.sampling import Sampling
 from tests.distributed import run_workers
 from trainer.parallel.config import ParallelConfig
 from trainer.parallel.distributed import DistEnv
@@ -27,10 +28,17 @@ def tasks(demo_dir: Path) -> dict[str, TaskConfig]:
     return {name: dataclasses.replace(task, limit=LIMITS[name]) for name, task in selected.items()}
 
 
+# Sampled generations of 5 prompts (shares of 3 and 2): each request keeps its global seed on either rank.
+SAMPLE_PROMPTS = ["def f(x):", "import ", "class A", "    return", "for i in"]
+SAMPLED = Sampling(temperature=1.0, top_p=0.9, seed=3)
+
+
 def evaluate(checkpoint: Path, demo_dir: Path, *, env: DistEnv, parallel: ParallelConfig) -> list[dict]:
     cfg = EvaluateConfig(checkpoint=str(checkpoint), parallel=parallel, eval=EvalConfig(batch_size=2))
     lm, _ = build_language_model(cfg, env=env)
-    return [run_task(name, task, lm, seed=0) for name, task in tasks(demo_dir).items()]
+    sampled = lm.generate_until(SAMPLE_PROMPTS, stops=[["\n\n"]] * 5, max_new_tokens=8, sampling=SAMPLED)
+    return [*(run_task(name, task, lm, seed=0) for name, task in tasks(demo_dir).items()),
+            {"task": "sampled", "format": "sampled", "outputs": sampled}]  # fmt: skip
 
 
 def _worker(rank: int, world_size: int, checkpoint: str, demo_dir: str, out: str) -> None:
@@ -48,12 +56,15 @@ def test_fsdp_and_tp_on_two_processes_give_one_process_numbers(reference_run, tm
                       parallel=ParallelConfig())  # fmt: skip
     run_workers(_worker, world_size=2, args=(str(checkpoint), str(tmp_path / "demo"), str(tmp_path / "out.json")))
     for layout, sharded in json.loads((tmp_path / "out.json").read_text()).items():
-        assert [r["task"] for r in sharded] == list(LIMITS), layout
+        assert [r["task"] for r in sharded] == [*LIMITS, "sampled"], layout
         _assert_same(single, sharded)
 
 
 def _assert_same(single: list[dict], sharded: list[dict]) -> None:
     for one, two in zip(single, sharded):
+        if one["format"] == "sampled":
+            assert one["outputs"] == two["outputs"] and len(set(one["outputs"])) > 1
+            continue
         assert two["examples"] == one["examples"] == LIMITS[one["task"]]
         if one["format"] == "multiple_choice":
             for a, b in zip(one["records"], two["records"]):  # fp32; other batch shapes and shards: ~1e-6
