@@ -114,3 +114,30 @@ class Perplexity:
     @property
     def bits_per_byte(self) -> float:
         return -self.loglikelihood / self.bytes / math.log(2)
+
+
+def pass_at_k(*, n: int, c: int, k: int) -> float:
+    """The unbiased estimator of pass@k from n samples of which c passed (Chen et al. 2021, "Evaluating
+    Large Language Models Trained on Code", eq. 1): 1 - C(n - c, k) / C(n, k), the chance that k samples
+    drawn without replacement from the n include a passing one. Computed as a product, which stays exact
+    where the binomials overflow a float: 1 - prod_{i = n - c + 1}^{n} (1 - k / i)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def majority_vote(answers: Sequence[Optional[str]]) -> tuple[Optional[str], int]:
+    """maj1@k: the most frequent answer among k samples' (already normalised) final answers, and its count.
+    Samples without an answer (None) do not vote; a tie goes to the answer that appeared first, so the vote
+    is a function of the samples in their (seeded) order."""
+    counts: dict[str, int] = {}
+    for answer in answers:
+        if answer is not None:
+            counts[answer] = counts.get(answer, 0) + 1
+    if not counts:
+        return None, 0
+    best = max(counts.values())
+    winner = next(a for a in answers if a is not None and counts[a] == best)
+    return winner, best

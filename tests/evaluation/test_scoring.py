@@ -51,3 +51,30 @@ def test_perplexity_figures():
     assert p.token_perplexity == pytest.approx(math.exp(2.0))
     assert p.word_perplexity == pytest.approx(math.exp(5.0))
     assert p.bits_per_byte == pytest.approx(20.0 / 25 / math.log(2))
+
+
+def test_pass_at_k_equals_the_closed_form_on_small_cases():
+    from math import comb
+
+    from evaluation.scoring import pass_at_k
+
+    for n in range(1, 9):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                closed = 1.0 - comb(n - c, k) / comb(n, k)
+                assert pass_at_k(n=n, c=c, k=k) == pytest.approx(closed, abs=1e-12), (n, c, k)
+    assert pass_at_k(n=200, c=0, k=100) == 0.0 and pass_at_k(n=200, c=150, k=100) == 1.0
+    assert pass_at_k(n=10, c=3, k=1) == pytest.approx(0.3)  # pass@1 is the share that passed
+    # n = 200, the HumanEval protocol: the binomials overflow floats, the product does not
+    assert 0.0 < pass_at_k(n=200, c=7, k=100) < 1.0
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        pass_at_k(n=5, c=1, k=6)
+
+
+def test_majority_vote_counts_answers_and_breaks_ties_by_first_appearance():
+    from evaluation.scoring import majority_vote
+
+    assert majority_vote(["4", "5", "4", None, "5", "4"]) == ("4", 3)
+    assert majority_vote(["7", "3", "3", "7"]) == ("7", 2)  # a tie: the answer seen first
+    assert majority_vote(["3", "7", "3", "7"]) == ("3", 2)
+    assert majority_vote([None, None]) == (None, 0) and majority_vote([]) == (None, 0)
