@@ -21,7 +21,7 @@ from evaluation.distributed import ShardedLanguageModel, build_sharded, sharded_
 from evaluation.evaluate import run_task, table
 from trainer.checkpoint.checkpointer import resolve_checkpoint
 from trainer.checkpoint.hf_interop import load_model_from_checkpoint
-from trainer.checkpoint.meta import CheckpointError, CheckpointMeta
+from trainer.checkpoint.meta import CheckpointMeta
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.distributed import DistEnv, init_distributed, shutdown_distributed
 from trainer.run.device import resolve_device, resolve_dtype

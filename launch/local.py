@@ -21,8 +21,6 @@ import os
 import sys
 import time
 
-from trainer.parallel.config import RENAMED_KEYS
-
 RESTART_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 """What torchrun's restarts need (torch >= 2.5): workers restarted by --max-restarts otherwise share the
 agent's rendezvous store with the dead generation and can read its stale addresses, then fail in gloo's
@@ -80,6 +78,8 @@ def _explain(err: BaseException) -> str:
         if text and text not in lines:
             lines.append(text)
         err = err.__cause__
+    from trainer.parallel.config import RENAMED_KEYS
+
     renamed = [f"{old} is now {new}" for old, new in RENAMED_KEYS.items() if old in "\n".join(lines)]
     if renamed:  # a config written before parallel.* was split by concern
         lines.append("renamed keys: " + "; ".join(renamed))

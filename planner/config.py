@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from trainer.run.device import gpu_peak
+from trainer.run.goodput import LLAMA3_FAILURES_PER_GPU_HOUR
 
 
 @dataclass
@@ -43,7 +44,7 @@ class ClusterConfig:
     restart_minutes: float = 10.0
     """From a failure to training again: detection (the hang watchdog, the process-group timeout), relaunch,
     start-up, loading the checkpoint."""
-    failures_per_gpu_hour: float = 419 / (54 * 24 * 16384)
+    failures_per_gpu_hour: float = LLAMA3_FAILURES_PER_GPU_HOUR
     """Unexpected interruptions per GPU-hour; Llama 3's: 419 in 54 days on 16,384 GPUs."""
     memory_reserve_gib: float = 1.5
     """Fixed device memory outside PyTorch's allocator: CUDA context, cuBLAS/NCCL workspaces."""

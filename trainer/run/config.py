@@ -10,6 +10,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
+from trainer.run.goodput import LLAMA3_FAILURES_PER_GPU_HOUR
+
 
 class Device(str, enum.Enum):
     auto = "auto"  # CUDA when available, else CPU
@@ -253,10 +255,9 @@ class WatchdogConfig:
         if self.grace_s < 0:
             raise ValueError(f"watchdog.grace_s must be >= 0, got {self.grace_s}")
 
-    def longest_s(self) -> Optional[float]:
-        """The longest allowance the watchdog may grant (None: the automatic one has no upper bound)."""
-        return None if self.timeout_s is None else max(self.timeout_s, self.first_step_timeout_s,
-                                                       self.side_work_timeout_s)  # fmt: skip
+    def longest_s(self) -> float:
+        """The longest fixed allowance (the automatic step timeout counts as its floor, ``min_timeout_s``)."""
+        return max(self.timeout_s or self.min_timeout_s, self.first_step_timeout_s, self.side_work_timeout_s)
 
 
 @dataclass
@@ -267,7 +268,7 @@ class GoodputConfig:
     record_every_s: float = 60.0
     """Rank 0 appends a record to ``<run_dir>/events.jsonl`` this often: a crash loses at most this much of
     the accounting (it counts as part of the restart)."""
-    failures_per_gpu_hour: float = 419 / (54 * 24 * 16384)
+    failures_per_gpu_hour: float = LLAMA3_FAILURES_PER_GPU_HOUR
     """For the checkpoint-interval advice: Llama 3's 419 unexpected interruptions in 54 days on 16,384 GPUs."""
 
     def __post_init__(self) -> None:

@@ -189,7 +189,7 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
                 return evaluate(net, itertools.islice(batches_to(device, loader), trainer.eval_steps), ctx=ctx)
 
             progress = Progress()
-            parts = _components(
+            parts, checkpoints = _components(
                 spike=spike, straggler=straggler, watchdog=watchdog, goodput=goodput, profile=profile, log=log,
                 checkpoint=checkpoint, faults=faults, extra=[make(built) for make in components], progress=progress,
                 env=env, run_dir=run_dir, built=built, validate=validate, peak_flops=peak, optimizer=optimizer,
@@ -199,7 +199,6 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
                 samples_per_step=ctx.dims.dp * trainer.micro_batch_size * trainer.grad_accum_steps,
                 probe_tokens=trainer.micro_batch_size * data.seq_len,
             )  # fmt: skip
-            checkpoints = next(c for c in parts if isinstance(c, PeriodicCheckpoints))
 
             def step(micro_batches: list[dict[str, torch.Tensor]], index: int, review, phase) -> StepResult:
                 return train_step(net, optimizer, scheduler, micro_batches, ctx=ctx, grad_clip=optim.grad_clip,
@@ -231,9 +230,9 @@ def _components(*, spike: SpikeConfig, straggler: StragglerConfig, watchdog: Wat
                 validate: Callable[[], float], peak_flops: Optional[float], optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, loader: PackedLoader, checkpointer: Checkpointer,
                 run_config: dict, flops_per_token: int, max_steps: int, eval_every: int, samples_per_step: int,
-                probe_tokens: int) -> list[Component]:  # fmt: skip
+                probe_tokens: int) -> tuple[list[Component], PeriodicCheckpoints]:  # fmt: skip
     """The loop's components in the order they are called (docs/architecture.md, "The loop"), each given its
-    own sub-config and what it acts on."""
+    own sub-config and what it acts on; and the checkpointing one, which also carries out rollbacks."""
     metrics, result, device = built.metrics, built.result, built.ctx.device
     parts: list[Component] = []
     if watchdog.enabled:
@@ -256,22 +255,22 @@ def _components(*, spike: SpikeConfig, straggler: StragglerConfig, watchdog: Wat
     if spike.enabled:
         parts.append(SpikeGuard(spike, loader=loader, samples_per_step=samples_per_step, metrics=metrics,
                                 result=result, device=device))  # fmt: skip
-    parts.append(PeriodicCheckpoints(checkpoint, checkpointer=checkpointer, max_steps=max_steps, args=built.args,
-                                     model=built.model, optimizer=optimizer, scheduler=scheduler, loader=loader,
-                                     run_config=run_config, wandb_id=metrics.wandb_id, result=result, device=device))  # fmt: skip
+    checkpoints = PeriodicCheckpoints(checkpoint, checkpointer=checkpointer, max_steps=max_steps, args=built.args,
+                                      model=built.model, optimizer=optimizer, scheduler=scheduler, loader=loader,
+                                      run_config=run_config, wandb_id=metrics.wandb_id, result=result, device=device)  # fmt: skip
+    parts.append(checkpoints)
     if goodput.enabled:  # last: it reads the step's checkpoint stall
         parts.append(GoodputRecorder(goodput, run_dir=run_dir, enabled=env.is_rank0, progress=progress,
                                      gpus=env.world_size, metrics=metrics, result=result,
                                      checkpoint_every_minutes=checkpoint.every_minutes))  # fmt: skip
-    return parts
+    return parts, checkpoints
 
 
 def _check_timeouts(watchdog: WatchdogConfig, *, pg_timeout_s: float) -> None:
     """Warn where the process group's timeout would fire before the watchdog could report a hang."""
     if not watchdog.enabled:
         return
-    longest = max(watchdog.timeout_s or watchdog.min_timeout_s, watchdog.first_step_timeout_s,
-                  watchdog.side_work_timeout_s)  # fmt: skip
+    longest = watchdog.longest_s()
     if pg_timeout_s <= longest:
         logger.warning("parallel.pg_timeout_s=%.0f is not above the hang watchdog's longest allowance (%.0f s): a hang "
                        "may end in the process group's bare timeout instead of the watchdog's report; raise "
