@@ -8,6 +8,8 @@ import socket
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from trainer.parallel.distributed import shutdown_distributed
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -21,7 +23,9 @@ def _entry(rank: int, fn, world_size: int, port: int, args: tuple) -> None:
     try:
         fn(rank, world_size, *args)
     finally:
-        dist.destroy_process_group()
+        # The trainer's teardown: collect reference cycles holding work handles first, else the group's
+        # destruction at exit sometimes aborts gloo ("terminate called without an active exception").
+        shutdown_distributed()
 
 
 def run_workers(fn, *, world_size: int, args: tuple = ()) -> None:
