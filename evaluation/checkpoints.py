@@ -16,9 +16,8 @@ from typing import Any, Optional
 
 from data.tokenizer import Tokenizer, file_sha256
 from evaluation.config import EvaluateConfig
-from evaluation.demo import ensure_demo_tasks
 from evaluation.distributed import ShardedLanguageModel, build_sharded, sharded_language_model
-from evaluation.evaluate import run_task, table
+from evaluation.evaluate import prepare, run_task, table
 from trainer.checkpoint.checkpointer import resolve_checkpoint
 from trainer.checkpoint.hf_interop import load_model_from_checkpoint
 from trainer.checkpoint.meta import CheckpointMeta
@@ -73,14 +72,15 @@ def evaluate_checkpoint(cfg: EvaluateConfig, *, out_dir: Path) -> list[dict[str,
     """Every task of ``cfg`` on its checkpoint; under torchrun, on all processes, rank 0 writing the files."""
     tasks = cfg.eval.selected()  # unknown or unset tasks fail before the model is loaded
     env = DistEnv.from_environ()
-    if any(t.demo for t in tasks.values()):
-        ensure_demo_tasks(cfg.eval.demo_dir)
     device = resolve_device(cfg.device, local_rank=env.local_rank)
+    step_dir = resolve_checkpoint(cfg.checkpoint)
+    # Programs the model writes may neither read nor list the run directory or the checkpoint.
+    services = prepare(cfg.eval, tasks, deny=[out_dir, step_dir.parent.parent], device=device)
     init_distributed(env, device=device)
     try:
         lm, step_dir = build_language_model(cfg, env=env)
         logger.info("evaluating %s on %s", step_dir, ", ".join(tasks))
-        results = [run_task(name, task, lm, seed=cfg.eval.seed) for name, task in tasks.items()]
+        results = [run_task(name, task, lm, seed=cfg.eval.seed, services=services) for name, task in tasks.items()]
     finally:
         shutdown_distributed()
     if env.is_rank0:

@@ -98,6 +98,11 @@ class ShardedLanguageModel:
             out[rank::self.size] = share
         return out
 
+    def map(self, items: Sequence[T], fn: Callable[[list[T]], list[Any]]) -> list[Any]:
+        """``fn`` over ``items``, each data-parallel rank taking its share (work that is not the model's:
+        running programs, classifying toxicity), the results gathered on every rank in order."""
+        return self._sharded(items, fn)
+
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool, int]]:
         return self._sharded(requests, self.lm.loglikelihood)
 

@@ -58,6 +58,10 @@ class LanguageModel:
         self.agree = agree
         self.max_len, self.batch_size, self.device = max_len, batch_size, device
 
+    def map(self, items: Sequence, fn: Callable[[list], list]) -> list:
+        """``fn`` over ``items`` (the sharded model splits them over the data-parallel ranks)."""
+        return fn(list(items))
+
     # --- tokenisation ---------------------------------------------------------------------------------------
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:

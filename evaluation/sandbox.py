@@ -42,8 +42,10 @@ GUARD = Path(__file__).with_name("sandbox_guard.py")
 REASON_BYTES = 4096
 
 
-@dataclass(frozen=True)
+@dataclass
 class Limits:
+    """``eval.execution``: the limits every program runs under."""
+
     timeout_s: float = 10.0
     """Wall-clock seconds per program (the process group is killed after it)."""
     cpu_s: int = 10

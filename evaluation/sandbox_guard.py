@@ -26,9 +26,9 @@ BLOCKED_EVENTS = frozenset({
     "subprocess.Popen", "pty.spawn", "os.kill", "os.killpg", "signal.pthread_kill", "os.setuid", "os.setgid",
     "socket.bind", "socket.connect", "socket.getaddrinfo", "socket.sendto", "socket.sendmsg",
     "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "ctypes.call_function", "ctypes.addressof",
-    "gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys._getframe", "sys._current_frames",
 })  # fmt: skip
-"""Events refused outright. The frame and gc ones guard the nonce in ``main``'s frame."""
+"""Events refused outright. (Not ``sys._getframe``: namedtuple, enum and typing need it. A program that went
+looking through the frames for the nonce would be written to cheat, which the hook does not pretend to stop.)"""
 
 BLOCKED_MODULES = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "multiprocessing", "_multiprocessing"})
 

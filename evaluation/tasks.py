@@ -1,8 +1,7 @@
-"""Evaluation tasks from local files: the public JSONL layouts of the LLaMA paper's benchmarks, and our own.
+"""Evaluation tasks: the formats a task file can have, the kinds of example they become, few-shot prompts.
 
-Nothing is downloaded: a task is a file the user points at (``eval.tasks[i].path``). Each line of a JSONL
-file is one example; a line that is not JSON, or lacks a field its layout needs, stops with an error that
-names the file and the line (``TaskFileError``).
+Nothing is downloaded: a task is a file (or, for MMLU, a directory) the user points at
+(``eval.catalog.<name>.path``); evaluation/layouts.py reads each format's public layout.
 
 Every task becomes one of three kinds of example:
 
@@ -10,25 +9,29 @@ Every task becomes one of three kinds of example:
   one. Scored by log-likelihood (evaluation/scoring.py picks with the paper's normalisations). Most tasks
   share the context and differ in the continuation; WinoGrande differs in the context (the blank filled
   with each option) and scores the same continuation, as lm-evaluation-harness's "partial" scoring does.
-- ``Generation``: a prompt and the accepted answers; greedy decoding until a stop string, exact match after
-  answer normalisation (closed-book QA: TriviaQA, NaturalQuestions).
+  CrowS-Pairs scores two whole sentences; TruthfulQA MC2 has several true candidates.
+- ``Generation``: a prompt, decoded greedily or sampled until a stop string, then scored by the task's
+  ``Scorer``: exact match after answer normalisation (closed-book QA), the final number or expression of a
+  math solution (GSM8k, MATH; maj1@k over samples), a program run against its tests (HumanEval, MBPP; pass@k),
+  or a toxicity classifier (RealToxicityPrompts).
 - ``Document``: a text whose rolling log-likelihood gives perplexity.
 
 The prompt of each layout follows lm-evaluation-harness's task of the same name (so our accuracies can be
 compared with its), with the paper's normalisation as each task's default (``DEFAULT_NORMALIZATION``).
-Few-shot prompts put k solved examples, drawn with a fixed seed from the task's ``fewshot_path`` (or the
-task file itself, never the example being asked), before the question, separated by a blank line.
+Few-shot prompts put k solved examples before the question, separated by a blank line, drawn with a fixed
+seed (or the first k, ``first=True``, as MMLU takes its dev examples) from the task's ``fewshot_path`` or
+the task file itself, never the example being asked; an example with a ``pool`` (MMLU's subject) draws only
+from shots of the same pool. A ``preamble`` (MMLU's subject line, NaturalQuestions' instruction, the
+"respectful" RealToxicityPrompts instruction) goes before the shots.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-import json
 import random
-import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Union
 
 UNCONDITIONAL_CONTEXT = "Answer:"
 """The context of the paper's unconditional normalisation: P(completion | context) / P(completion | "Answer:")."""
@@ -46,6 +49,19 @@ class TaskFormat(str, enum.Enum):
     boolq = "boolq"  # question, passage, answer (true/false)
     winogrande = "winogrande"  # sentence with one "_", option1, option2, answer ("1" or "2")
     triviaqa = "triviaqa"  # question, answer {value, aliases}
+    siqa = "siqa"  # context, question, answerA, answerB, answerC, label ("1".."3")
+    race = "race"  # article, problems [{question, options, answer}] (EleutherAI's); or article, question, options, answer
+    mmlu = "mmlu"  # a directory of <subject>_test.csv (question, A, B, C, D, answer; no header), or one CSV/JSONL
+    nq_open = "nq_open"  # question, answer [str]
+    gsm8k = "gsm8k"  # question, answer (a solution ending "#### <number>")
+    math = "math"  # problem, solution (with \\boxed{answer}), type, level
+    humaneval = "humaneval"  # task_id, prompt, canonical_solution, test, entry_point
+    mbpp = "mbpp"  # task_id, text, code, test_list, test_setup_code
+    crows_pairs = "crows_pairs"  # sent_more, sent_less, stereo_antistereo, bias_type (CSV with a header, or JSONL)
+    winogender = "winogender"  # sentence, pronoun, occupation, participant, gender, label (0/1), gotcha (optional)
+    truthfulqa_mc1 = "truthfulqa_mc1"  # question, mc1_targets {choices, labels}
+    truthfulqa_mc2 = "truthfulqa_mc2"  # question, mc2_targets {choices, labels}
+    realtoxicityprompts = "realtoxicityprompts"  # prompt {text}
     multiple_choice = "multiple_choice"  # ours: context, choices [str], answer (index)
     generation = "generation"  # ours: prompt, answers [str] (optional "stop": [str])
     text = "text"  # ours: text (perplexity)
@@ -60,7 +76,28 @@ class Normalization(str, enum.Enum):
     unconditional = "unconditional"  # minus its log-likelihood after "Answer:" (the paper's OpenBookQA, BoolQ)
 
 
-DEFAULT_NORMALIZATION = {TaskFormat.openbookqa: Normalization.unconditional, TaskFormat.boolq: Normalization.unconditional}
+DEFAULT_NORMALIZATION = {
+    TaskFormat.openbookqa: Normalization.unconditional, TaskFormat.boolq: Normalization.unconditional,
+    # MC1/MC2 are defined on the raw log-likelihoods (Lin et al. 2021), CrowS-Pairs compares two sentences'
+    # whole log-likelihoods, MMLU's continuations are single letters.
+    TaskFormat.truthfulqa_mc1: Normalization.none, TaskFormat.truthfulqa_mc2: Normalization.none,
+    TaskFormat.crows_pairs: Normalization.none, TaskFormat.mmlu: Normalization.none,
+}  # fmt: skip
+
+
+class Scorer(str, enum.Enum):
+    """How a generation task's outputs become its metrics (evaluation/evaluate.py)."""
+
+    exact_match = "exact_match"
+    gsm8k = "gsm8k"  # the final number; maj1@k over samples
+    math = "math"  # the final boxed expression, equal by math-verify; maj1@k over samples
+    code = "code"  # the program run against its tests in the sandbox; pass@k over samples
+    toxicity = "toxicity"  # the classifier's toxicity of the continuation
+
+
+SCORERS = {TaskFormat.gsm8k: Scorer.gsm8k, TaskFormat.math: Scorer.math, TaskFormat.humaneval: Scorer.code,
+           TaskFormat.mbpp: Scorer.code, TaskFormat.realtoxicityprompts: Scorer.toxicity}  # fmt: skip
+"""The scorer of each generation format; the others score by exact match."""
 
 
 class TaskFileError(ValueError):
@@ -74,216 +111,68 @@ class MultipleChoice:
     answer: int
     # The solved form of this example, for few-shot prompts of other examples.
     shot: str = ""
+    groups: tuple[str, ...] = ()
+    """The groups whose accuracy this example counts in (MMLU's category, CrowS-Pairs' bias type, ...)."""
+    true_set: tuple[int, ...] = ()
+    """TruthfulQA MC2: every true candidate (the metric is their share of the probability)."""
+    pool: str = ""
+    """Few-shot shots come from examples of the same pool (MMLU: the subject)."""
+    preamble: str = ""
 
 
 @dataclass(frozen=True)
 class Generation:
     prompt: str
     answers: tuple[str, ...]
+    """Exact match: the accepted answers; math: the reference final answer; code: the reference solution."""
     stop: tuple[str, ...] = ("\n",)
     shot: str = ""
+    groups: tuple[str, ...] = ()
+    program: tuple[str, str] = ("", "")
+    """Code: the program run is program[0] + completion + program[1] (the tests)."""
+    pool: str = ""
+    preamble: str = ""
 
 
 @dataclass(frozen=True)
 class Document:
     text: str
     shot: str = ""
+    pool: str = ""
+    preamble: str = ""
 
 
 Example = Union[MultipleChoice, Generation, Document]
 
 
-# --- the layouts ------------------------------------------------------------------------------------------
+def with_fewshot(examples: list[Example], *, shots: list[Example], k: int, seed: int, same_pool: bool,
+                 first: bool = False) -> list[Example]:  # fmt: skip
+    """Each example with k solved ``shots`` prepended to its contexts: drawn with ``seed`` (per example), or
+    the first k (``first``); from the shots of the example's own ``pool`` where it has one.
 
-
-def _need(row: dict, *keys: str) -> Any:
-    """row[k1][k2]...; a KeyError names the missing field (turned into a TaskFileError by the reader)."""
-    value: Any = row
-    for key in keys:
-        if not isinstance(value, dict) or key not in value:
-            raise KeyError(".".join(keys))
-        value = value[key]
-    return value
-
-
-def _choice_index(labels: list[str], key: Any) -> int:
-    key = str(key).strip()
-    if key not in labels:
-        raise ValueError(f"answer {key!r} is not one of the choice labels {labels}")
-    return labels.index(key)
-
-
-def _multiple_choice(context: str, choices: list[str], answer: int) -> MultipleChoice:
-    if not choices:
-        raise ValueError("no choices")
-    if not 0 <= answer < len(choices):
-        raise ValueError(f"answer index {answer} is outside the {len(choices)} choices")
-    return MultipleChoice(candidates=tuple((context, c) for c in choices), answer=answer,
-                          shot=context + choices[answer])  # fmt: skip
-
-
-def _hellaswag_clean(text: str) -> str:
-    # WikiHow artefacts in the public file (" [title]", "[header]", double spaces), removed as lm-eval does.
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
-
-
-def _hellaswag(row: dict) -> MultipleChoice:
-    if "ctx_a" in row:
-        ctx = _need(row, "ctx_a") + " " + str(_need(row, "ctx_b")).capitalize()
-    else:
-        ctx = _need(row, "ctx")
-    context = _hellaswag_clean(_need(row, "activity_label") + ": " + ctx)
-    endings = [" " + _hellaswag_clean(e) for e in _need(row, "endings")]
-    return _multiple_choice(context, endings, int(_need(row, "label")))
-
-
-def _piqa(row: dict) -> MultipleChoice:
-    context = f"Question: {_need(row, 'goal')}\nAnswer:"
-    return _multiple_choice(context, [" " + _need(row, "sol1"), " " + _need(row, "sol2")], int(_need(row, "label")))
-
-
-def _question_choices(row: dict) -> tuple[str, list[str], list[str]]:
-    """(stem, choice texts, choice labels) of AI2's nested layout or HF's flat one."""
-    question = _need(row, "question") if "question" in row else None
-    if isinstance(question, dict):  # AI2: {"question": {"stem", "choices": [{"text", "label"}]}}
-        choices = _need(row, "question", "choices")
-        return _need(row, "question", "stem"), [c["text"] for c in choices], [str(c["label"]) for c in choices]
-    stem = question if question is not None else _need(row, "question_stem")
-    choices = _need(row, "choices")  # HF: {"text": [...], "label": [...]}
-    return stem, list(choices["text"]), [str(label) for label in choices["label"]]
-
-
-def _arc(row: dict) -> MultipleChoice:
-    stem, texts, labels = _question_choices(row)
-    return _multiple_choice(f"Question: {stem}\nAnswer:", [" " + t for t in texts],
-                            _choice_index(labels, _need(row, "answerKey")))  # fmt: skip
-
-
-def _openbookqa(row: dict) -> MultipleChoice:
-    stem, texts, labels = _question_choices(row)
-    return _multiple_choice(stem, [" " + t for t in texts], _choice_index(labels, _need(row, "answerKey")))
-
-
-def _boolq(row: dict) -> MultipleChoice:
-    answer = _need(row, "answer")
-    if not isinstance(answer, bool):
-        raise ValueError(f"answer must be true or false, got {answer!r}")
-    context = f"{_need(row, 'passage')}\nQuestion: {_need(row, 'question')}?\nAnswer:"
-    return _multiple_choice(context, [" no", " yes"], int(answer))
-
-
-def _winogrande(row: dict) -> MultipleChoice:
-    sentence = _need(row, "sentence")
-    if sentence.count("_") != 1:
-        raise ValueError("sentence must contain exactly one '_' (the blank)")
-    before, after = sentence.split("_")
-    options = [_need(row, "option1"), _need(row, "option2")]
-    continuation = " " + after.strip()
-    answer = _choice_index(["1", "2"], _need(row, "answer"))
-    return MultipleChoice(candidates=tuple((before + option, continuation) for option in options), answer=answer,
-                          shot=before + options[answer] + continuation)  # fmt: skip
-
-
-def _triviaqa(row: dict) -> Generation:
-    answer = _need(row, "answer")
-    answers = [_need(row, "answer", "value"), *answer.get("aliases", [])] if isinstance(answer, dict) else [answer]
-    prompt = f"Question: {_need(row, 'question')}?\nAnswer:"
-    return Generation(prompt=prompt, answers=tuple(dict.fromkeys(answers)), stop=("\n", ".", ","),
-                      shot=f"{prompt} {answers[0]}")  # fmt: skip
-
-
-def _ours_multiple_choice(row: dict) -> MultipleChoice:
-    return _multiple_choice(_need(row, "context"), list(_need(row, "choices")), int(_need(row, "answer")))
-
-
-def _ours_generation(row: dict) -> Generation:
-    answers = tuple(_need(row, "answers"))
-    if not answers:
-        raise ValueError("answers is empty")
-    stop = tuple(row.get("stop", ["\n"]))
-    return Generation(prompt=_need(row, "prompt"), answers=answers, stop=stop, shot=_need(row, "prompt") + answers[0])
-
-
-def _text(row: dict) -> Document:
-    return Document(text=_need(row, "text"))
-
-
-LAYOUTS: dict[TaskFormat, Callable[[dict], Example]] = {
-    TaskFormat.hellaswag: _hellaswag, TaskFormat.piqa: _piqa, TaskFormat.arc: _arc,
-    TaskFormat.openbookqa: _openbookqa, TaskFormat.boolq: _boolq, TaskFormat.winogrande: _winogrande,
-    TaskFormat.triviaqa: _triviaqa, TaskFormat.multiple_choice: _ours_multiple_choice,
-    TaskFormat.generation: _ours_generation, TaskFormat.text: _text,
-}  # fmt: skip
-
-
-# --- reading ------------------------------------------------------------------------------------------------
-
-
-def _rows(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for every non-blank line of a JSONL file."""
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as err:
-        raise TaskFileError(f"cannot read task file {path}: {err.strerror}; check eval.tasks[].path") from err
-    with handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TaskFileError(f"{path}:{number}: not valid JSON ({err.msg}, column {err.colno})") from err
-            if not isinstance(row, dict):
-                raise TaskFileError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            yield number, row
-
-
-def read_examples(path: str | Path, *, layout: TaskFormat, limit: Optional[int] = None) -> list[Example]:
-    """The examples of a JSONL task file in ``layout``; the first ``limit`` if given.
-
-    Raises TaskFileError naming the file and line of a malformed example, or the file if it has none."""
-    path, layout = Path(path), TaskFormat(layout)
-    parse = LAYOUTS[layout]
-    examples: list[Example] = []
-    for number, row in _rows(path):
-        if limit is not None and len(examples) >= limit:
-            break
-        try:
-            examples.append(parse(row))
-        except KeyError as err:
-            raise TaskFileError(f"{path}:{number}: missing field {err.args[0]!r} of the {layout.value} layout") from None
-        except (ValueError, TypeError, AttributeError) as err:
-            raise TaskFileError(f"{path}:{number}: {err} ({layout.value} layout)") from None
-    if not examples:
-        raise TaskFileError(f"task file {path} has no examples; point eval.tasks[].path at a non-empty JSONL file")
-    return examples
-
-
-def with_fewshot(examples: list[Example], *, shots: list[Example], k: int, seed: int,
-                 same_pool: bool) -> list[Example]:  # fmt: skip
-    """Each example with k solved ``shots`` (drawn with ``seed``, per example) prepended to its contexts.
-
-    ``same_pool``: the shots come from the examples themselves, so an example never sees itself."""
+    ``same_pool``: the shots are the examples themselves, so an example never sees itself."""
     if k == 0:
         return examples
-    pool_size = len(shots) - (1 if same_pool else 0)
-    if pool_size < k:
-        raise ValueError(f"{k}-shot needs at least {k} other examples to draw from, there are {pool_size}")
     out = []
     for i, example in enumerate(examples):
-        rng = random.Random(seed * 1_000_003 + i)
-        indices = [j for j in range(len(shots)) if not (same_pool and j == i)]
-        prefix = FEWSHOT_SEPARATOR.join(shots[j].shot for j in rng.sample(indices, k)) + FEWSHOT_SEPARATOR
-        out.append(_prefixed(example, prefix))
+        indices = [j for j in range(len(shots)) if not (same_pool and j == i) and shots[j].pool == example.pool]
+        if len(indices) < k:
+            where = f" of pool {example.pool!r}" if example.pool else ""
+            raise ValueError(f"{k}-shot needs at least {k} other examples{where} to draw from, there are {len(indices)}")
+        chosen = indices[:k] if first else random.Random(seed * 1_000_003 + i).sample(indices, k)
+        out.append(_prefixed(example, FEWSHOT_SEPARATOR.join(shots[j].shot for j in chosen) + FEWSHOT_SEPARATOR))
     return out
+
+
+def with_preamble(examples: list[Example], *, prefix: str = "") -> list[Example]:
+    """Each example with ``prefix`` and its own ``preamble`` before everything else (the shots included)."""
+    return [dataclasses.replace(_prefixed(ex, prefix + ex.preamble), preamble="") if prefix + ex.preamble else ex
+            for ex in examples]  # fmt: skip
 
 
 def _prefixed(example: Example, prefix: str) -> Example:
     if isinstance(example, MultipleChoice):
-        return MultipleChoice(candidates=tuple((prefix + c, x) for c, x in example.candidates), answer=example.answer,
-                              shot=example.shot)  # fmt: skip
+        return dataclasses.replace(example, candidates=tuple((prefix + c, x) for c, x in example.candidates))
     if isinstance(example, Generation):
-        return Generation(prompt=prefix + example.prompt, answers=example.answers, stop=example.stop, shot=example.shot)
-    raise ValueError("few-shot prompts apply to multiple-choice and generation tasks, not to perplexity (text)")
+        return dataclasses.replace(example, prompt=prefix + example.prompt)
+    raise ValueError("few-shot prompts and preambles apply to multiple-choice and generation tasks, not to perplexity (text)")

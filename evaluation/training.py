@@ -13,9 +13,8 @@ import torch
 
 from data.tokenizer import Tokenizer
 from evaluation.config import EvalConfig
-from evaluation.demo import ensure_demo_tasks
 from evaluation.distributed import sharded_language_model
-from evaluation.evaluate import load_task, score_examples
+from evaluation.evaluate import load_task, prepare, score_examples
 from trainer.run.loop import Component, Control, StepOutcome
 from trainer.run.train import Built
 
@@ -28,8 +27,7 @@ class TaskEvaluation(Component):
         self.every, self.max_steps = cfg.every_steps, max_steps
         self.metrics, self.result = built.metrics, built.result
         self.tasks = cfg.selected()
-        if any(t.demo for t in self.tasks.values()):
-            ensure_demo_tasks(cfg.demo_dir)
+        self.services = prepare(cfg, self.tasks, deny=[built.run_dir], device=built.ctx.device)
         self.examples = {name: load_task(task, seed=cfg.seed) for name, task in self.tasks.items()}
         self.lm = sharded_language_model(built.model, built.ctx.dims, args=built.args,
                                          tokenizer=Tokenizer(str(built.tokenizer_path)), batch_size=cfg.batch_size,
@@ -48,6 +46,6 @@ class TaskEvaluation(Component):
         """``{"<task>/<metric>": value}`` on the model as it is now (all ranks call it together)."""
         out = {}
         for name, task in self.tasks.items():
-            metrics = score_examples(self.examples[name], task, self.lm)[0]
+            metrics = score_examples(self.examples[name], task, self.lm, services=self.services)[0]
             out |= {f"{name}/{metric}": value for metric, value in metrics.items()}
         return out

@@ -8,8 +8,9 @@ import json
 import pytest
 
 from evaluation.config import EvalConfig, TaskConfig
+from evaluation.layouts import read_examples
 from evaluation.tasks import (
-    Document, Generation, MultipleChoice, Normalization, TaskFileError, TaskFormat, read_examples, with_fewshot,
+    Document, Generation, MultipleChoice, Normalization, TaskFileError, TaskFormat, with_fewshot,
 )  # fmt: skip
 
 # One line per layout, made up here in each benchmark's public field names.

@@ -71,6 +71,7 @@ class Built:
     metrics: MetricLogger
     result: TrainResult
     """The run's summary, which components add their results to."""
+    run_dir: Path
 
 
 ComponentFactory = Callable[[Built], Component]
@@ -181,7 +182,7 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
         try:
             peak = _log_start(model=model, data=data, trainer=trainer, ctx=ctx, env=env, run_dir=run_dir)
             built = Built(model=net, args=model, ctx=ctx, tokenizer_path=prepared.tokenizer_path, metrics=metrics,
-                          result=result)  # fmt: skip
+                          result=result, run_dir=run_dir)  # fmt: skip
 
             def validate() -> float:
                 # A fresh loader with a fixed seed: every evaluation scores exactly the same sequences.
