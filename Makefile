@@ -82,8 +82,11 @@ data-demo: $(STAMP)  ## LLaMA's data pipeline end to end on generated samples: 7
 preprocess: $(STAMP)  ## clean one source on datatrove: make preprocess ARGS='preprocess=github raw_root=/data/raw [executor.kind=slurm ...]'
 	$(PY) -m launch.preprocess $(ARGS)
 
-eval: $(STAMP)  ## evaluate the newest checkpoint under outputs/ (make train's) on the demo tasks, print the table; ARGS='checkpoint=<dir> eval.tasks=[...]'
-	$(PY) -m launch.evaluate $(ARGS)
+# Every demo task: one per layout and scorer of the report card (evaluation/demo.py, evaluation/demo_report.py).
+EVAL_DEMOS := stdlib_next_line,stdlib_import,stdlib_text,demo_siqa,demo_race,demo_mmlu,demo_nq_open,demo_gsm8k,demo_gsm8k_maj,demo_math_maj,demo_humaneval,demo_mbpp,demo_crows_pairs,demo_winogender,demo_truthfulqa_mc2,demo_realtoxicityprompts
+
+eval: $(STAMP)  ## evaluate the newest checkpoint under outputs/ (make train's) on every demo task (their programs run sandboxed), print the report; ARGS='checkpoint=<dir> eval.tasks=[...]'
+	$(PY) -m launch.evaluate 'eval.tasks=[$(EVAL_DEMOS)]' eval.allow_code_execution=true $(ARGS)
 
 plan: $(STAMP)  ## plan a cluster run without a GPU: memory per GPU, step time, GPU-hours, carbon (docs/planner.md); ARGS='model=llama1_65b cluster.gpus=2048 parallel.tp=8 [--search]'
 	$(PY) -m launch.plan $(ARGS)

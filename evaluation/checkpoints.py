@@ -3,8 +3,8 @@
 The model's shape and its tokenizer come from the checkpoint
 (``meta.json``); a ``tokenizer=`` given on the command line must be the very file the checkpoint was
 trained with (same sha256), since other ids would score other tokens. Results: ``results.json`` (every
-metric, and per example the numbers behind it) and a Markdown table, printed and written as
-``results.md``, in the run directory (``out_dir``).
+metric, and per example the numbers behind it), the report (evaluation/report.py) as ``results.md`` and
+``report.png``, in the run directory (``out_dir``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Any, Optional
 from data.tokenizer import Tokenizer, file_sha256
 from evaluation.config import EvaluateConfig
 from evaluation.distributed import ShardedLanguageModel, build_sharded, sharded_language_model
-from evaluation.evaluate import prepare, run_task, table
+from evaluation.evaluate import prepare, run_task
+from evaluation.report import plot, report
 from trainer.checkpoint.checkpointer import resolve_checkpoint
 from trainer.checkpoint.hf_interop import load_model_from_checkpoint
 from trainer.checkpoint.meta import CheckpointMeta
@@ -87,5 +88,6 @@ def evaluate_checkpoint(cfg: EvaluateConfig, *, out_dir: Path) -> list[dict[str,
         out_dir.mkdir(parents=True, exist_ok=True)
         summary = {"checkpoint": str(step_dir), "world_size": env.world_size, "results": results}
         (out_dir / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
-        (out_dir / "results.md").write_text(table(results) + "\n")
+        (out_dir / "results.md").write_text(report(results))
+        plot(results, out_dir / "report.png")
     return results

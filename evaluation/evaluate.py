@@ -243,7 +243,7 @@ def run_task(name: str, task: TaskConfig, lm: LanguageModel, *, seed: int,
     examples = load_task(task, seed=seed)
     metrics, records = score_examples(examples, task, lm, services=services or Services(seed=seed))
     return {"task": name, "format": task.format.value, "examples": len(examples), "num_fewshot": task.num_fewshot,
-            "limit": task.limit, "samples": task.samples, "temperature": task.temperature, "paper": task.paper,
+            "limit": task.limit, "samples": task.samples, "temperature": task.temperature, "paper": task.paper, "demo": task.demo,
             "metrics": metrics, "records": records}  # fmt: skip
 
 

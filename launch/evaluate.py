@@ -5,7 +5,8 @@
 
 Hydra overrides of ``conf/evaluation/eval.yaml`` (``evaluation.config.EvaluateConfig``); the work is
 ``evaluation.checkpoints.evaluate_checkpoint``. Results: ``results.json`` (every metric, and per example the
-numbers behind it) and a Markdown table, printed and written as ``results.md``, in the run directory
+numbers behind it), the report (the LLaMA paper's tables with our numbers in them, then every metric:
+evaluation/report.py), printed and written as ``results.md``, and ``report.png``, in the run directory
 (``out_dir``). A task, file, checkpoint or tokenizer that does not work ends the command with exit code 2 and
 one line saying why.
 """
@@ -20,7 +21,7 @@ from omegaconf import DictConfig
 
 from conf.schema import to_config
 from evaluation.checkpoints import evaluate_checkpoint
-from evaluation.evaluate import table
+from evaluation.report import report
 from evaluation.tasks import TaskFileError
 from trainer.parallel.distributed import DistEnv
 
@@ -37,8 +38,9 @@ def main(cfg: DictConfig) -> None:
         print(f"launch.evaluate: {err}", file=sys.stderr)
         sys.exit(2)
     if DistEnv.from_environ().is_rank0:
-        print(table(results))
-        print(f"\nwritten: {out_dir / 'results.json'}, {out_dir / 'results.md'}")
+        print(report(results))
+        png = out_dir / "report.png"
+        print(f"written: {out_dir / 'results.json'}, {out_dir / 'results.md'}" + (f", {png}" if png.exists() else ""))
 
 
 if __name__ == "__main__":
