@@ -1,4 +1,5 @@
-"""Evaluation on 2 gloo processes (FSDP over both, and TP 2) gives one process's numbers."""
+"""Evaluation on 2 gloo processes (FSDP over both, and TP 2) gives one process's numbers: every kind of task,
+sampled ones (maj1@k) and executed ones (pass@k, programs split over the ranks) included."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 from evaluation.checkpoints import build_language_model
 from evaluation.config import EvalConfig, EvaluateConfig, TaskConfig
 from evaluation.demo import write_demo_tasks
-from evaluation.evaluate import run_task
+from evaluation.demo_report import write_report_demo_tasks
+from evaluation.evaluate import prepare, run_task
 from evaluation.sampling import Sampling
 from tests.distributed import run_workers
 from trainer.parallel.config import ParallelConfig
@@ -19,13 +21,15 @@ from trainer.parallel.distributed import DistEnv
 
 # Odd counts: shares of unequal size, so the padding of the shorter one is exercised; the texts make
 # different numbers of rolling windows on the two ranks, so the extra forwards are too.
-LIMITS = {"stdlib_next_line": 5, "stdlib_import": 3, "stdlib_text": 3}
+LIMITS = {"stdlib_next_line": 5, "stdlib_import": 3, "stdlib_text": 3, "demo_mmlu": 5, "demo_crows_pairs": 5,
+          "demo_winogender": 5, "demo_truthfulqa_mc2": 3, "demo_gsm8k_maj": 3, "demo_humaneval": 3,
+          "demo_realtoxicityprompts": 3}  # fmt: skip
 LAYOUTS = {"fsdp2": ParallelConfig(), "tp2": ParallelConfig(tp=2)}
 
 
-def tasks(demo_dir: Path) -> dict[str, TaskConfig]:
-    selected = EvalConfig(demo_dir=str(demo_dir), tasks=list(LIMITS)).selected()
-    return {name: dataclasses.replace(task, limit=LIMITS[name]) for name, task in selected.items()}
+def tasks(demo_dir: Path) -> tuple[dict[str, TaskConfig], EvalConfig]:
+    cfg = EvalConfig(demo_dir=str(demo_dir), tasks=list(LIMITS), allow_code_execution=True, seed=0)
+    return {name: dataclasses.replace(task, limit=LIMITS[name]) for name, task in cfg.selected().items()}, cfg
 
 
 # Sampled generations of 5 prompts (shares of 3 and 2): each request keeps its global seed on either rank.
@@ -37,7 +41,9 @@ def evaluate(checkpoint: Path, demo_dir: Path, *, env: DistEnv, parallel: Parall
     cfg = EvaluateConfig(checkpoint=str(checkpoint), parallel=parallel, eval=EvalConfig(batch_size=2))
     lm, _ = build_language_model(cfg, env=env)
     sampled = lm.generate_until(SAMPLE_PROMPTS, stops=[["\n\n"]] * 5, max_new_tokens=8, sampling=SAMPLED)
-    return [*(run_task(name, task, lm, seed=0) for name, task in tasks(demo_dir).items()),
+    selected, eval_cfg = tasks(demo_dir)
+    services = prepare(eval_cfg, selected)
+    return [*(run_task(name, task, lm, seed=0, services=services) for name, task in selected.items()),
             {"task": "sampled", "format": "sampled", "outputs": sampled}]  # fmt: skip
 
 
@@ -52,6 +58,7 @@ def _worker(rank: int, world_size: int, checkpoint: str, demo_dir: str, out: str
 def test_fsdp_and_tp_on_two_processes_give_one_process_numbers(reference_run, tmp_path):
     checkpoint = reference_run("single") / "checkpoints" / "step_00000010"
     write_demo_tasks(tmp_path / "demo", n=8)
+    write_report_demo_tasks(tmp_path / "demo")
     single = evaluate(checkpoint, tmp_path / "demo", env=DistEnv(rank=0, local_rank=0, world_size=1),
                       parallel=ParallelConfig())  # fmt: skip
     run_workers(_worker, world_size=2, args=(str(checkpoint), str(tmp_path / "demo"), str(tmp_path / "out.json")))
@@ -66,12 +73,25 @@ def _assert_same(single: list[dict], sharded: list[dict]) -> None:
             assert one["outputs"] == two["outputs"] and len(set(one["outputs"])) > 1
             continue
         assert two["examples"] == one["examples"] == LIMITS[one["task"]]
-        if one["format"] == "multiple_choice":
+        if "candidates" in one["records"][0]:  # multiple choice, in every layout
             for a, b in zip(one["records"], two["records"]):  # fp32; other batch shapes and shards: ~1e-6
                 assert [c["loglikelihood"] for c in a["candidates"]] == pytest.approx(
                     [c["loglikelihood"] for c in b["candidates"]], abs=1e-4)
-            assert one["metrics"] == two["metrics"]
+            # the accuracies exactly; differences and shares of log-likelihoods as closely as those (1e-4)
+            assert one["metrics"] == pytest.approx(two["metrics"], abs=2e-4)
+            assert {k: v for k, v in one["metrics"].items() if k.startswith(("acc", "pct"))} == {
+                k: v for k, v in two["metrics"].items() if k.startswith(("acc", "pct"))}
         elif one["format"] == "generation":
             assert [r["prediction"] for r in one["records"]] == [r["prediction"] for r in two["records"]]
+        elif one["format"] in ("gsm8k", "humaneval"):  # sampled: each request's seed is global
+            key = "samples" if one["format"] == "gsm8k" else "completions"
+            assert [r[key] for r in one["records"]] == [r[key] for r in two["records"]]
+            assert len({s for r in one["records"] for s in r[key]}) > 1  # really sampled
+            if key == "completions":  # every program ran on some rank, with the same outcome
+                assert [r["reasons"] for r in one["records"]] == [r["reasons"] for r in two["records"]]
+            assert one["metrics"] == two["metrics"]
+        elif one["format"] == "realtoxicityprompts":
+            assert [r["continuation"] for r in one["records"]] == [r["continuation"] for r in two["records"]]
+            assert one["metrics"] == pytest.approx(two["metrics"], abs=1e-6)
         else:
             assert one["metrics"]["token_perplexity"] == pytest.approx(two["metrics"]["token_perplexity"], rel=1e-5)
