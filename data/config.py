@@ -100,6 +100,10 @@ class DataConfig:
     prepare_timeout_minutes: float = 720.0
     """How long the other ranks wait for rank 0 to train the tokenizer and write the shards (a large corpus
     takes hours on one node); the process group's own timeout (``parallel.pg_timeout_s``, 2 h) may be too short."""
+    document_mask: bool = False
+    """Attention within documents only: each document packed into a training sequence attends to itself alone,
+    its positions restarting at 0 (Llama 3's choice; LLaMA's, the default, lets attention cross the EOS/BOS
+    boundaries of the concatenated stream)."""
     skip_samples: list[list[int]] = field(default_factory=list)
     """Global training samples never to train on, as ``[first, stop)`` ranges of whole global batches
     (``data.skip_samples=[[2048,4096]]``), e.g. the batches of a loss spike when restarting by hand

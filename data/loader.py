@@ -78,7 +78,8 @@ class _TokenStream:
 
 
 class PackedLoader:
-    """Infinite iterator of packed batches ``{"inputs": (B, T), "labels": (B, T)}`` (int64).
+    """Infinite iterator of packed batches ``{"inputs": (B, T), "labels": (B, T)}`` (int64), with
+    ``"documents"`` (B, T) too where ``document_mask`` is set.
 
     Args:
         prepared: the result of ``prepare_data``.
@@ -87,6 +88,8 @@ class PackedLoader:
         batch_size: B, samples per rank per step.
         dp_rank, dp_size: this rank's slice of the global batch of dp_size * batch_size samples.
         seed: seeds the mixture draws and the per-epoch window permutations.
+        document_mask: also yield each input's document index in its window (a new document at each BOS),
+            for attention that stays within documents (``data.document_mask``, Llama 3's choice).
     """
 
     def __init__(
@@ -99,9 +102,11 @@ class PackedLoader:
         dp_rank: int = 0,
         dp_size: int = 1,
         seed: int = 0,
+        document_mask: bool = False,
     ):
         _check_args(prepared, split=split, seq_len=seq_len, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size)
         self.split, self.seq_len, self.batch_size = split, seq_len, batch_size
+        self.bos_id = prepared.bos_id if document_mask else None
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         # Sorted names: the mixture draw must not depend on the order sources appear in YAML.
         self.names = sorted(name for name, weight in prepared.weights.items() if weight > 0)
@@ -157,7 +162,10 @@ class PackedLoader:
             self._source_samples[name] += int((choices == index).sum())
         self._consumed += global_batch
         tokens = torch.from_numpy(windows)
-        return {"inputs": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
+        batch = {"inputs": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
+        if self.bos_id is not None:  # every document is stored as BOS ... EOS (data/shards.py)
+            batch["documents"] = (batch["inputs"] == self.bos_id).cumsum(dim=1)
+        return batch
 
     def _sources_of(self, first: int, count: int) -> np.ndarray:
         """Source index of global samples [first, first + count)."""

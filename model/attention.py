@@ -135,15 +135,58 @@ def causal_attention(
     return out.transpose(1, 2)
 
 
-def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The definition, in plain ops: a reference for the fused kernels. Takes and returns (B, H, T, D)."""
+def document_positions(documents: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids (constant along each packed document) -> (B, T) positions that restart at 0 where
+    a document begins, the RoPE positions of documents packed into one sequence."""
+    index = torch.arange(documents.shape[1], device=documents.device).expand_as(documents)
+    begins = torch.ones_like(documents, dtype=torch.bool)
+    begins[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return index - torch.where(begins, index, 0).cummax(dim=1).values
+
+
+def document_mask(documents: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids -> (B, 1, T, T) bool, True where query i may attend to key j: j <= i and both in the
+    same document (block-diagonal causal; the diagonal is always allowed, so no row is empty)."""
+    t = documents.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=documents.device).tril()
+    return ((documents[:, :, None] == documents[:, None, :]) & causal)[:, None]
+
+
+def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, documents: torch.Tensor,
+                       backend: AttnBackend = AttnBackend.auto) -> torch.Tensor:  # fmt: skip
+    """softmax(q k^T / sqrt(D) + document mask) v: causal attention that never crosses from one packed
+    document to another (Llama 3's document masking; finetuning's packed examples).
+
+    SDPA with the boolean mask (its memory-efficient or math kernel, with their own backward); ``math``:
+    the plain-ops reference. The hand-written flash core and flash-attn take no mask, so ``auto`` and
+    ``flash`` use SDPA here.
+
+    Args:
+        q: (B, T, H, D); k, v: (B, T, Hkv, D); documents: (B, T) ids.
+    Returns:
+        (B, T, H, D).
+    """
+    mask = document_mask(documents)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+    if backend == AttnBackend.math:
+        out = _math_attention(q, k, v, allowed=mask)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    return out.transpose(1, 2)
+
+
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    allowed: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The definition, in plain ops: a reference for the fused kernels. Takes and returns (B, H, T, D);
+    ``allowed`` (B, 1, T, T): where attention may look (default: causal)."""
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, T)
-    t = q.shape[2]
-    mask = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
-    scores = scores.masked_fill(mask, float("-inf"))
+    if allowed is None:
+        t = q.shape[2]
+        allowed = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~allowed, float("-inf"))
     # Softmax in at least fp32: exp of bf16 scores loses the small probabilities.
     probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
     return probs.to(q.dtype) @ v

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model import ops
-from model.attention import causal_attention, core_supports
+from model.attention import causal_attention, core_supports, document_attention, document_positions
 from model.config import AttnBackend, ModelArgs
 from model.kv_cache import KVCache, LayerCache
 from model.ops.keep import Keep
@@ -79,27 +79,31 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     here keeps DTensor and torch.compile away from complex dtypes).
 
     Args:
-        x: (B, T, H, D); table: (T, D/2, 2) as from ``rope_table``, already cut to T.
+        x: (B, T, H, D); table: (T, D/2, 2) as from ``rope_table``, already cut to T, or (B, T, D/2, 2): each
+            sequence's own positions (packed documents, whose positions restart).
     """
     xp = x.to(_at_least_fp32(x.dtype)).unflatten(-1, (-1, 2))  # (B, T, H, D/2, 2)
     x0, x1 = xp[..., 0], xp[..., 1]
-    cos = table[:, None, :, 0]  # (T, 1, D/2): broadcast over B and H
-    sin = table[:, None, :, 1]
+    cos = table[..., None, :, 0]  # (T, 1, D/2) or (B, T, 1, D/2): broadcast over the heads (and B)
+    sin = table[..., None, :, 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return out.flatten(-2).type_as(x)
 
 
 def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor, *, head_dim: int,
-                   backend: AttnBackend, keep: Keep) -> torch.Tensor:  # fmt: skip
+                   backend: AttnBackend, keep: Keep, documents: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
     """RoPE and causal attention between the projections: (B, T, H*D), (B, T, Hkv*D) x2 -> (B, T, H*D).
 
     Head counts come from the projections' output widths: under tensor parallelism each rank holds
     n_heads / tp of them (trainer/parallel/tensor_parallel.py calls this on its local heads).
+    ``documents`` (B, T): attention stays within each packed document (``document_attention``).
     """
     q = apply_rope(q.unflatten(-1, (-1, head_dim)), rope)  # (B, T, H, D)
     k = apply_rope(k.unflatten(-1, (-1, head_dim)), rope)  # (B, T, Hkv, D)
     v = v.unflatten(-1, (-1, head_dim))
-    if core_supports(backend, q=q):
+    if documents is not None:
+        out = document_attention(q, k, v, documents=documents, backend=backend)
+    elif core_supports(backend, q=q):
         out = ops.attention_core(q, k, v, keep=keep)
     else:  # flash-attn's own Function, or the plain-ops reference
         out = causal_attention(q, k, v, backend=backend)
@@ -142,20 +146,23 @@ class Attention(nn.Module):
         """(B, T, d) -> q (B, T, H*D), k, v (B, T, Hkv*D)."""
         return tuple(ops.linear(x, lin.weight) for lin in (self.wq, self.wk, self.wv))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor,
+               documents: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
         """RoPE and causal attention over the heads present: (B, T, H*D) -> (B, T, H*D)."""
-        return rope_attention(q, k, v, rope, head_dim=self.head_dim, backend=self.backend, keep=self.keep)
+        return rope_attention(q, k, v, rope, head_dim=self.head_dim, backend=self.backend, keep=self.keep,
+                              documents=documents)  # fmt: skip
 
     def project_out(self, out: torch.Tensor) -> torch.Tensor:
         """(B, T, H*D) -> (B, T, d)."""
         return ops.linear(out, self.wo.weight)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: Optional[LayerCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: Optional[LayerCache] = None,
+                documents: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
         q, k, v = self.project_qkv(x)
         if cache is not None:
             out = cached_attention(q, k, v, rope, head_dim=self.head_dim, cache=cache)
         else:
-            out = self.attend(q, k, v, rope)  # (B, T, H * D)
+            out = self.attend(q, k, v, rope, documents)  # (B, T, H * D)
         return self.project_out(out)
 
 
@@ -184,9 +191,13 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps, keep=keep)
         self.feed_forward = FeedForward(args, keep=keep)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: Optional[LayerCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: Optional[LayerCache] = None,
+                documents: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
         normed = self.attention_norm(x)
-        h = x + (self.attention(normed, rope) if cache is None else self.attention(normed, rope, cache=cache))
+        if cache is not None:
+            h = x + self.attention(normed, rope, cache=cache)
+        else:
+            h = x + (self.attention(normed, rope) if documents is None else self.attention(normed, rope, documents=documents))
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -221,17 +232,27 @@ class Transformer(nn.Module):
             head_dim=self.args.head_dim, max_seq_len=self.args.max_seq_len, theta=self.args.rope_theta, device=device
         )
 
-    def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,
+                documents: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
         """``cache`` (inference, model/kv_cache.py): ``tokens`` are the next positions of the cached
-        sequences; they attend to everything cached before them, and are cached in turn."""
+        sequences; they attend to everything cached before them, and are cached in turn.
+
+        ``documents`` (B, T) ids, constant along each of several documents packed into one sequence: every
+        document attends only to itself, from position 0 (its RoPE positions restart), as if it were alone."""
         seq_len = tokens.shape[1]
         start = 0 if cache is None else cache.pos
         if start + seq_len > self.args.max_seq_len:
             raise ValueError(f"sequence length {start + seq_len} exceeds model.max_seq_len={self.args.max_seq_len}")
+        if documents is not None and (cache is not None or documents.shape != tokens.shape[:2]):
+            raise ValueError(f"documents must be (B, T) = {tuple(tokens.shape[:2])} ids, without a cache; got "
+                             f"{tuple(documents.shape)}{' with a cache' if cache is not None else ''}")  # fmt: skip
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # (B, T, d)
-        rope = self.rope[start:start + seq_len]
+        rope = self.rope[start:start + seq_len] if documents is None else self.rope[document_positions(documents)]
         for name, layer in self.layers.items():
-            h = layer(h, rope) if cache is None else layer(h, rope, cache=cache.layer(int(name)))
+            if cache is not None:
+                h = layer(h, rope, cache=cache.layer(int(name)))
+            else:
+                h = layer(h, rope) if documents is None else layer(h, rope, documents=documents)
         if cache is not None:
             cache.advance(seq_len)
         h = self.norm(h) if self.norm is not None else h

@@ -53,6 +53,18 @@ def test_batch_shapes_and_shifted_labels(prepared):
     assert int(batch["inputs"].max()) < prepared.vocab_size
 
 
+def test_document_mask_marks_a_new_document_at_every_bos(prepared):
+    """Documents are stored BOS ... EOS: with ``document_mask`` each input's document index in its window
+    rises by one at each BOS, the same batches otherwise."""
+    plain, masked = next(_loader(prepared, seq_len=64)), next(_loader(prepared, seq_len=64, document_mask=True))
+    assert "documents" not in plain and torch.equal(plain["inputs"], masked["inputs"])
+    docs, inputs = masked["documents"], masked["inputs"]
+    starts = torch.ones_like(docs, dtype=torch.bool)
+    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    assert torch.equal(starts[:, 1:], inputs[:, 1:] == prepared.bos_id)  # a new document exactly at a BOS
+    assert int(docs.max()) >= 1  # 64-token windows of ~40-token documents cross boundaries
+
+
 def test_same_seed_same_batches_other_seed_differs(prepared):
     first, second = _take(_loader(prepared), 5), _take(_loader(prepared), 5)
     assert all(torch.equal(a, b) for a, b in zip(first, second))

@@ -72,10 +72,17 @@ class StepResult:
     optimizer state are those of the step before; the LR schedule still advances)."""
 
 
+def forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model on a batch's inputs, with its document ids where the batch packs documents apart."""
+    if "documents" in batch:
+        return model(batch["inputs"], documents=batch["documents"])
+    return model(batch["inputs"])
+
+
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], *, ctx: ComputeContext) -> torch.Tensor:
     """Sum of cross-entropy over the valid labels of one local micro-batch, in fp32."""
     with ctx.autocast():
-        logits = model(batch["inputs"])  # (B, T, V), or a DTensor sharded over V under TP
+        logits = forward(model, batch)  # (B, T, V), or a DTensor sharded over V under TP
     return F.cross_entropy(
         logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )

@@ -162,7 +162,7 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
         optimizer = build_optimizer(net, optim)
         scheduler = build_lr_scheduler(optimizer, optim, max_steps=trainer.max_steps)
         loader_args = dict(seq_len=data.seq_len, batch_size=trainer.micro_batch_size, dp_rank=ctx.dims.dp_rank(),
-                           dp_size=ctx.dims.dp)  # fmt: skip
+                           dp_size=ctx.dims.dp, document_mask=data.document_mask)  # fmt: skip
         train_loader = PackedLoader(prepared, split="train", seed=trainer.seed, **loader_args)
         if env.is_rank0:
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,80 @@
+"""A packed, document-masked batch under FSDP 2 and TP 2 (gloo) gives the loss and the gradients of its
+documents run one by one, unpacked, in one process (fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.config import ModelArgs
+from tests.distributed import run_workers
+from trainer.parallel.build import build_model
+from trainer.parallel.config import ParallelConfig
+from trainer.parallel.dims import ParallelDims
+from trainer.parallel.distributed import dp_sum
+from trainer.run.step import IGNORE_INDEX, ComputeContext, global_token_count, token_loss_sum
+
+ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, max_seq_len=32)
+# Four rows of 16 tokens (two per data-parallel rank), each packing two to four documents.
+LENGTHS = [[5, 11], [3, 4, 9], [16], [2, 6, 3, 5]]
+LAYOUTS = {"fsdp2": ParallelConfig(), "tp2": ParallelConfig(tp=2)}
+# fp32: the same sums in another order (shards, GEMM shapes, the reduce-scatter): ~1e-7 of the gradient's
+# size measured; a document that saw another, or a lost reduction, is off by O(1).
+RTOL = 1e-6
+
+
+def batch() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    documents = torch.tensor([[d for d, n in enumerate(row) for _ in range(n)] for row in LENGTHS])
+    inputs = torch.randint(0, ARGS.vocab_size, documents.shape, generator=gen)
+    labels = torch.randint(0, ARGS.vocab_size, documents.shape, generator=gen)
+    positions = torch.cat([torch.arange(n) for row in LENGTHS for n in row]).view(documents.shape)
+    labels[positions < 2] = IGNORE_INDEX  # each document's first two tokens are its "prompt"
+    return {"inputs": inputs, "labels": labels, "documents": documents}
+
+
+def loss_and_grads(*, parallel: ParallelConfig, world_size: int, packed: bool) -> tuple[float, dict]:
+    """The global batch's mean loss and gradients; every rank calls it."""
+    dims = ParallelDims.from_config(parallel, world_size=world_size).with_meshes(device_type="cpu")
+    ctx = ComputeContext(device=torch.device("cpu"), dtype=torch.float32, dims=dims)
+    model = build_model(ARGS, device=ctx.device, seed=0, dims=dims, parallel=parallel, compute_dtype=torch.float32)
+    full = batch()
+    rows = slice(dims.dp_rank() * 4 // dims.dp, (dims.dp_rank() + 1) * 4 // dims.dp)
+    mine = {k: v[rows] for k, v in full.items()}
+    if packed:
+        micro = [mine]
+    else:  # every document a batch of its own, no document ids: the plain model
+        micro = [{"inputs": mine["inputs"][r:r + 1, w], "labels": mine["labels"][r:r + 1, w]}
+                 for r in range(mine["inputs"].shape[0]) for d in mine["documents"][r].unique()
+                 for w in [mine["documents"][r] == d]]  # fmt: skip
+    count = global_token_count(micro, ctx=ctx)
+    total = 0.0
+    for mb in micro:
+        with ctx.loss_context():
+            loss = token_loss_sum(model, mb, ctx=ctx)
+            (loss * ctx.dp / count).backward()
+        total += float(loss.full_tensor() if hasattr(loss, "full_tensor") else loss)
+    grads = {n.replace("_checkpoint_wrapped_module.", ""): (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+             for n, p in model.named_parameters()}  # fmt: skip
+    return float(dp_sum(torch.tensor(total), dp_mesh=ctx.dp_mesh)) / float(count), grads
+
+
+def _worker(rank: int, world_size: int, layout: str, out: str) -> None:
+    loss, grads = loss_and_grads(parallel=LAYOUTS[layout], world_size=world_size, packed=True)
+    if rank == 0:
+        torch.save({"loss": loss, "grads": grads}, out)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_packed_documents_under_fsdp_and_tp_equal_one_by_one_in_one_process(layout, tmp_path):
+    ref_loss, reference = loss_and_grads(parallel=ParallelConfig(), world_size=1, packed=False)
+    single_loss, packed_single = loss_and_grads(parallel=ParallelConfig(), world_size=1, packed=True)
+    run_workers(_worker, world_size=2, args=(layout, str(tmp_path / "out.pt")))
+    saved = torch.load(tmp_path / "out.pt")
+    assert single_loss == pytest.approx(ref_loss, rel=RTOL) and saved["loss"] == pytest.approx(ref_loss, rel=RTOL)
+    for grads, label in ((packed_single, "one process"), (saved["grads"], layout)):
+        assert set(grads) == set(reference)
+        for name, ref in reference.items():
+            assert ref.norm() > 1e-3, name
+            err = ((grads[name] - ref).norm() / ref.norm()).item()
+            assert err <= RTOL, (label, name, err)
