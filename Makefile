@@ -32,7 +32,7 @@ $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	$(PY) -m evaluation.lm_eval_plugin install  # `lm_eval --model llama_pretrain` (evaluation/lm_eval_plugin.py)
 	@touch $(STAMP)
 
-.PHONY: help install train data-demo preprocess eval test test-slow test-multinode test-faults test-gpu test-compat gpu-check gpu-wheels test-all loss-compare plan plan-validate bench bench-ac bench-overlap bench-guards bench-tokenize model-info clean
+.PHONY: help install train data-demo preprocess eval finetune test test-slow test-multinode test-faults test-gpu test-compat gpu-check gpu-wheels test-all loss-compare plan plan-validate bench bench-ac bench-overlap bench-guards bench-tokenize model-info clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -81,6 +81,9 @@ data-demo: $(STAMP)  ## LLaMA's data pipeline end to end on generated samples: 7
 
 preprocess: $(STAMP)  ## clean one source on datatrove: make preprocess ARGS='preprocess=github raw_root=/data/raw [executor.kind=slurm ...]'
 	$(PY) -m launch.preprocess $(ARGS)
+
+finetune: $(STAMP)  ## instruction-finetune make train's newest checkpoint on the built-in synthetic instructions (packed, document-masked, loss on responses) and print held-out exact match before/after (docs/finetuning.md); ARGS='--init-from <dir> optim.lr=...'
+	$(PY) -m launch.finetune --nproc $(NPROC) $(ARGS)
 
 # Every demo task: one per layout and scorer of the report card (evaluation/demo.py, evaluation/demo_report.py).
 EVAL_DEMOS := stdlib_next_line,stdlib_import,stdlib_text,demo_siqa,demo_race,demo_mmlu,demo_nq_open,demo_gsm8k,demo_gsm8k_maj,demo_math_maj,demo_humaneval,demo_mbpp,demo_crows_pairs,demo_winogender,demo_truthfulqa_mc2,demo_realtoxicityprompts

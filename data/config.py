@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from data.instructions import InstructionsConfig
 from data.sources import BadRecordPolicy, SourceFormat
 from structured import structured_entry
 
@@ -100,6 +101,9 @@ class DataConfig:
     prepare_timeout_minutes: float = 720.0
     """How long the other ranks wait for rank 0 to train the tokenizer and write the shards (a large corpus
     takes hours on one node); the process group's own timeout (``parallel.pg_timeout_s``, 2 h) may be too short."""
+    instructions: InstructionsConfig = field(default_factory=InstructionsConfig)
+    """Finetuning data (data/instructions.py): with ``instructions.train`` set the run trains on instruction
+    records, packed and document-masked, with the loss on the responses only; ``sources`` are not read."""
     document_mask: bool = False
     """Attention within documents only: each document packed into a training sequence attends to itself alone,
     its positions restarting at 0 (Llama 3's choice; LLaMA's, the default, lets attention cross the EOS/BOS

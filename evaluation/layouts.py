@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from data.instructions import prompt_and_response
 from evaluation.answers import gsm8k_reference, last_boxed
 from evaluation.tasks import Document, Example, Generation, MultipleChoice, TaskFileError, TaskFormat
 
@@ -302,6 +303,13 @@ def _realtoxicityprompts(row: dict) -> Generation:
     return Generation(prompt=prompt["text"] if isinstance(prompt, dict) else prompt, answers=(), stop=("\n\n",))
 
 
+def _instructions(row: dict) -> Generation:
+    """A finetuning record asked as training formatted it (the default template); the answer until EOS or a
+    line break, exact match."""
+    prompt, answer = prompt_and_response(row)
+    return Generation(prompt=prompt, answers=(answer,), stop=("\n",), groups=(str(row["task"]),) if "task" in row else ())
+
+
 LAYOUTS: dict[TaskFormat, Callable[[dict], Example]] = {
     TaskFormat.hellaswag: _hellaswag, TaskFormat.piqa: _piqa, TaskFormat.arc: _arc,
     TaskFormat.openbookqa: _openbookqa, TaskFormat.boolq: _boolq, TaskFormat.winogrande: _winogrande,
@@ -311,6 +319,7 @@ LAYOUTS: dict[TaskFormat, Callable[[dict], Example]] = {
     TaskFormat.humaneval: _humaneval, TaskFormat.mbpp: _mbpp, TaskFormat.crows_pairs: _crows_pairs,
     TaskFormat.winogender: _winogender, TaskFormat.truthfulqa_mc1: _truthfulqa("mc1_targets"),
     TaskFormat.truthfulqa_mc2: _truthfulqa("mc2_targets"), TaskFormat.realtoxicityprompts: _realtoxicityprompts,
+    TaskFormat.instructions: _instructions,
 }  # fmt: skip
 
 

@@ -62,6 +62,7 @@ class TaskFormat(str, enum.Enum):
     truthfulqa_mc1 = "truthfulqa_mc1"  # question, mc1_targets {choices, labels}
     truthfulqa_mc2 = "truthfulqa_mc2"  # question, mc2_targets {choices, labels}
     realtoxicityprompts = "realtoxicityprompts"  # prompt {text}
+    instructions = "instructions"  # instruction, input, output (finetuning's layout, data/instructions.py)
     multiple_choice = "multiple_choice"  # ours: context, choices [str], answer (index)
     generation = "generation"  # ours: prompt, answers [str] (optional "stop": [str])
     text = "text"  # ours: text (perplexity)

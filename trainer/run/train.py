@@ -18,18 +18,21 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from data import DataConfig, PackedLoader, PreparedData, prepare_data
+from data import DataConfig, PackedLoader, PreparedData, Tokenizer, prepare_data
+from data.instruction_loader import InstructionLoader
+from data.instructions import prepare_instructions
 from model.config import ModelArgs
 from model.flops import flops_per_token, param_counts
-from trainer.checkpoint.checkpointer import Checkpointer
+from trainer.checkpoint.checkpointer import Checkpointer, resolve_checkpoint
 from trainer.checkpoint.config import CheckpointConfig
+from trainer.checkpoint.meta import CheckpointMeta
 from trainer.parallel.build import build_model
 from trainer.parallel.config import ParallelConfig
 from trainer.parallel.dims import ParallelDims
@@ -112,6 +115,57 @@ def prepare_data_rank0_first(cfg: DataConfig, *, env: DistEnv) -> PreparedData:
     return prepared
 
 
+@dataclass
+class TrainingData:
+    """What the run trains and validates on: pre-training's packed token shards, or finetuning's records."""
+
+    tokenizer_path: str
+    train: Union[PackedLoader, InstructionLoader]
+    val: Callable[[], Iterator[dict[str, torch.Tensor]]]
+    """A fresh validation loader (the same sequences every time)."""
+
+
+def training_data(data: DataConfig, *, model: ModelArgs, trainer: TrainerConfig, dims: ParallelDims, env: DistEnv,
+                  init_from: Optional[str]) -> TrainingData:  # fmt: skip
+    """The loaders of ``data``: the pre-training mixture (rank 0 prepares the shards first), or, with
+    ``data.instructions.train``, the instruction records tokenized by the tokenizer of the checkpoint the run
+    starts from (``data.tokenizer.path`` if given)."""
+    args = dict(seq_len=data.seq_len, batch_size=trainer.micro_batch_size, dp_rank=dims.dp_rank(), dp_size=dims.dp)
+    if not data.instructions.enabled:
+        prepared = prepare_data_rank0_first(data, env=env)
+        check_data_fits_model(model=model, prepared=prepared, seq_len=data.seq_len)
+        args["document_mask"] = data.document_mask
+        return TrainingData(tokenizer_path=prepared.tokenizer_path,
+                            train=PackedLoader(prepared, split="train", seed=trainer.seed, **args),
+                            val=lambda: PackedLoader(prepared, split="val", seed=0, **args))  # fmt: skip
+    path = data.tokenizer.path or _checkpoint_tokenizer(init_from)
+    tokenizer = Tokenizer(path)
+    if tokenizer.vocab_size > model.vocab_size or data.seq_len > model.max_seq_len:
+        raise ValueError(f"the tokenizer {path} ({tokenizer.vocab_size} tokens) or data.seq_len={data.seq_len} does not "
+                         f"fit the model (model.vocab_size={model.vocab_size}, max_seq_len={model.max_seq_len}): "
+                         "finetune with the model config the checkpoint was trained with")  # fmt: skip
+    records = prepare_instructions(data.instructions, encode=tokenizer.encode, bos_id=tokenizer.bos_id,
+                                   eos_id=tokenizer.eos_id, seq_len=data.seq_len)  # fmt: skip
+    if env.is_rank0:
+        logger.info("instructions: %d train and %d validation records (%d cut to data.seq_len=%d, %d dropped: no room "
+                    "for a response)", len(records.train.records), len(records.val.records),
+                    records.train.cut + records.val.cut, data.seq_len, records.train.dropped + records.val.dropped)  # fmt: skip
+    return TrainingData(tokenizer_path=str(path),
+                        train=InstructionLoader(records.train.records, seed=trainer.seed, **args),
+                        val=lambda: InstructionLoader(records.val.records, seed=0, shuffle=False, **args))  # fmt: skip
+
+
+def _checkpoint_tokenizer(init_from: Optional[str]) -> str:
+    if init_from is None:
+        raise ValueError("finetuning (data.instructions.train) starts from a checkpoint: set checkpoint.init_from=<a "
+                         "pre-training checkpoint> (its tokenizer is used), or data.tokenizer.path")  # fmt: skip
+    step = resolve_checkpoint(init_from)
+    found = CheckpointMeta.read(step).tokenizer_path(path=step)
+    if found is None:
+        raise ValueError(f"checkpoint {step} names no tokenizer file that exists; set data.tokenizer.path")
+    return str(found)
+
+
 def batches_to(device: torch.device, loader: Iterator[dict]) -> Iterator[dict[str, torch.Tensor]]:
     """The loader's CPU batches on ``device``. To a GPU through pinned memory: a copy from pageable memory
     would block the host until it is done, so the host could not queue the step's forward behind it."""
@@ -155,19 +209,17 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
         dims = ParallelDims.for_run(parallel, world_size=env.world_size, model=model, seq_len=data.seq_len)
         ctx = ComputeContext(device=device, dtype=resolve_dtype(trainer.precision, device=device),
                              dims=dims.with_meshes(device_type=device.type))  # fmt: skip
-        prepared = prepare_data_rank0_first(data, env=env)
-        check_data_fits_model(model=model, prepared=prepared, seq_len=data.seq_len)
+        sources = training_data(data, model=model, trainer=trainer, dims=ctx.dims, env=env,
+                                init_from=checkpoint.init_from)  # fmt: skip
         net = build_model(model, device=device, seed=trainer.seed, dims=ctx.dims, parallel=parallel,
                           compute_dtype=ctx.dtype)  # fmt: skip
         optimizer = build_optimizer(net, optim)
         scheduler = build_lr_scheduler(optimizer, optim, max_steps=trainer.max_steps)
-        loader_args = dict(seq_len=data.seq_len, batch_size=trainer.micro_batch_size, dp_rank=ctx.dims.dp_rank(),
-                           dp_size=ctx.dims.dp, document_mask=data.document_mask)  # fmt: skip
-        train_loader = PackedLoader(prepared, split="train", seed=trainer.seed, **loader_args)
+        train_loader = sources.train
         if env.is_rank0:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(run_config))
-        checkpointer = Checkpointer(checkpoint, run_dir=run_dir, tokenizer=prepared.tokenizer_path)
+        checkpointer = Checkpointer(checkpoint, run_dir=run_dir, tokenizer=sources.tokenizer_path)
         result = TrainResult(world_size=env.world_size)
         wandb_id = _restore(checkpoint, checkpointer=checkpointer, args=model, model=net, optimizer=optimizer,
                             scheduler=scheduler, loader=train_loader, result=result)  # fmt: skip
@@ -181,12 +233,12 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
                                system_metrics=system_metrics_enabled(log.system_metrics, device_type=device.type))  # fmt: skip
         try:
             peak = _log_start(model=model, data=data, trainer=trainer, ctx=ctx, env=env, run_dir=run_dir)
-            built = Built(model=net, args=model, ctx=ctx, tokenizer_path=prepared.tokenizer_path, metrics=metrics,
+            built = Built(model=net, args=model, ctx=ctx, tokenizer_path=Path(sources.tokenizer_path), metrics=metrics,
                           result=result, run_dir=run_dir)  # fmt: skip
 
             def validate() -> float:
                 # A fresh loader with a fixed seed: every evaluation scores exactly the same sequences.
-                loader = PackedLoader(prepared, split="val", seed=0, **loader_args)
+                loader = sources.val()
                 return evaluate(net, itertools.islice(batches_to(device, loader), trainer.eval_steps), ctx=ctx)
 
             progress = Progress()
