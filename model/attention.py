@@ -157,15 +157,18 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, doc
     """softmax(q k^T / sqrt(D) + document mask) v: causal attention that never crosses from one packed
     document to another (Llama 3's document masking; finetuning's packed examples).
 
-    SDPA with the boolean mask (its memory-efficient or math kernel, with their own backward); ``math``:
-    the plain-ops reference. The hand-written flash core and flash-attn take no mask, so ``auto`` and
-    ``flash`` use SDPA here.
+    Kernels: flash-attn's variable-length kernel where ``flash`` is chosen (``auto`` on a CUDA device with
+    flash-attn installed and bf16/fp16): every document a sequence of its own, no mask materialised;
+    otherwise SDPA with the boolean (B, 1, T, T) mask (its memory-efficient or math kernel, with their own
+    backward; the hand-written flash core takes no mask); ``math``: the plain-ops reference.
 
     Args:
         q: (B, T, H, D); k, v: (B, T, Hkv, D); documents: (B, T) ids.
     Returns:
         (B, T, H, D).
     """
+    if backend != AttnBackend.math and resolve_backend(backend, q=q) == AttnBackend.flash:
+        return _flash_varlen(q, k, v, documents=documents)
     mask = document_mask(documents)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
     if backend == AttnBackend.math:
@@ -173,6 +176,27 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, doc
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
     return out.transpose(1, 2)
+
+
+def document_boundaries(documents: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(B, T) ids -> (cu_seqlens, max_len) of the B * T positions as one stream of documents: int32 offsets
+    (N + 1,) where each of the N documents begins (a row's start always begins one), flash-attn's layout."""
+    b, t = documents.shape
+    begins = torch.ones_like(documents, dtype=torch.bool)
+    begins[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    starts = begins.flatten().nonzero().squeeze(1)
+    cu_seqlens = torch.cat([starts, starts.new_tensor([b * t])]).to(torch.int32)
+    return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # one host sync per call
+
+
+def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, documents: torch.Tensor) -> torch.Tensor:
+    """flash-attn over packed documents: (B, T, H, D), (B, T, Hkv, D) x2 -> (B, T, H, D), causal within each."""
+    from flash_attn import flash_attn_varlen_func
+
+    cu_seqlens, max_len = document_boundaries(documents)
+    out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens,
+                                 max_len, max_len, causal=True)  # fmt: skip
+    return out.view_as(q)
 
 
 def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

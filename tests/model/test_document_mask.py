@@ -130,3 +130,11 @@ def test_documents_are_checked():
     tokens = torch.zeros(2, 12, dtype=torch.long)
     with pytest.raises(ValueError, match=r"documents must be \(B, T\) = \(2, 12\) ids"):
         net(tokens, documents=DOCS[:, :5])
+
+
+def test_document_boundaries_are_flash_attns_offsets():
+    """What the GPU's variable-length kernel receives (tests/gpu/test_cuda_ops.py runs the kernel itself)."""
+    from model.attention import document_boundaries
+
+    cu_seqlens, max_len = document_boundaries(DOCS)
+    assert cu_seqlens.tolist() == [0, 3, 7, 12, 18, 24] and cu_seqlens.dtype == torch.int32 and max_len == 6

@@ -9,7 +9,7 @@ import torch
 from model.config import ModelArgs
 from tests.distributed import run_workers
 from trainer.parallel.build import build_model
-from trainer.parallel.config import ParallelConfig
+from trainer.parallel.config import ACConfig, ACMode, ParallelConfig
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.distributed import dp_sum
 from trainer.run.step import IGNORE_INDEX, ComputeContext, global_token_count, token_loss_sum
@@ -78,3 +78,12 @@ def test_packed_documents_under_fsdp_and_tp_equal_one_by_one_in_one_process(layo
             assert ref.norm() > 1e-3, name
             err = ((grads[name] - ref).norm() / ref.norm()).item()
             assert err <= RTOL, (label, name, err)
+
+
+@pytest.mark.parametrize("mode", [m for m in ACMode if m != ACMode.none])
+def test_every_activation_checkpointing_policy_keeps_documents_apart(mode):
+    """The blocks recomputed in backward get the document ids again: the packed gradients stay the unpacked ones."""
+    _, reference = loss_and_grads(parallel=ParallelConfig(ac=ACConfig(mode=ACMode.none)), world_size=1, packed=False)
+    _, grads = loss_and_grads(parallel=ParallelConfig(ac=ACConfig(mode=mode, every_k=2)), world_size=1, packed=True)
+    for name, ref in reference.items():
+        assert ((grads[name] - ref).norm() / ref.norm()).item() <= RTOL, (mode, name)
