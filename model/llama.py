@@ -162,7 +162,8 @@ class Attention(nn.Module):
         if cache is not None:
             out = cached_attention(q, k, v, rope, head_dim=self.head_dim, cache=cache)
         else:
-            out = self.attend(q, k, v, rope, documents)  # (B, T, H * D)
+            # (B, T, H * D); the ids only where given, so an ``attend`` override without them still serves
+            out = self.attend(q, k, v, rope) if documents is None else self.attend(q, k, v, rope, documents=documents)
         return self.project_out(out)
 
 
