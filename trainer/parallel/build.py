@@ -21,6 +21,7 @@ from trainer.parallel.config import ParallelConfig
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.initialize import init_parameters
 from trainer.parallel.parallelize import parallelize_llama
+from trainer.parallel.pipeline import split_stage
 
 
 def build_meta_model(
@@ -39,6 +40,8 @@ def build_meta_model(
     ac = policy(parallel.ac)  # the one decision of what is kept: the modules are built with it
     with torch.device("meta"):
         model = Transformer(args, keep=ac.keep, keep_final_norm=ac.keep_final_norm)
+    if dims.pp_enabled:  # this rank's pipeline stage, cut before anything is parallelised or allocated
+        split_stage(model, stage=dims.pp_rank(), stages=dims.pp)
     parallelize_llama(model, dims=dims, cfg=parallel, ac=ac, compute_dtype=compute_dtype)
     return model
 

@@ -62,6 +62,15 @@ class ACConfig:
             raise ValueError(f"parallel.ac.every_k must be >= 1, got {self.every_k}")
 
 
+class PPSchedule(str, enum.Enum):
+    """Pipeline schedules (torch.distributed.pipelining): GPipe runs every micro-batch's forward, then every
+    backward; 1F1B alternates one forward and one backward after a warm-up, so at most ``pp`` micro-batches'
+    activations are in flight instead of all of them (the same bubble, (p - 1) / (m + p - 1))."""
+
+    gpipe = "gpipe"
+    one_f_one_b = "1f1b"
+
+
 @dataclass
 class ParallelConfig:
     """How the processes split the work (data-parallel replicate x data-parallel shard x tensor parallel) and
@@ -77,6 +86,14 @@ class ParallelConfig:
     """FSDP degree: parameters, gradients and optimizer state are sharded over this many ranks; -1 = the rest."""
     tp: int = 1
     """Tensor (+ sequence) parallel degree, Megatron layout; must divide heads, kv heads and the vocabulary."""
+    pp: int = 1
+    """Pipeline stages: the blocks split into ``pp`` consecutive stages (the first owns the embedding, the
+    last the final norm and the head), the outermost mesh axis. Today on its own (dp = tp = 1);
+    composing with FSDP and TP is the next step (docs/pipeline.md)."""
+    pp_schedule: PPSchedule = PPSchedule.one_f_one_b
+    pp_microbatches: int = 0
+    """Micro-batches each step's local batch is cut into for the pipeline; 0: ``pp`` (the least that fills
+    it). More shrink the bubble, (p - 1) / (m + p - 1), and must divide the micro-batch size."""
     tp_overlap: bool = True
     """TP backward runs the independent GEMM while its all-gather or reduce-scatter is in flight; false
     waits at once (same arithmetic; for measuring what overlap buys)."""
@@ -90,7 +107,10 @@ class ParallelConfig:
     is reported by the watchdog, with every rank's stacks, rather than by this bare timeout."""
 
     def __post_init__(self) -> None:
-        for key in ("dp_replicate", "tp"):
+        self.pp_schedule = PPSchedule(self.pp_schedule)
+        if self.pp_microbatches < 0:
+            raise ValueError(f"parallel.pp_microbatches must be >= 0 (0: as many as stages), got {self.pp_microbatches}")
+        for key in ("dp_replicate", "tp", "pp"):
             if getattr(self, key) < 1:
                 raise ValueError(f"parallel.{key} must be >= 1, got {getattr(self, key)}")
         if self.pg_timeout_s <= 0:

@@ -11,7 +11,8 @@ Mesh axes (names used everywhere else):
   consecutive ranks, i.e. on one node when tp <= GPUs per node.
 - ``dp`` (flattened ``dp_replicate`` x ``dp_shard``): ranks that see different data; the data loader and
   the global token count use it.
-A pipeline axis would go outermost (docs/pipeline.md says where it plugs in).
+- ``pp``: pipeline stages, outermost (stages on different nodes); present only where ``pp`` > 1, so the
+  other layouts' meshes are unchanged. Today ``pp`` runs on its own (dp = tp = 1).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class Meshes:
     dp: DeviceMesh
     """The two flattened: ranks that see different data (loader, token count, loss)."""
     tp: DeviceMesh
+    pp: Optional[DeviceMesh] = None
+    """The pipeline axis, where ``pp`` > 1."""
 
 
 def check_tp_divides(*, tp: int, args: ModelArgs, seq_len: int) -> None:
@@ -70,27 +73,33 @@ class ParallelDims:
     tp: int
     world_size: int
     fsdp_one_rank: bool = False
+    pp: int = 1
     """FSDP even at data-parallel degree 1 (``parallel.fsdp.one_rank``)."""
     meshes: Optional[Meshes] = dataclasses.field(default=None, compare=False, repr=False)
     """Set by ``with_meshes``; None for one process without FSDP (nothing to communicate), or before."""
 
     def __post_init__(self) -> None:
-        for key in ("dp_replicate", "tp", "world_size"):
+        for key in ("dp_replicate", "tp", "world_size", "pp"):
             if getattr(self, key) < 1:
                 raise ValueError(f"parallel.{key} must be >= 1, got {getattr(self, key)}")
         if self.dp_shard == -1:
-            rest, remainder = divmod(self.world_size, self.dp_replicate * self.tp)
+            rest, remainder = divmod(self.world_size, self.dp_replicate * self.tp * self.pp)
             if remainder or rest < 1:
                 raise ValueError(
                     f"parallel.dp_replicate={self.dp_replicate} x parallel.tp={self.tp} does not divide the world "
                     f"size {self.world_size}: choose degrees whose product divides the number of processes"
                 )
             object.__setattr__(self, "dp_shard", rest)  # frozen: resolved once, here
-        if self.dp_replicate * self.dp_shard * self.tp != self.world_size:
+        if self.pp * self.dp_replicate * self.dp_shard * self.tp != self.world_size:
             raise ValueError(
-                f"parallel.dp_replicate={self.dp_replicate} x parallel.dp_shard={self.dp_shard} x parallel.tp={self.tp} = "
-                f"{self.dp_replicate * self.dp_shard * self.tp}, but the world size is {self.world_size}: make the product "
-                "equal the number of processes (or set parallel.dp_shard=-1)"
+                f"parallel.pp={self.pp} x parallel.dp_replicate={self.dp_replicate} x parallel.dp_shard={self.dp_shard} x "
+                f"parallel.tp={self.tp} = {self.pp * self.dp_replicate * self.dp_shard * self.tp}, but the world size is "
+                f"{self.world_size}: make the product equal the number of processes (or set parallel.dp_shard=-1)"
+            )
+        if self.pp > 1 and (self.dp > 1 or self.tp > 1 or self.fsdp_one_rank):
+            raise ValueError(
+                f"parallel.pp={self.pp} runs on its own today (data-parallel {self.dp}, tp {self.tp}): composing pipeline "
+                "stages with FSDP and TP is the next step (docs/pipeline.md); use pp alone, or dp/tp without pp"
             )
 
     @classmethod
@@ -102,7 +111,7 @@ class ParallelDims:
     def from_config(cls, cfg: ParallelConfig, *, world_size: int) -> ParallelDims:
         """The layout ``parallel.*`` asks for over ``world_size`` processes (no meshes yet)."""
         return cls(dp_replicate=cfg.dp_replicate, dp_shard=cfg.dp_shard, tp=cfg.tp, world_size=world_size,
-                   fsdp_one_rank=cfg.fsdp.one_rank)  # fmt: skip
+                   fsdp_one_rank=cfg.fsdp.one_rank, pp=cfg.pp)  # fmt: skip
 
     @classmethod
     def for_run(cls, cfg: ParallelConfig, *, world_size: int, model: ModelArgs, seq_len: int) -> ParallelDims:
@@ -110,6 +119,9 @@ class ParallelDims:
         every error a layout can give before anything is built (training and the planner alike)."""
         dims = cls.from_config(cfg, world_size=world_size)
         check_tp_divides(tp=dims.tp, args=model, seq_len=seq_len)
+        if model.n_layers < dims.pp:
+            raise ValueError(f"model.n_layers={model.n_layers} cannot fill parallel.pp={dims.pp} stages: each stage needs "
+                             "at least one block")  # fmt: skip
         return dims
 
     @property
@@ -124,6 +136,18 @@ class ParallelDims:
     @property
     def tp_enabled(self) -> bool:
         return self.tp > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def pp_mesh(self) -> Optional[DeviceMesh]:
+        return None if self.meshes is None else self.meshes.pp
+
+    def pp_rank(self) -> int:
+        """This process's pipeline stage (0 without pipelining)."""
+        return 0 if self.pp_mesh is None else self.pp_mesh.get_local_rank()
 
     @property
     def needs_meshes(self) -> bool:
@@ -151,8 +175,13 @@ class ParallelDims:
         where ``needs_meshes``). The 3-D world mesh (dp_replicate, dp_shard, tp) and its sub-meshes."""
         if not self.needs_meshes or self.meshes is not None:
             return self
-        world = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.tp), mesh_dim_names=AXES)
+        if self.pp_enabled:  # a fourth, outermost axis; without it the mesh is exactly the three-axis one
+            world = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard, self.tp),
+                                     mesh_dim_names=("pp", *AXES))  # fmt: skip
+        else:
+            world = init_device_mesh(device_type, (self.dp_replicate, self.dp_shard, self.tp), mesh_dim_names=AXES)
         fsdp = world["dp_replicate", "dp_shard"]
         # Keep the handle flattening returns: slicing a flattened axis back out of the root is deprecated.
-        meshes = Meshes(world=world, fsdp=fsdp, dp=flatten_mesh(fsdp, "dp"), tp=world["tp"])
+        meshes = Meshes(world=world, fsdp=fsdp, dp=flatten_mesh(fsdp, "dp"), tp=world["tp"],
+                        pp=world["pp"] if self.pp_enabled else None)  # fmt: skip
         return dataclasses.replace(self, meshes=meshes)

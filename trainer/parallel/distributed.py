@@ -81,18 +81,24 @@ def dp_sum(value: torch.Tensor, *, dp_mesh: Optional[DeviceMesh]) -> torch.Tenso
     return out
 
 
-def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], *, max_norm: float) -> torch.Tensor:
+def clip_grad_norm_(parameters: Iterable[torch.nn.Parameter], *, max_norm: float,
+                    pp_mesh: Optional[DeviceMesh] = None) -> torch.Tensor:  # fmt: skip
     """Clip to ``max_norm`` by the true global L2 norm over every shard; returns the norm before clipping.
 
     With FSDP and TP the gradients are DTensors whose local pieces are shards; the norm of the stacked
     per-tensor norms is itself a DTensor whose full value (``full_tensor``) reduces the sharded axes and
-    leaves the replicated ones alone. ``max_norm=inf`` only measures.
+    leaves the replicated ones alone. Pipeline stages hold different parameters: their squared norms are
+    summed over ``pp_mesh``. ``max_norm=inf`` only measures.
     """
     params = [p for p in parameters if p.grad is not None]
     grads = [p.grad for p in params]
     total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
     if isinstance(total, DTensor):
         total = total.full_tensor()
+    if pp_mesh is not None:
+        squared = total.double().square()
+        dist.all_reduce(squared, group=pp_mesh.get_group())
+        total = squared.sqrt().to(total.dtype)
     if math.isfinite(max_norm):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm=max_norm, total_norm=total, foreach=True)
     return total

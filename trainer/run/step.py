@@ -23,6 +23,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.distributed import clip_grad_norm_, dp_sum
+from trainer.parallel.pipeline import Pipeline
 
 IGNORE_INDEX = -100
 """Labels equal to this contribute neither loss nor token count (padding, masked spans)."""
@@ -111,12 +112,16 @@ def train_step(
     step: int,
     review: Optional[Callable[[StepResult], bool]] = None,
     phase: Callable[[str], None] = lambda name: None,
+    pipeline: Optional[Pipeline] = None,
 ) -> StepResult:
     """Forward/backward over the micro-batches, clip by the global norm, check for NaN/inf, then update.
 
     ``review`` sees the step's loss and gradient norm before the update and may decline it (a loss-spike
     guard): it must decide alike on every rank (its inputs are global values, the same everywhere).
     ``phase(name)`` is told when forward, backward and the optimizer begin (the hang watchdog reports it).
+
+    ``pipeline`` (``parallel.pp`` > 1): each micro-batch runs through the pipeline schedule, which does its
+    forward and backward (trainer/parallel/pipeline.py); the loss sum is the same on every stage.
 
     One host-device synchronisation per step, after backward: loss, gradient norm and token count are read
     together for the NaN check and the result. Before the forward nothing is read back (the token count
@@ -133,17 +138,24 @@ def train_step(
         if isinstance(model, FSDPModule) and defer_grad_sync:
             # Reduce-scatter only after the last micro-batch; earlier ones accumulate unsharded gradients.
             model.set_requires_gradient_sync(index == len(micro_batches) - 1)
-        with ctx.loss_context():
+        if pipeline is not None:
             if index:
                 phase("forward")
-            mb_sum = token_loss_sum(model, mb, ctx=ctx)
-            phase("backward")
-            (mb_sum * scale).backward()
+            with ctx.autocast():
+                mb_sum = pipeline.loss_sum(mb, scale=scale)  # forward and backward of every micro-batch
+        else:
+            with ctx.loss_context():
+                if index:
+                    phase("forward")
+                mb_sum = token_loss_sum(model, mb, ctx=ctx)
+                phase("backward")
+                (mb_sum * scale).backward()
         loss_sum += _plain(mb_sum.detach())
     phase("optimizer")
     loss = dp_sum(loss_sum, dp_mesh=ctx.dp_mesh) / num_tokens.clamp(min=1)
     # max_norm=inf still returns the norm (for logging and the NaN check) but scales nothing.
-    grad_norm = clip_grad_norm_(model.parameters(), max_norm=grad_clip if grad_clip > 0 else math.inf)
+    grad_norm = clip_grad_norm_(model.parameters(), max_norm=grad_clip if grad_clip > 0 else math.inf,
+                                pp_mesh=ctx.dims.pp_mesh)  # fmt: skip
     loss_value, norm_value, tokens = torch.stack([loss.double(), grad_norm.double(), num_tokens.double()]).tolist()
     if tokens == 0:
         raise ValueError(f"step {step}: the batch has no valid labels (all equal {IGNORE_INDEX})")
@@ -164,15 +176,19 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, *, ctx: ComputeContext) -> float:
+def evaluate(model: nn.Module, batches, *, ctx: ComputeContext, pipeline: Optional[Pipeline] = None) -> float:
     """Mean loss per valid label over ``batches`` (this rank's micro-batches), across all dp ranks."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
     count = torch.zeros((), dtype=torch.int64, device=ctx.device)
     for batch in batches:
-        with ctx.loss_context():
-            loss_sum += _plain(token_loss_sum(model, batch, ctx=ctx)).double()
+        if pipeline is not None:  # forward only, through the stages
+            with ctx.autocast():
+                loss_sum += pipeline.loss_sum(batch, scale=None).double()
+        else:
+            with ctx.loss_context():
+                loss_sum += _plain(token_loss_sum(model, batch, ctx=ctx)).double()
         count += (batch["labels"] != IGNORE_INDEX).sum()
     model.train(was_training)
     loss_sum, count = dp_sum(loss_sum, dp_mesh=ctx.dp_mesh), dp_sum(count, dp_mesh=ctx.dp_mesh)

@@ -37,6 +37,7 @@ from trainer.parallel.build import build_model
 from trainer.parallel.config import ParallelConfig
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.distributed import DistEnv, init_distributed, shutdown_distributed
+from trainer.parallel.pipeline import Pipeline
 from trainer.run.components.checkpointing import PeriodicCheckpoints
 from trainer.run.components.goodput import GoodputRecorder
 from trainer.run.components.profiling import StepProfiler
@@ -213,6 +214,8 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
                                 init_from=checkpoint.init_from)  # fmt: skip
         net = build_model(model, device=device, seed=trainer.seed, dims=ctx.dims, parallel=parallel,
                           compute_dtype=ctx.dtype)  # fmt: skip
+        pipeline = (Pipeline(net, ctx.dims, schedule=parallel.pp_schedule, microbatches=parallel.pp_microbatches,
+                             device=device) if ctx.dims.pp_enabled else None)  # fmt: skip
         optimizer = build_optimizer(net, optim)
         scheduler = build_lr_scheduler(optimizer, optim, max_steps=trainer.max_steps)
         train_loader = sources.train
@@ -239,7 +242,8 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
             def validate() -> float:
                 # A fresh loader with a fixed seed: every evaluation scores exactly the same sequences.
                 loader = sources.val()
-                return evaluate(net, itertools.islice(batches_to(device, loader), trainer.eval_steps), ctx=ctx)
+                return evaluate(net, itertools.islice(batches_to(device, loader), trainer.eval_steps), ctx=ctx,
+                                pipeline=pipeline)  # fmt: skip
 
             progress = Progress()
             parts, checkpoints = _components(
@@ -256,7 +260,7 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
             def step(micro_batches: list[dict[str, torch.Tensor]], index: int, review, phase) -> StepResult:
                 return train_step(net, optimizer, scheduler, micro_batches, ctx=ctx, grad_clip=optim.grad_clip,
                                   defer_grad_sync=parallel.fsdp.defer_grad_sync, step=index, review=review,
-                                  phase=phase)  # fmt: skip
+                                  phase=phase, pipeline=pipeline)  # fmt: skip
 
             try:
                 run_loop(steps=range(result.first_step, trainer.max_steps + 1), batches=batches_to(device, batches),
@@ -269,7 +273,7 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
             metrics.close()
         result.wall_time_s = time.perf_counter() - started
         if trainer.save_final_model:
-            _save_full_model(net, path=run_dir / "final_model.pt", is_rank0=env.is_rank0)
+            _save_full_model(net, path=run_dir / "final_model.pt", is_rank0=env.is_rank0, pp=ctx.dims.pp_enabled)
         if env.is_rank0:
             result.write(run_dir)
         return result
@@ -359,8 +363,15 @@ def _restore(cfg: CheckpointConfig, *, checkpointer: Checkpointer, args: ModelAr
     return None
 
 
-def _save_full_model(model: torch.nn.Module, *, path: Path, is_rank0: bool) -> None:
-    """Consolidated fp32 weights on rank 0 (a collective: every rank must call it)."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def _save_full_model(model: torch.nn.Module, *, path: Path, is_rank0: bool, pp: bool = False) -> None:
+    """Consolidated fp32 weights on rank 0 (a collective: every rank must call it); under pipelining the
+    stages' weights are gathered first (each stage holds other names)."""
+    if pp:  # a stage is not sharded (pp runs alone): its own names, from every rank
+        local = get_model_state_dict(model, options=StateDictOptions(cpu_offload=True))
+        stages: list = [None] * dist.get_world_size()
+        dist.all_gather_object(stages, local)
+        state = {name: tensor for stage in stages for name, tensor in stage.items()}
+    else:
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if is_rank0:
         torch.save(state, path)
