@@ -44,6 +44,8 @@ LAYOUTS = {
         Layout("fsdp2_accum2_sync_each", nproc=2, dp=2, accum=2, overrides=("parallel.fsdp.defer_grad_sync=false",)),
         Layout("pp2", nproc=2, overrides=("parallel.pp=2",)),
         Layout("pp2_gpipe_m4", nproc=2, overrides=("parallel.pp=2", "parallel.pp_schedule=gpipe", "parallel.pp_microbatches=4")),
+        Layout("pp2_fsdp2", nproc=4, overrides=("parallel.pp=2",), dp=2),
+        Layout("pp2_hsdp2", nproc=4, overrides=("parallel.pp=2", "parallel.dp_replicate=2"), dp=2),
     )
 }
 

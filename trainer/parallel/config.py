@@ -88,8 +88,8 @@ class ParallelConfig:
     """Tensor (+ sequence) parallel degree, Megatron layout; must divide heads, kv heads and the vocabulary."""
     pp: int = 1
     """Pipeline stages: the blocks split into ``pp`` consecutive stages (the first owns the embedding, the
-    last the final norm and the head), the outermost mesh axis. Today on its own (dp = tp = 1);
-    composing with FSDP and TP is the next step (docs/pipeline.md)."""
+    last the final norm and the head), the outermost mesh axis. Composes with FSDP/HSDP (each stage
+    sharded over its data-parallel ranks); with TP next (docs/pipeline.md)."""
     pp_schedule: PPSchedule = PPSchedule.one_f_one_b
     pp_microbatches: int = 0
     """Micro-batches each step's local batch is cut into for the pipeline; 0: ``pp`` (the least that fills

@@ -135,7 +135,8 @@ def train_step(
     scale = ctx.dp / num_tokens.clamp(min=1)
     loss_sum = torch.zeros((), device=ctx.device)
     for index, mb in enumerate(micro_batches):
-        if isinstance(model, FSDPModule) and defer_grad_sync:
+        # (A pipeline schedule sets FSDP's gradient sync for its own micro-batches.)
+        if isinstance(model, FSDPModule) and defer_grad_sync and pipeline is None:
             # Reduce-scatter only after the last micro-batch; earlier ones accumulate unsharded gradients.
             model.set_requires_gradient_sync(index == len(micro_batches) - 1)
         if pipeline is not None:

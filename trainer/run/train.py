@@ -366,8 +366,9 @@ def _restore(cfg: CheckpointConfig, *, checkpointer: Checkpointer, args: ModelAr
 def _save_full_model(model: torch.nn.Module, *, path: Path, is_rank0: bool, pp: bool = False) -> None:
     """Consolidated fp32 weights on rank 0 (a collective: every rank must call it); under pipelining the
     stages' weights are gathered first (each stage holds other names)."""
-    if pp:  # a stage is not sharded (pp runs alone): its own names, from every rank
-        local = get_model_state_dict(model, options=StateDictOptions(cpu_offload=True))
+    if pp:  # each stage's whole weights (gathered over its FSDP ranks on every rank), then every stage's names
+        local = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        local = {name: tensor.detach().cpu() for name, tensor in local.items()}
         stages: list = [None] * dist.get_world_size()
         dist.all_gather_object(stages, local)
         state = {name: tensor for stage in stages for name, tensor in stage.items()}

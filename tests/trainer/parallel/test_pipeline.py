@@ -25,8 +25,9 @@ def test_blocks_split_into_balanced_consecutive_stages():
 
 
 def test_layouts_pp_cannot_take_yet_are_refused_by_name():
-    with pytest.raises(ValueError, match="parallel.pp=2 runs on its own today .*data-parallel 2"):
-        ParallelDims.from_config(ParallelConfig(pp=2), world_size=4)
+    with pytest.raises(ValueError, match="parallel.pp=2 with parallel.tp=2: pipeline stages compose with FSDP/HSDP today"):
+        ParallelDims.from_config(ParallelConfig(pp=2, tp=2), world_size=4)
+    assert ParallelDims.from_config(ParallelConfig(pp=2), world_size=4).dp == 2  # pp x FSDP
     with pytest.raises(ValueError, match="parallel.pp=2 x parallel.dp_replicate=1 x parallel.dp_shard=1 x parallel.tp=1 = 2"):
         ParallelDims(dp_replicate=1, dp_shard=1, tp=1, world_size=3, pp=2)
 
@@ -37,10 +38,13 @@ def _close(got: list[float], want: list[float]) -> None:
         assert abs(a - b) <= LOSS_RTOL * b, (got, want)
 
 
-@pytest.mark.parametrize("layout", ["pp2", "pp2_gpipe_m4"])
+@pytest.mark.parametrize("layout", ["pp2", "pp2_fsdp2",  # the default suite; the other two in make test-slow
+                                    pytest.param("pp2_gpipe_m4", marks=pytest.mark.slow),
+                                    pytest.param("pp2_hsdp2", marks=pytest.mark.slow)])
 def test_pipelined_training_equals_one_process(layout, reference_run):
-    """pp = 2 with 1F1B over 2 micro-batches, and GPipe over 4: ten steps, the single-process losses and final
-    weights (gathered from both stages) to fp32 rounding."""
+    """pp = 2 with 1F1B over 2 micro-batches, GPipe over 4, and 1F1B with each stage sharded by FSDP over 2
+    ranks (4 processes) or replicated (HSDP): ten steps, the single-process losses and final weights
+    (gathered from every stage) to fp32 rounding."""
     reference = reference_run("single")
     run = run_layout(LAYOUTS[layout], workdir=reference_run.workdir, steps=REFERENCE_STEPS, extra=PINNED_SCHEDULE)
     _close(losses(run), losses(reference))
@@ -59,10 +63,11 @@ def test_pipelined_bf16_tracks_fp32(reference_run):
 
 
 def test_checkpoints_resume_across_pipelined_and_unpipelined_layouts(reference_run):
-    """Saved by pp = 2 at step 4, resumed by one process; saved by one process, resumed by pp = 2: the
-    uninterrupted single-process losses from step 5 on (DCP reshards the stages' names like any layout)."""
+    """Saved by pp = 2 at step 4, resumed by one process; saved by one process, resumed by pp = 2; saved by
+    pp 2 x FSDP 2, resumed by TP 2: the uninterrupted single-process losses from step 5 on (DCP reshards the
+    stages' names like any layout)."""
     workdir, reference = reference_run.workdir, losses(reference_run("single"))
-    for saver, resumer in (("pp2", "single"), ("single", "pp2")):
+    for saver, resumer in (("pp2", "single"), ("single", "pp2"), ("pp2_fsdp2", "tp2")):
         saved = run_layout(LAYOUTS[saver], workdir=workdir, steps=CUT, run_name=f"pp_save_{saver}",
                            extra=PINNED_SCHEDULE) / "checkpoints" / f"step_{CUT:08d}"  # fmt: skip
         resumed = run_layout(LAYOUTS[resumer], workdir=workdir, steps=REFERENCE_STEPS, run_name=f"pp_resume_{resumer}",
