@@ -49,6 +49,7 @@ class _PlainAttention(Attention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))
+        rope = rope[: q.shape[1]]  # the model passes its whole table
         return causal_attention(apply_rope(q, rope), apply_rope(k, rope), v, backend=AttnBackend.sdpa).flatten(-2)
 
     def project_out(self, out: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,7 @@ LAYOUTS = {
         Layout("pp2_gpipe_m4", nproc=2, overrides=("parallel.pp=2", "parallel.pp_schedule=gpipe", "parallel.pp_microbatches=4")),
         Layout("pp2_fsdp2", nproc=4, overrides=("parallel.pp=2",), dp=2),
         Layout("pp2_hsdp2", nproc=4, overrides=("parallel.pp=2", "parallel.dp_replicate=2"), dp=2),
+        Layout("pp2_tp2", nproc=4, overrides=("parallel.pp=2", "parallel.tp=2")),
     )
 }
 

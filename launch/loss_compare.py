@@ -23,7 +23,7 @@ from launch.harness import LAYOUTS, final_weights, losses, run_layout
 
 LOSS_RTOL = 1e-5
 WEIGHT_RTOL = 1e-4
-DEFAULT_LAYOUTS = ("single", "fsdp2", "tp2", "fsdp2_tp2", "hsdp2x2", "pp2", "pp2_gpipe_m4", "pp2_fsdp2", "pp2_hsdp2")
+DEFAULT_LAYOUTS = ("single", "fsdp2", "tp2", "fsdp2_tp2", "hsdp2x2", "pp2", "pp2_gpipe_m4", "pp2_fsdp2", "pp2_hsdp2", "pp2_tp2")
 
 
 def compare(run_dirs: dict[str, Path], *, reference: str = "single") -> tuple[str, bool]:

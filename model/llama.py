@@ -98,6 +98,8 @@ def rope_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torc
     n_heads / tp of them (trainer/parallel/tensor_parallel.py calls this on its local heads).
     ``documents`` (B, T): attention stays within each packed document (``document_attention``).
     """
+    if rope.dim() == 3:  # the model's (max_seq_len, D/2, 2) table: the first T positions
+        rope = rope[: q.shape[1]]
     q = apply_rope(q.unflatten(-1, (-1, head_dim)), rope)  # (B, T, H, D)
     k = apply_rope(k.unflatten(-1, (-1, head_dim)), rope)  # (B, T, Hkv, D)
     v = v.unflatten(-1, (-1, head_dim))
@@ -248,7 +250,14 @@ class Transformer(nn.Module):
             raise ValueError(f"documents must be (B, T) = {tuple(tokens.shape[:2])} ids, without a cache; got "
                              f"{tuple(documents.shape)}{' with a cache' if cache is not None else ''}")  # fmt: skip
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # (B, T, d)
-        rope = self.rope[start:start + seq_len] if documents is None else self.rope[document_positions(documents)]
+        if cache is not None:
+            rope = self.rope[start:start + seq_len]
+        elif documents is not None:
+            rope = self.rope[document_positions(documents)]  # (B, T, D/2, 2): each document from position 0
+        else:
+            # The whole table: each attention cuts it to the sequence it attends over, which under sequence
+            # parallelism, in a later pipeline stage, is longer than this module's (sharded) input.
+            rope = self.rope
         for name, layer in self.layers.items():
             if cache is not None:
                 h = layer(h, rope, cache=cache.layer(int(name)))

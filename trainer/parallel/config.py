@@ -89,7 +89,7 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline stages: the blocks split into ``pp`` consecutive stages (the first owns the embedding, the
     last the final norm and the head), the outermost mesh axis. Composes with FSDP/HSDP (each stage
-    sharded over its data-parallel ranks); with TP next (docs/pipeline.md)."""
+    sharded over its data-parallel ranks) and TP/SP (inside each stage) (docs/pipeline.md)."""
     pp_schedule: PPSchedule = PPSchedule.one_f_one_b
     pp_microbatches: int = 0
     """Micro-batches each step's local batch is cut into for the pipeline; 0: ``pp`` (the least that fills

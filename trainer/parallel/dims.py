@@ -12,7 +12,7 @@ Mesh axes (names used everywhere else):
 - ``dp`` (flattened ``dp_replicate`` x ``dp_shard``): ranks that see different data; the data loader and
   the global token count use it.
 - ``pp``: pipeline stages, outermost (stages on different nodes); present only where ``pp`` > 1, so the
-  other layouts' meshes are unchanged. Today ``pp`` composes with FSDP/HSDP, not yet with TP.
+  other layouts' meshes are unchanged. Composes with FSDP/HSDP and TP.
 """
 
 from __future__ import annotations
@@ -95,11 +95,6 @@ class ParallelDims:
                 f"parallel.pp={self.pp} x parallel.dp_replicate={self.dp_replicate} x parallel.dp_shard={self.dp_shard} x "
                 f"parallel.tp={self.tp} = {self.pp * self.dp_replicate * self.dp_shard * self.tp}, but the world size is "
                 f"{self.world_size}: make the product equal the number of processes (or set parallel.dp_shard=-1)"
-            )
-        if self.pp > 1 and self.tp > 1:
-            raise ValueError(
-                f"parallel.pp={self.pp} with parallel.tp={self.tp}: pipeline stages compose with FSDP/HSDP today, with "
-                "tensor parallelism next (docs/pipeline.md); use pp with dp, or tp without pp"
             )
 
     @classmethod

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.tensor import DTensor
 
 from model.llama import Transformer
 from trainer.parallel.config import PPSchedule
@@ -100,7 +101,7 @@ class Pipeline:
         # The schedule's own list of each micro-batch's loss (loss_fn may also run while it infers shapes).
         losses: list[torch.Tensor] = []
         run(*inputs, **({"target": batch["labels"], "losses": losses} if self.last else {}))
-        local = (torch.stack([l.detach() for l in losses]).sum() / factor if losses
-                 else torch.zeros((), device=self.device))  # fmt: skip
+        plain = [(l.full_tensor() if isinstance(l, DTensor) else l).detach() for l in losses]  # TP: loss_parallel's
+        local = torch.stack(plain).sum() / factor if plain else torch.zeros((), device=self.device)
         dist.all_reduce(local, group=self.group)  # the sum lives on the last stage; every stage reports it
         return local

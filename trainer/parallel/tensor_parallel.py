@@ -351,18 +351,17 @@ def apply_tensor_parallel(model: Transformer, *, tp_mesh: DeviceMesh, overlap: b
             each collective as soon as it is launched (the same arithmetic, for measuring the overlap).
     """
     group = tp_mesh.get_group()
-    parallelize_module(
-        model,
-        tp_mesh,
-        {
-            # Vocabulary-parallel embedding; its output reduce-scattered to the sequence shard, returned as a
-            # plain tensor for the blocks.
-            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-            # Logits left split over the vocabulary (Shard(-1)) for loss_parallel: (B, T, V) is never gathered.
-            "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
-        },
-    )
-    model.tok_embeddings.register_forward_pre_hook(_keep_grad_sharded)
+    plan = {
+        # Vocabulary-parallel embedding; its output reduce-scattered to the sequence shard, returned as a
+        # plain tensor for the blocks.
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        # Logits left split over the vocabulary (Shard(-1)) for loss_parallel: (B, T, V) is never gathered.
+        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
+    }
+    # A pipeline stage has the embedding only if it is the first, the head only if it is the last.
+    parallelize_module(model, tp_mesh, {name: style for name, style in plan.items() if getattr(model, name) is not None})
+    if model.tok_embeddings is not None:
+        model.tok_embeddings.register_forward_pre_hook(_keep_grad_sharded)
     for block in model.layers.values():
         attn, ffn = block.attention, block.feed_forward
         for lin in (attn.wq, attn.wk, attn.wv, ffn.w1, ffn.w3):
@@ -373,7 +372,8 @@ def apply_tensor_parallel(model: Transformer, *, tp_mesh: DeviceMesh, overlap: b
         block.feed_forward = TensorParallelFeedForward(ffn, group=group, overlap=overlap)
         block.attention_norm = _sequence_parallel_norm(block.attention_norm, mesh=tp_mesh)
         block.ffn_norm = _sequence_parallel_norm(block.ffn_norm, mesh=tp_mesh)
-    model.norm = _sequence_parallel_norm(model.norm, mesh=tp_mesh)
+    if model.norm is not None:
+        model.norm = _sequence_parallel_norm(model.norm, mesh=tp_mesh)
 
 
 def _keep_grad_sharded(embedding: nn.Module, args) -> None:

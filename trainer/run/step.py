@@ -142,7 +142,7 @@ def train_step(
         if pipeline is not None:
             if index:
                 phase("forward")
-            with ctx.autocast():
+            with ctx.loss_context(), ctx.autocast():  # loss_parallel: the last stage's logits are vocabulary-sharded
                 mb_sum = pipeline.loss_sum(mb, scale=scale)  # forward and backward of every micro-batch
         else:
             with ctx.loss_context():
@@ -185,7 +185,7 @@ def evaluate(model: nn.Module, batches, *, ctx: ComputeContext, pipeline: Option
     count = torch.zeros((), dtype=torch.int64, device=ctx.device)
     for batch in batches:
         if pipeline is not None:  # forward only, through the stages
-            with ctx.autocast():
+            with ctx.loss_context(), ctx.autocast():
                 loss_sum += pipeline.loss_sum(batch, scale=None).double()
         else:
             with ctx.loss_context():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from launch.harness import LAYOUTS, final_weights, losses, run_layout
+from model.config import ModelArgs
 from tests.conftest import PINNED_SCHEDULE, REFERENCE_STEPS
 from trainer.parallel.config import ParallelConfig
 from trainer.parallel.dims import ParallelDims
@@ -24,10 +25,11 @@ def test_blocks_split_into_balanced_consecutive_stages():
     assert stage_layers(2, 2) == [range(0, 1), range(1, 2)]
 
 
-def test_layouts_pp_cannot_take_yet_are_refused_by_name():
-    with pytest.raises(ValueError, match="parallel.pp=2 with parallel.tp=2: pipeline stages compose with FSDP/HSDP today"):
-        ParallelDims.from_config(ParallelConfig(pp=2, tp=2), world_size=4)
+def test_pipeline_layouts_are_checked():
     assert ParallelDims.from_config(ParallelConfig(pp=2), world_size=4).dp == 2  # pp x FSDP
+    assert ParallelDims.from_config(ParallelConfig(pp=2, tp=2), world_size=4).dp == 1  # pp x TP
+    with pytest.raises(ValueError, match="cannot fill parallel.pp=4 stages"):
+        ParallelDims.for_run(ParallelConfig(pp=4), world_size=4, model=ModelArgs(n_layers=2), seq_len=64)
     with pytest.raises(ValueError, match="parallel.pp=2 x parallel.dp_replicate=1 x parallel.dp_shard=1 x parallel.tp=1 = 2"):
         ParallelDims(dp_replicate=1, dp_shard=1, tp=1, world_size=3, pp=2)
 
@@ -38,13 +40,13 @@ def _close(got: list[float], want: list[float]) -> None:
         assert abs(a - b) <= LOSS_RTOL * b, (got, want)
 
 
-@pytest.mark.parametrize("layout", ["pp2", "pp2_fsdp2",  # the default suite; the other two in make test-slow
+@pytest.mark.parametrize("layout", ["pp2", "pp2_fsdp2", "pp2_tp2",  # the default suite; the other two in make test-slow
                                     pytest.param("pp2_gpipe_m4", marks=pytest.mark.slow),
                                     pytest.param("pp2_hsdp2", marks=pytest.mark.slow)])
 def test_pipelined_training_equals_one_process(layout, reference_run):
     """pp = 2 with 1F1B over 2 micro-batches, GPipe over 4, and 1F1B with each stage sharded by FSDP over 2
-    ranks (4 processes) or replicated (HSDP): ten steps, the single-process losses and final weights
-    (gathered from every stage) to fp32 rounding."""
+    ranks (4 processes), replicated (HSDP), or split by TP 2 with sequence parallelism: ten steps, the
+    single-process losses and final weights (gathered from every stage) to fp32 rounding."""
     reference = reference_run("single")
     run = run_layout(LAYOUTS[layout], workdir=reference_run.workdir, steps=REFERENCE_STEPS, extra=PINNED_SCHEDULE)
     _close(losses(run), losses(reference))
