@@ -32,7 +32,7 @@ $(STAMP): setup.cfg pyproject.toml $(CONSTRAINTS)
 	$(PY) -m evaluation.lm_eval_plugin install  # `lm_eval --model llama_pretrain` (evaluation/lm_eval_plugin.py)
 	@touch $(STAMP)
 
-.PHONY: help install train data-demo preprocess eval finetune test test-slow test-multinode test-faults test-gpu test-compat gpu-check gpu-wheels test-all loss-compare plan plan-validate bench bench-ac bench-overlap bench-guards bench-tokenize model-info clean
+.PHONY: help install train data-demo preprocess eval finetune test test-slow test-multinode test-faults test-gpu test-compat gpu-check gpu-wheels test-all loss-compare plan plan-validate bench bench-ac bench-overlap bench-guards bench-pp bench-tokenize model-info clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -111,6 +111,9 @@ bench-overlap: $(STAMP)  ## benchmark: communication overlap on vs off at 2 proc
 
 bench-guards: $(STAMP)  ## benchmark: wall time per step with every run guard (spike, watchdog, straggler, goodput) on vs off (~5 min)
 	$(PY) -m bench.guards $(ARGS)
+
+bench-pp: $(STAMP)  ## benchmark: pipeline bubble measured vs theory per schedule (GPipe, 1F1B) at pp 2 and 4, and step time vs one process (~3 min; docs/pipeline.md)
+	$(PY) -m bench.pipeline $(ARGS)
 
 bench-tokenize: $(STAMP)  ## benchmark: our shard writer vs sentencepiece's raw encode, tokens/s per core (~1 min; docs/data.md)
 	$(PY) -m bench.tokenize_speed $(ARGS)
