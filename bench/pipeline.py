@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from trainer.parallel.build import build_model
 from trainer.parallel.config import ParallelConfig, PPSchedule
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.pipeline import Pipeline
-from trainer.run.step import ComputeContext, token_loss_sum
+from trainer.run.step import ComputeContext, cross_entropy_sum, token_loss_sum
 
 ARGS = ModelArgs(dim=256, n_layers=8, n_heads=8, vocab_size=512, max_seq_len=256, multiple_of=64)
 ROWS, SEQ = 16, 256
@@ -69,7 +68,8 @@ def _worker(rank: int, world: int, schedule: str, microbatches: int, steps: int,
     cfg = ParallelConfig(pp=world, pp_schedule=schedule, pp_microbatches=microbatches)
     dims = ParallelDims.from_config(cfg, world_size=world).with_meshes(device_type="cpu")
     model = build_model(ARGS, device=torch.device("cpu"), seed=0, dims=dims, parallel=cfg)
-    pipeline = Pipeline(model, dims, schedule=cfg.pp_schedule, microbatches=microbatches, device=torch.device("cpu"))
+    pipeline = Pipeline(model, dims, schedule=cfg.pp_schedule, microbatches=microbatches, device=torch.device("cpu"),
+                        loss=cross_entropy_sum)  # fmt: skip
     data, scale, times = batch(), torch.tensor(1.0 / (ROWS * SEQ)), []
     for _ in range(steps):
         dist.barrier()

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from data.instructions import IGNORE_INDEX, TokenizedRecord
+from data.loader import add_skip, merge_ranges
 
 _STATE_VERSION = 1
 
@@ -68,17 +69,7 @@ class InstructionLoader:
 
     def skip(self, first: int, stop: int) -> None:
         """Never yield the global rows [first, stop) (whole global batches), as PackedLoader.skip."""
-        global_batch = self.dp_size * self.batch_size
-        if first % global_batch or stop % global_batch or not 0 <= first < stop:
-            raise ValueError(f"skip [{first}, {stop}): the range must hold whole global batches of {global_batch} rows")
-        merged = sorted([*self._skipped, (first, stop)])
-        out = [merged[0]]
-        for a, b in merged[1:]:
-            if a <= out[-1][1]:
-                out[-1] = (out[-1][0], max(out[-1][1], b))
-            else:
-                out.append((a, b))
-        self._skipped = out
+        self._skipped = add_skip(self._skipped, first, stop, global_batch=self.dp_size * self.batch_size, unit="rows")
 
     def rows_per_epoch(self, epoch: int) -> int:
         return len(self._rows_of(epoch))
@@ -133,4 +124,4 @@ class InstructionLoader:
                              f"this run has {len(self.records)} with seed {self.seed}: the same rows cannot follow; "
                              "resume with the same data.instructions and trainer.seed")  # fmt: skip
         self._consumed = int(state["consumed"])
-        self._skipped = [tuple(r) for r in state.get("skipped", [])]
+        self._skipped = merge_ranges([(int(a), int(b)) for a, b in state.get("skipped", [])])

@@ -130,10 +130,7 @@ class PackedLoader:
 
     def skip(self, first: int, stop: int) -> None:
         """Never yield the global samples [first, stop) (whole global batches: multiples of dp_size * batch_size)."""
-        global_batch = self.dp_size * self.batch_size
-        if first % global_batch or stop % global_batch or not 0 <= first < stop:
-            raise ValueError(f"skip [{first}, {stop}): the range must hold whole global batches of {global_batch} samples")
-        self._skipped = _merge([*self._skipped, (first, stop)])
+        self._skipped = add_skip(self._skipped, first, stop, global_batch=self.dp_size * self.batch_size)
 
     @property
     def skipped(self) -> list[tuple[int, int]]:
@@ -222,10 +219,18 @@ class PackedLoader:
                 )
         self._consumed = int(state["consumed_samples"])
         self._source_samples = {name: int(state["source_samples"][name]) for name in self.names}
-        self._skipped = _merge([(int(a), int(b)) for a, b in state.get("skipped", [])])
+        self._skipped = merge_ranges([(int(a), int(b)) for a, b in state.get("skipped", [])])
 
 
-def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def add_skip(skipped: list[tuple[int, int]], first: int, stop: int, *, global_batch: int,
+             unit: str = "samples") -> list[tuple[int, int]]:  # fmt: skip
+    """``skipped`` with [first, stop) added, checked to hold whole global batches (a loader's ``skip``)."""
+    if first % global_batch or stop % global_batch or not 0 <= first < stop:
+        raise ValueError(f"skip [{first}, {stop}): the range must hold whole global batches of {global_batch} {unit}")
+    return merge_ranges([*skipped, (first, stop)])
+
+
+def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Sorted, with overlapping or touching ranges joined."""
     merged: list[tuple[int, int]] = []
     for first, stop in sorted(ranges):

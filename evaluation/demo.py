@@ -50,7 +50,7 @@ def _lines(path: Path) -> list[str]:
         return []
 
 
-def _write(path: Path, rows: list[dict]) -> None:
+def write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")  # several ranks may write the same file at once
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(path)  # whole or not at all
@@ -90,7 +90,7 @@ def write_demo_tasks(out_dir: str | Path, *, seed: int = 0, n: int = 200) -> dic
     for name, rows in zip(DEMO_TASKS, (next_line, imports, documents)):
         if not rows:
             raise RuntimeError(f"no {name} examples could be cut from {source}")
-        _write(paths[name], rows)
+        write_jsonl(paths[name], rows)
     return paths
 
 

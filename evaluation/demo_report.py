@@ -21,7 +21,6 @@ import ast
 import csv
 import doctest
 import importlib
-import json
 import os
 import random
 import re
@@ -29,6 +28,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Optional
 
+from evaluation.demo import source_files, write_jsonl
 from evaluation.sandbox import Limits, run_programs
 from evaluation.tasks import TaskFormat
 
@@ -256,9 +256,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     if not rows:
         raise RuntimeError(f"no demo examples for {path.name} could be made from this interpreter's library")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # several ranks may write the same file at once
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    write_jsonl(path, rows)
 
 
 def _write_csv(path: Path, rows: list[list[Any]], header: Optional[list[str]] = None) -> None:
@@ -306,7 +304,6 @@ def write_classifier(out: Path, *, seed: int = 0) -> Path:
 def write_report_demo_tasks(out_dir: str | Path, *, seed: int = 0) -> dict[str, Path]:
     """Write every demo file of ``DEMO_FILES`` and the demo classifier under ``out_dir`` (the same files for
     the same interpreter and seed)."""
-    from evaluation.demo import source_files
 
     out_dir, rng = Path(out_dir), random.Random(seed)
     calls = doctest_calls()

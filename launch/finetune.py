@@ -31,7 +31,7 @@ from data.synthetic_instructions import write_instructions
 from evaluation.checkpoints import evaluate_checkpoint
 from evaluation.config import EvalConfig, EvaluateConfig, TaskConfig
 from launch.local import build_command
-from trainer.checkpoint.checkpointer import complete_checkpoints
+from trainer.checkpoint.checkpointer import checkpoints_under, complete_checkpoints, newest
 from trainer.checkpoint.meta import CheckpointMeta
 
 INSTRUCTIONS_DIR = Path("cache/instructions")
@@ -39,12 +39,11 @@ INSTRUCTIONS_DIR = Path("cache/instructions")
 
 def newest_pretraining_checkpoint(outputs: Path = Path("outputs")) -> Path:
     """The newest complete checkpoint under ``outputs`` whose run trained on the pre-training mixture."""
-    steps = [s for root in outputs.glob("**/checkpoints") for s in complete_checkpoints(root)]
-    pretraining = [s for s in steps
+    pretraining = [s for s in checkpoints_under(outputs)
                    if not ((CheckpointMeta.read(s).config or {}).get("data", {}).get("instructions", {}) or {}).get("train")]  # fmt: skip
     if not pretraining:
         raise ValueError(f"no pre-training checkpoint under {outputs}/: run `make train` first, or pass --init-from")
-    return max(pretraining, key=lambda s: (s / "meta.json").stat().st_mtime)
+    return newest(pretraining)
 
 
 def score(checkpoint: Path, *, held_out: Path, out_dir: Path, max_new_tokens: int) -> dict:

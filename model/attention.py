@@ -135,13 +135,18 @@ def causal_attention(
     return out.transpose(1, 2)
 
 
+def _document_begins(documents: torch.Tensor) -> torch.Tensor:
+    """(B, T) ids -> (B, T) bool: a document begins here (at each row's start, and where the id changes)."""
+    begins = torch.ones_like(documents, dtype=torch.bool)
+    begins[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return begins
+
+
 def document_positions(documents: torch.Tensor) -> torch.Tensor:
     """(B, T) document ids (constant along each packed document) -> (B, T) positions that restart at 0 where
     a document begins, the RoPE positions of documents packed into one sequence."""
     index = torch.arange(documents.shape[1], device=documents.device).expand_as(documents)
-    begins = torch.ones_like(documents, dtype=torch.bool)
-    begins[:, 1:] = documents[:, 1:] != documents[:, :-1]
-    return index - torch.where(begins, index, 0).cummax(dim=1).values
+    return index - torch.where(_document_begins(documents), index, 0).cummax(dim=1).values
 
 
 def document_mask(documents: torch.Tensor) -> torch.Tensor:
@@ -182,9 +187,7 @@ def document_boundaries(documents: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(B, T) ids -> (cu_seqlens, max_len) of the B * T positions as one stream of documents: int32 offsets
     (N + 1,) where each of the N documents begins (a row's start always begins one), flash-attn's layout."""
     b, t = documents.shape
-    begins = torch.ones_like(documents, dtype=torch.bool)
-    begins[:, 1:] = documents[:, 1:] != documents[:, :-1]
-    starts = begins.flatten().nonzero().squeeze(1)
+    starts = _document_begins(documents).flatten().nonzero().squeeze(1)
     cu_seqlens = torch.cat([starts, starts.new_tensor([b * t])]).to(torch.int32)
     return cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # one host sync per call
 

@@ -196,11 +196,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: Optional[LayerCache] = None,
                 documents: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
-        normed = self.attention_norm(x)
-        if cache is not None:
-            h = x + self.attention(normed, rope, cache=cache)
-        else:
-            h = x + (self.attention(normed, rope) if documents is None else self.attention(normed, rope, documents=documents))
+        h = x + self.attention(self.attention_norm(x), rope, cache=cache, documents=documents)
         return h + self.feed_forward(self.ffn_norm(h))
 
 

@@ -80,15 +80,25 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=step_of)
 
 
+def checkpoints_under(outputs: Path) -> list[Path]:
+    """Every complete checkpoint step directory of every run under ``outputs``."""
+    return [step for root in outputs.glob("**/checkpoints") for step in complete_checkpoints(root)]
+
+
+def newest(steps: list[Path]) -> Path:
+    """The step directory written last (by its meta.json's time)."""
+    return max(steps, key=lambda s: (s / META).stat().st_mtime)
+
+
 def resolve_checkpoint(spec: str, *, outputs: Path = Path("outputs")) -> Path:
     """The step directory ``spec`` means: itself if it holds meta.json; the newest complete step of a run
     directory or of its ``checkpoints/``; ``latest``: the newest complete step under ``outputs``."""
     if spec == "latest":
-        steps = [s for root in outputs.glob("**/checkpoints") for s in complete_checkpoints(root)]
+        steps = checkpoints_under(outputs)
         if not steps:
             raise CheckpointError(f"checkpoint=latest: no complete checkpoint under {outputs}/; train one first "
                                   "(make train) or pass checkpoint=<dir>")  # fmt: skip
-        return max(steps, key=lambda s: (s / META).stat().st_mtime)
+        return newest(steps)
     path = Path(spec)
     if (path / META).is_file():
         return path

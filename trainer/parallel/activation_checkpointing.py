@@ -73,8 +73,6 @@ class ACMode(str, enum.Enum):
     every_k = "every_k"  # full recomputation on every k-th block (parallel.ac.every_k), none on the others
 
 
-
-
 @dataclass(frozen=True)
 class ACPolicy:
     """A policy: what the model is built to keep, which blocks it wraps, and what a layer keeps in bytes."""

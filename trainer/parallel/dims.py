@@ -73,8 +73,9 @@ class ParallelDims:
     tp: int
     world_size: int
     fsdp_one_rank: bool = False
-    pp: int = 1
     """FSDP even at data-parallel degree 1 (``parallel.fsdp.one_rank``)."""
+    pp: int = 1
+    """Pipeline stages (``parallel.pp``)."""
     meshes: Optional[Meshes] = dataclasses.field(default=None, compare=False, repr=False)
     """Set by ``with_meshes``; None for one process without FSDP (nothing to communicate), or before."""
 
@@ -86,8 +87,8 @@ class ParallelDims:
             rest, remainder = divmod(self.world_size, self.dp_replicate * self.tp * self.pp)
             if remainder or rest < 1:
                 raise ValueError(
-                    f"parallel.dp_replicate={self.dp_replicate} x parallel.tp={self.tp} does not divide the world "
-                    f"size {self.world_size}: choose degrees whose product divides the number of processes"
+                    f"parallel.pp={self.pp} x parallel.dp_replicate={self.dp_replicate} x parallel.tp={self.tp} does not "
+                    f"divide the world size {self.world_size}: choose degrees whose product divides the number of processes"
                 )
             object.__setattr__(self, "dp_shard", rest)  # frozen: resolved once, here
         if self.pp * self.dp_replicate * self.dp_shard * self.tp != self.world_size:
@@ -167,7 +168,8 @@ class ParallelDims:
 
     def with_meshes(self, *, device_type: str) -> ParallelDims:
         """These dims with their meshes built (a collective: every rank calls it; needs a process group
-        where ``needs_meshes``). The 3-D world mesh (dp_replicate, dp_shard, tp) and its sub-meshes."""
+        where ``needs_meshes``). The world mesh (dp_replicate, dp_shard, tp), with pp outermost where pp > 1,
+        and its sub-meshes."""
         if not self.needs_meshes or self.meshes is not None:
             return self
         if self.pp_enabled:  # a fourth, outermost axis; without it the mesh is exactly the three-axis one

@@ -18,11 +18,10 @@ every stage reports the same loss.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 from torch.distributed.tensor import DTensor
 
@@ -30,7 +29,6 @@ from model.llama import Transformer
 from trainer.parallel.config import PPSchedule
 from trainer.parallel.dims import ParallelDims
 
-IGNORE_INDEX = -100
 SCHEDULES = {PPSchedule.gpipe: ScheduleGPipe, PPSchedule.one_f_one_b: Schedule1F1B}
 
 
@@ -62,7 +60,9 @@ class Pipeline:
     """This rank's stage and how a batch runs through the pipeline."""
 
     def __init__(self, model: Transformer, dims: ParallelDims, *, schedule: PPSchedule, microbatches: int,
-                 device: torch.device):  # fmt: skip
+                 device: torch.device, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):  # fmt: skip
+        """``loss``: (logits, labels) -> the sum of their cross-entropy, the trainer's (trainer/run/step.py)."""
+        self.loss = loss
         self.rank, self.stages = dims.pp_rank(), dims.pp
         self.group = dims.pp_mesh.get_group()
         self.microbatches = microbatches or dims.pp
@@ -91,9 +91,7 @@ class Pipeline:
         factor = scale if scale is not None else torch.ones((), device=self.device)
 
         def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            total = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX,
-                                    reduction="sum")  # fmt: skip
-            return total * factor
+            return self.loss(logits, target) * factor
 
         schedule = self.schedule_cls(self.stage, self.microbatches, loss_fn=loss_fn, scale_grads=False)
         run = schedule.step if scale is not None else schedule.eval

@@ -21,12 +21,11 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
+from data.instructions import IGNORE_INDEX  # labels equal to it: neither loss nor token count (padding, prompts)
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.distributed import clip_grad_norm_, dp_sum
 from trainer.parallel.pipeline import Pipeline
 
-IGNORE_INDEX = -100
-"""Labels equal to this contribute neither loss nor token count (padding, masked spans)."""
 
 
 @dataclass(frozen=True)
@@ -80,13 +79,17 @@ def forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(batch["inputs"])
 
 
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of cross-entropy over the valid labels, in fp32: logits (B, T, V), or a DTensor sharded over V
+    under TP (inside ``loss_parallel``); labels (B, T)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], *, ctx: ComputeContext) -> torch.Tensor:
     """Sum of cross-entropy over the valid labels of one local micro-batch, in fp32."""
     with ctx.autocast():
         logits = forward(model, batch)  # (B, T, V), or a DTensor sharded over V under TP
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    return cross_entropy_sum(logits, batch["labels"])
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:

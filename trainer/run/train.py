@@ -57,7 +57,7 @@ from trainer.run.metrics import MetricLogger, system_metrics_enabled
 from trainer.run.oom import out_of_memory, start_memory_history
 from trainer.run.optim import build_lr_scheduler, build_optimizer
 from trainer.run.records import TrainResult
-from trainer.run.step import ComputeContext, StepResult, evaluate, train_step
+from trainer.run.step import ComputeContext, StepResult, cross_entropy_sum, evaluate, train_step
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
         net = build_model(model, device=device, seed=trainer.seed, dims=ctx.dims, parallel=parallel,
                           compute_dtype=ctx.dtype)  # fmt: skip
         pipeline = (Pipeline(net, ctx.dims, schedule=parallel.pp_schedule, microbatches=parallel.pp_microbatches,
-                             device=device) if ctx.dims.pp_enabled else None)  # fmt: skip
+                             device=device, loss=cross_entropy_sum) if ctx.dims.pp_enabled else None)  # fmt: skip
         optimizer = build_optimizer(net, optim)
         scheduler = build_lr_scheduler(optimizer, optim, max_steps=trainer.max_steps)
         train_loader = sources.train
