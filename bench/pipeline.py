@@ -68,7 +68,7 @@ def _worker(rank: int, world: int, schedule: str, microbatches: int, steps: int,
     cfg = ParallelConfig(pp=world, pp_schedule=schedule, pp_microbatches=microbatches)
     dims = ParallelDims.from_config(cfg, world_size=world).with_meshes(device_type="cpu")
     model = build_model(ARGS, device=torch.device("cpu"), seed=0, dims=dims, parallel=cfg)
-    pipeline = Pipeline(model, dims, schedule=cfg.pp_schedule, microbatches=microbatches, device=torch.device("cpu"),
+    pipeline = Pipeline(model, dims, schedule=cfg.pp_schedule, microbatches=microbatches, virtual_stages=cfg.pp_virtual_stages, device=torch.device("cpu"),
                         loss=cross_entropy_sum)  # fmt: skip
     data, scale, times = batch(), torch.tensor(1.0 / (ROWS * SEQ)), []
     for _ in range(steps):

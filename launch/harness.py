@@ -20,6 +20,7 @@ from trainer.run.records import TrainResult
 
 REPO = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 8
+L4 = "model.n_layers=4"
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class Layout:
     dp: int = 1
     """Data-parallel degree; the micro-batch is GLOBAL_BATCH / (dp * accumulation)."""
     accum: int = 1
+    reference: str = "single"
+    """The one-process layout this one must agree with (the same model)."""
 
 
 LAYOUTS = {
@@ -47,6 +50,17 @@ LAYOUTS = {
         Layout("pp2_fsdp2", nproc=4, overrides=("parallel.pp=2",), dp=2),
         Layout("pp2_hsdp2", nproc=4, overrides=("parallel.pp=2", "parallel.dp_replicate=2"), dp=2),
         Layout("pp2_tp2", nproc=4, overrides=("parallel.pp=2", "parallel.tp=2")),
+        Layout("pp2_zb", nproc=2, overrides=("parallel.pp=2", "parallel.pp_schedule=zero_bubble", "parallel.pp_microbatches=4")),
+        Layout("pp2_zb_fsdp2", nproc=4, overrides=("parallel.pp=2", "parallel.pp_schedule=zero_bubble",
+                                                   "parallel.pp_microbatches=4"), dp=2),  # fmt: skip
+        Layout("pp2_zb_tp2", nproc=4, overrides=("parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=zero_bubble",
+                                                 "parallel.pp_microbatches=4")),  # fmt: skip
+        # Two stages per rank need four blocks: against the same four-block model in one process.
+        Layout("single_l4", nproc=1, overrides=(L4,)),
+        Layout("pp2_interleaved", nproc=2, overrides=(L4, "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b",
+                                                      "parallel.pp_microbatches=4"), reference="single_l4"),  # fmt: skip
+        Layout("pp2_zbv", nproc=2, overrides=(L4, "parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_microbatches=4"),
+               reference="single_l4"),  # fmt: skip
     )
 }
 

@@ -6,6 +6,8 @@ Shape legend: N = B*T tokens (any leading dims are flattened), d_in input width,
     input:    dx = dy W               (..., d_out) @ (d_out, d_in) -> (..., d_in)
     weight:   dW = dy^T x             (d_out, N) @ (N, d_in) -> (d_out, d_in), summed over all N tokens
 
+The weight gradient may be deferred (model/ops/deferred.py: zero-bubble pipeline schedules).
+
 Saved for backward: x (for dW) and W (for dx), at every ``Keep`` level: that is all a linear layer needs,
 and nothing in it is element-wise, so there is nothing to recompute.
 
@@ -15,10 +17,13 @@ copies autocast itself would have saved, and backward multiplies tensors of one 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 from model.ops.amp import autocast_off, matmul_inputs, no_autocast_backward
+from model.ops.deferred import WeightGradStore, current_store
 
 
 def input_grad(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -31,10 +36,21 @@ def weight_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
 
 
+def weight_grad_or_defer(dy: torch.Tensor, x: torch.Tensor, *, weight: torch.Tensor,
+                         store: Optional[WeightGradStore]) -> Optional[torch.Tensor]:  # fmt: skip
+    """For a Function's backward: dW = dy^T x now (no store), or queued on ``store`` for ``weight`` and
+    None returned to autograd (model/ops/deferred.py)."""
+    if store is None:
+        return weight_grad(dy, x)
+    store.put(weight, lambda: weight_grad(dy, x))
+    return None
+
+
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
+        ctx.store = current_store()  # zero-bubble pipelines: dW later (model/ops/deferred.py)
         # F.linear, as nn.Linear calls it, so swapping this op in changes no bits of the forward.
         return F.linear(x, weight)
 
@@ -43,7 +59,7 @@ class _Linear(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x, weight = ctx.saved_tensors
         dx = input_grad(dy, weight) if ctx.needs_input_grad[0] else None
-        dw = weight_grad(dy, x) if ctx.needs_input_grad[1] else None
+        dw = weight_grad_or_defer(dy, x, weight=weight, store=ctx.store) if ctx.needs_input_grad[1] else None
         return dx, dw
 
 

@@ -21,7 +21,7 @@ from trainer.parallel.config import ParallelConfig
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.initialize import init_parameters
 from trainer.parallel.parallelize import parallelize_llama
-from trainer.parallel.pipeline import split_stage
+from trainer.parallel.pipeline import local_stages, split_stage
 
 
 def build_meta_model(
@@ -41,7 +41,9 @@ def build_meta_model(
     with torch.device("meta"):
         model = Transformer(args, keep=ac.keep, keep_final_norm=ac.keep_final_norm)
     if dims.pp_enabled:  # this rank's pipeline stage, cut before anything is parallelised or allocated
-        split_stage(model, stage=dims.pp_rank(), stages=dims.pp)
+        virtual = parallel.pp_stages_per_rank
+        split_stage(model, stages=local_stages(rank=dims.pp_rank(), pp=dims.pp, virtual=virtual, schedule=parallel.pp_schedule),
+                    total=dims.pp * virtual)  # fmt: skip
     parallelize_llama(model, dims=dims, cfg=parallel, ac=ac, compute_dtype=compute_dtype)
     return model
 

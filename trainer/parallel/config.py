@@ -63,12 +63,26 @@ class ACConfig:
 
 
 class PPSchedule(str, enum.Enum):
-    """Pipeline schedules (torch.distributed.pipelining): GPipe runs every micro-batch's forward, then every
-    backward; 1F1B alternates one forward and one backward after a warm-up, so at most ``pp`` micro-batches'
-    activations are in flight instead of all of them (the same bubble, (p - 1) / (m + p - 1))."""
+    """Pipeline schedules (torch.distributed.pipelining; docs/pipeline.md). GPipe runs every micro-batch's
+    forward, then every backward; 1F1B alternates one forward and one backward after a warm-up, so at most
+    ``pp`` micro-batches' activations are in flight instead of all of them (the same bubble,
+    (p - 1) / (m + p - 1)). Interleaved 1F1B gives each rank v stages (``pp_virtual_stages``, looped:
+    rank r holds stages r, r + p, ...), dividing the bubble by v for v times the point-to-point traffic.
+    The zero-bubble schedules split each backward into the input gradient, sent at once, and the weight
+    gradient, run later in what would have been the bubble (model/ops/deferred.py): ``zero_bubble`` is
+    torch's ZB1P (looped, any v; v = 1 is ZB-H1), ``zbv`` the V-shaped one (v = 2: rank r holds stages r
+    and 2p - 1 - r)."""
 
     gpipe = "gpipe"
     one_f_one_b = "1f1b"
+    interleaved_1f1b = "interleaved_1f1b"
+    zero_bubble = "zero_bubble"
+    zbv = "zbv"
+
+    @property
+    def splits_backward(self) -> bool:
+        """Runs weight gradients apart from input gradients."""
+        return self in (PPSchedule.zero_bubble, PPSchedule.zbv)
 
 
 @dataclass
@@ -91,6 +105,9 @@ class ParallelConfig:
     last the final norm and the head), the outermost mesh axis. Composes with FSDP/HSDP (each stage
     sharded over its data-parallel ranks) and TP/SP (inside each stage) (docs/pipeline.md)."""
     pp_schedule: PPSchedule = PPSchedule.one_f_one_b
+    pp_virtual_stages: int = 0
+    """Stages per rank: 0 = the schedule's own (2 for interleaved_1f1b and zbv, 1 otherwise); more than 1
+    needs a looped or V schedule (interleaved_1f1b, zero_bubble; zbv takes exactly 2)."""
     pp_microbatches: int = 0
     """Micro-batches each step's local batch is cut into for the pipeline; 0: ``pp`` (the least that fills
     it). More shrink the bubble, (p - 1) / (m + p - 1), and must divide the micro-batch size."""
@@ -108,6 +125,9 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         self.pp_schedule = PPSchedule(self.pp_schedule)
+        if self.pp_virtual_stages < 0:
+            raise ValueError(f"parallel.pp_virtual_stages must be >= 0 (0: the schedule's own), got {self.pp_virtual_stages}")
+        self.pp_stages_per_rank  # the schedule takes that many stages per rank, or the error says so
         if self.pp_microbatches < 0:
             raise ValueError(f"parallel.pp_microbatches must be >= 0 (0: as many as stages), got {self.pp_microbatches}")
         for key in ("dp_replicate", "tp", "pp"):
@@ -117,6 +137,19 @@ class ParallelConfig:
             raise ValueError(f"parallel.pg_timeout_s must be positive, got {self.pg_timeout_s}")
         if self.dp_shard < 1 and self.dp_shard != -1:
             raise ValueError(f"parallel.dp_shard must be >= 1 or -1 (the rest of the world), got {self.dp_shard}")
+
+
+    @property
+    def pp_stages_per_rank(self) -> int:
+        """``pp_virtual_stages`` resolved for ``pp_schedule`` (0: the schedule's own), or the error."""
+        schedule, v = self.pp_schedule, self.pp_virtual_stages
+        v = v or (2 if schedule in (PPSchedule.interleaved_1f1b, PPSchedule.zbv) else 1)
+        if schedule in (PPSchedule.gpipe, PPSchedule.one_f_one_b) and v != 1:
+            raise ValueError(f"parallel.pp_schedule={schedule.value} runs one stage per rank, but parallel.pp_virtual_stages="
+                             f"{v}: use interleaved_1f1b or zero_bubble for several, or pp_virtual_stages=1")  # fmt: skip
+        if schedule == PPSchedule.zbv and v != 2:
+            raise ValueError(f"parallel.pp_schedule=zbv holds exactly 2 stages per rank (a V), got parallel.pp_virtual_stages={v}")
+        return v
 
 
 RENAMED_KEYS = {

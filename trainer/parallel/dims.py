@@ -115,9 +115,8 @@ class ParallelDims:
         every error a layout can give before anything is built (training and the planner alike)."""
         dims = cls.from_config(cfg, world_size=world_size)
         check_tp_divides(tp=dims.tp, args=model, seq_len=seq_len)
-        if model.n_layers < dims.pp:
-            raise ValueError(f"model.n_layers={model.n_layers} cannot fill parallel.pp={dims.pp} stages: each stage needs "
-                             "at least one block")  # fmt: skip
+        if dims.pp_enabled:
+            _check_pipeline(cfg, dims=dims, n_layers=model.n_layers)
         return dims
 
     @property
@@ -182,3 +181,15 @@ class ParallelDims:
         meshes = Meshes(world=world, fsdp=fsdp, dp=flatten_mesh(fsdp, "dp"), tp=world["tp"],
                         pp=world["pp"] if self.pp_enabled else None)  # fmt: skip
         return dataclasses.replace(self, meshes=meshes)
+
+
+def _check_pipeline(cfg: ParallelConfig, *, dims: ParallelDims, n_layers: int) -> None:
+    """The pipeline's stages fit the model and compose with the layout (trainer/parallel/pipeline.py)."""
+    virtual = cfg.pp_stages_per_rank
+    if n_layers < dims.pp * virtual:
+        raise ValueError(f"model.n_layers={n_layers} cannot fill parallel.pp={dims.pp} x {virtual} stages per rank: each "
+                         "stage needs at least one block")  # fmt: skip
+    if virtual > 1 and dims.fsdp_enabled:
+        raise ValueError(f"{virtual} pipeline stages per rank (parallel.pp_schedule={cfg.pp_schedule.value}) "
+                         "with FSDP/HSDP (data parallelism) is not supported yet: each stage would need its own FSDP "
+                         "root; use one stage per rank (1f1b, gpipe, zero_bubble with pp_virtual_stages=1) with dp > 1")  # fmt: skip

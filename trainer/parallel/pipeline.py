@@ -1,35 +1,53 @@
-"""Pipeline parallelism: this rank's stage of the model, and the schedule that runs micro-batches through the
-stages (torch.distributed.pipelining).
+"""Pipeline parallelism: this rank's stages of the model, and the schedule that runs micro-batches through
+them (torch.distributed.pipelining).
 
-The split: the blocks are cut into ``pp`` consecutive stages of as equal a count as they divide into (the
-first ``n_layers % pp`` stages take one more); stage 0 also owns the embedding, the last stage the final
-norm and the output head, so the loss is computed where the logits are (``stage_layers``). A stage is the
-model with what it does not own removed (``Transformer.forward`` maps tokens or hidden states to hidden
-states or logits), built on the meta device before it is parallelised, so parameter names, initialisation
-(by name) and checkpoints are those of the whole model.
+The split: the blocks are cut into ``pp * v`` consecutive stages (v = stages per rank,
+``parallel.pp_virtual_stages``) of as equal a count as they divide into (the first ``n_layers % (pp * v)``
+stages take one more); stage 0 also owns the embedding, the last stage the final norm and the output head,
+so the loss is computed where the logits are (``stage_layers``). Rank r holds stage r (v = 1), the stages
+r, r + pp, ... (looped: interleaved 1F1B, ZB1P), or r and 2 pp - 1 - r (V: zbv) (``local_stages``). The
+rank's model is the whole model with what none of its stages owns removed (``split_stage``:
+``Transformer.forward`` maps tokens or hidden states to hidden states or logits), built on the meta device
+before it is parallelised, so parameter names, initialisation (by name) and checkpoints are those of the
+whole model. With several stages per rank each is a view (``StageChunk``) over the rank's model's modules.
 
 A step: the local batch is cut into ``m`` micro-batches; the schedule runs each through the stages
 (activations sent forward, their gradients back, point to point), calling ``loss_fn`` on the last stage
 for every micro-batch and backpropagating it at once. ``loss_fn`` returns the micro-batch's loss *sum*
 times the step's scale (data-parallel degree / global count of valid labels, trainer/run/step.py), so the
 gradients are exactly those of the unpipelined step; the sums are all-reduced over the pipeline axis, so
-every stage reports the same loss.
+every stage reports the same loss. Zero-bubble schedules run each backward's weight gradients apart from its
+input gradients: our Functions queue them on the pipeline's ``WeightGradStore`` (model/ops/deferred.py), and
+the schedule's weight step runs what one micro-batch's backward queued (the stages' ``dw_builder``).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch import nn
+from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
+                                          ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble)  # fmt: skip
 from torch.distributed.tensor import DTensor
 
 from model.llama import Transformer
-from trainer.parallel.config import PPSchedule
+from model.ops.deferred import WeightGradStore, deferring
+from trainer.parallel.config import ParallelConfig, PPSchedule
 from trainer.parallel.dims import ParallelDims
 
-SCHEDULES = {PPSchedule.gpipe: ScheduleGPipe, PPSchedule.one_f_one_b: Schedule1F1B}
+SCHEDULES = {PPSchedule.gpipe: ScheduleGPipe, PPSchedule.one_f_one_b: Schedule1F1B,
+             PPSchedule.interleaved_1f1b: ScheduleInterleaved1F1B, PPSchedule.zero_bubble: ScheduleInterleavedZeroBubble,
+             PPSchedule.zbv: ScheduleZBVZeroBubble}  # fmt: skip
+SINGLE_STAGE = (PPSchedule.gpipe, PPSchedule.one_f_one_b)  # schedules that take one stage per rank
+
+
+def local_stages(*, rank: int, pp: int, virtual: int, schedule: PPSchedule) -> list[int]:
+    """The stage indices rank ``rank`` of ``pp`` holds, of ``pp * virtual``: looped, or a V for zbv."""
+    if PPSchedule(schedule) == PPSchedule.zbv:
+        return [rank, 2 * pp - 1 - rank]
+    return [rank + k * pp for k in range(virtual)]
 
 
 def stage_layers(n_layers: int, stages: int) -> list[range]:
@@ -43,40 +61,79 @@ def stage_layers(n_layers: int, stages: int) -> list[range]:
     return out
 
 
-def split_stage(model: Transformer, *, stage: int, stages: int) -> Transformer:
-    """``model`` cut down, in place, to stage ``stage`` of ``stages`` (see the module docstring)."""
-    keep = stage_layers(len(model.layers), stages)[stage]
+def split_stage(model: Transformer, *, stages: Sequence[int], total: int) -> Transformer:
+    """``model`` cut down, in place, to what stages ``stages`` of ``total`` own (module docstring)."""
+    per_stage = stage_layers(len(model.layers), total)
+    keep = {index for stage in stages for index in per_stage[stage]}
     for name in list(model.layers.keys()):
         if int(name) not in keep:
             del model.layers[name]
-    if stage != 0:
+    if 0 not in stages:
         model.tok_embeddings = None
-    if stage != stages - 1:
+    if total - 1 not in stages:
         model.norm, model.output = None, None
     return model
 
 
+class StageChunk(nn.Module):
+    """One of a rank's several stages: the rank's model's own modules for it (shared, not copied), run as
+    ``Transformer.forward`` runs its stage: tokens or hidden states in, hidden states or logits out."""
+
+    def __init__(self, model: Transformer, *, layers: range, first: bool, last: bool):
+        super().__init__()
+        self.tok_embeddings = model.tok_embeddings if first else None
+        self.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layers})
+        self.norm, self.output = (model.norm, model.output) if last else (None, None)
+        self._model = [model]  # a list: not a submodule (its parameters are not this view's)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
+        rope = self._model[0].rope  # the whole table: each attention cuts it (Transformer.forward)
+        for layer in self.layers.values():
+            h = layer(h, rope)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h
+
+
 class Pipeline:
-    """This rank's stage and how a batch runs through the pipeline."""
+    """This rank's stages and how a batch runs through the pipeline."""
 
     def __init__(self, model: Transformer, dims: ParallelDims, *, schedule: PPSchedule, microbatches: int,
-                 device: torch.device, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):  # fmt: skip
-        """``loss``: (logits, labels) -> the sum of their cross-entropy, the trainer's (trainer/run/step.py)."""
-        self.loss = loss
-        self.rank, self.stages = dims.pp_rank(), dims.pp
+                 device: torch.device, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 virtual_stages: int = 0):  # fmt: skip
+        """``loss``: (logits, labels) -> the sum of their cross-entropy, the trainer's (trainer/run/step.py).
+        ``virtual_stages``: ``parallel.pp_virtual_stages`` (0: the schedule's own)."""
+        self.loss, self.device = loss, device
+        self.schedule = PPSchedule(schedule)
         self.group = dims.pp_mesh.get_group()
         self.microbatches = microbatches or dims.pp
-        self.schedule_cls = SCHEDULES[PPSchedule(schedule)]
-        self.stage = PipelineStage(model, self.rank, self.stages, device, group=self.group)
-        self.device = device
+        virtual = ParallelConfig(pp_schedule=self.schedule, pp_virtual_stages=virtual_stages).pp_stages_per_rank
+        total = dims.pp * virtual
+        ids = local_stages(rank=dims.pp_rank(), pp=dims.pp, virtual=virtual, schedule=self.schedule)
+        self.first, self.last = 0 in ids, total - 1 in ids
+        # Zero-bubble: the Functions queue weight gradients here; each stage's dw_builder takes one
+        # micro-batch's backward's worth for the schedule's weight step.
+        self.store = WeightGradStore() if self.schedule.splits_backward else None
+        per_stage = stage_layers(model.args.n_layers, total)
+        modules = [model] if virtual == 1 else [StageChunk(model, layers=per_stage[i], first=i == 0, last=i == total - 1)
+                                                for i in ids]  # fmt: skip
+        self.stages = [_Stage(module, index, total, device, group=self.group, store=self.store)
+                       for module, index in zip(modules, ids)]  # fmt: skip
+        self._factor = torch.ones((), device=device)  # the step's loss scale, read by the schedule's loss_fn
+        self._built: Optional[tuple[tuple, object]] = None
 
-    @property
-    def first(self) -> bool:
-        return self.rank == 0
+    def _loss_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.loss(logits, target) * self._factor
 
-    @property
-    def last(self) -> bool:
-        return self.rank == self.stages - 1
+    def _schedule(self, *, training: bool, shape: tuple[int, ...]):
+        """The schedule for this kind of step, built once: a new one infers every stage's shapes again, with a
+        forward and backward of its own (rebuilt only when the batch's shape or the kind of step changes)."""
+        key = (training, shape)
+        if self._built is None or self._built[0] != key:
+            cls = SCHEDULES[self.schedule]
+            stages = self.stages[0] if self.schedule in SINGLE_STAGE else self.stages
+            self._built = (key, cls(stages, self.microbatches, loss_fn=self._loss_fn, scale_grads=False))
+        return self._built[1]
 
     def loss_sum(self, batch: dict[str, torch.Tensor], *, scale: Optional[torch.Tensor]) -> torch.Tensor:
         """Sum of cross-entropy over the batch's valid labels (fp32), on every stage. With ``scale`` the
@@ -88,18 +145,46 @@ class Pipeline:
         if rows % self.microbatches:
             raise ValueError(f"parallel.pp_microbatches={self.microbatches} does not divide the {rows} sequences of a "
                              "micro-batch (trainer.micro_batch_size): choose a divisor")  # fmt: skip
-        factor = scale if scale is not None else torch.ones((), device=self.device)
-
-        def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            return self.loss(logits, target) * factor
-
-        schedule = self.schedule_cls(self.stage, self.microbatches, loss_fn=loss_fn, scale_grads=False)
+        self._factor = scale if scale is not None else torch.ones((), device=self.device)
+        schedule = self._schedule(training=scale is not None, shape=tuple(batch["inputs"].shape))
         run = schedule.step if scale is not None else schedule.eval
         inputs = (batch["inputs"],) if self.first else ()
         # The schedule's own list of each micro-batch's loss (loss_fn may also run while it infers shapes).
         losses: list[torch.Tensor] = []
         run(*inputs, **({"target": batch["labels"], "losses": losses} if self.last else {}))
+        if self.store is not None and scale is not None:
+            _check_split(self.store)
         plain = [(l.full_tensor() if isinstance(l, DTensor) else l).detach() for l in losses]  # TP: loss_parallel's
-        local = torch.stack(plain).sum() / factor if plain else torch.zeros((), device=self.device)
+        local = torch.stack(plain).sum() / self._factor if plain else torch.zeros((), device=self.device)
         dist.all_reduce(local, group=self.group)  # the sum lives on the last stage; every stage reports it
         return local
+
+
+class _Stage(PipelineStage):
+    """A stage whose forwards note ``store`` (model/ops/deferred.py), so that their backwards queue the weight
+    gradients there, and whose schedule's weight step runs what one backward queued (``dw_builder``).
+
+    Only the forwards of the schedule's micro-batches defer: the forward and backward a schedule runs to infer
+    the stages' shapes (before its first step) compute their gradients at once and drop them, as they should.
+    ``forward_maybe_with_nosync`` is the one method every schedule's forward goes through (torch 2.5 to 2.13);
+    ``_check_split`` fails loudly should a torch release stop calling it."""
+
+    def __init__(self, module: nn.Module, index: int, total: int, device: torch.device, *,
+                 group: dist.ProcessGroup, store: Optional[WeightGradStore]):  # fmt: skip
+        super().__init__(module, index, total, device, group=group,
+                         dw_builder=store.flush if store is not None else None)  # fmt: skip
+        self.store = store
+
+    def forward_maybe_with_nosync(self, *args, **kwargs):
+        with deferring(self.store):
+            return super().forward_maybe_with_nosync(*args, **kwargs)
+
+
+def _check_split(store: WeightGradStore) -> None:
+    """After a training step of a zero-bubble schedule: every queued weight gradient ran, and some were
+    queued at all (otherwise the schedule ran unsplit backwards: a torch that no longer calls the override)."""
+    if len(store):
+        raise RuntimeError(f"the pipeline schedule left {len(store)} weight gradients uncomputed")
+    if store.total == 0:
+        raise RuntimeError("a zero-bubble pipeline step deferred no weight gradient: this torch's PipelineStage no "
+                           "longer runs forwards through forward_maybe_with_nosync (trainer/parallel/pipeline.py)")

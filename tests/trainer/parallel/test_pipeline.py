@@ -1,6 +1,6 @@
-"""Pipeline parallelism (``parallel.pp``): the stage split, and training under pp = 2 on gloo (1F1B and GPipe)
-against one process: the same losses and weights, in fp32 and bf16, and checkpoints that resume across pp
-and non-pp layouts with the uninterrupted losses."""
+"""Pipeline parallelism (``parallel.pp``): the stage split, and training under pp = 2 on gloo (1F1B, GPipe,
+interleaved 1F1B, the zero-bubble ZB1P and ZBV) against one process: the same losses and weights, in fp32
+and bf16, and checkpoints that resume across pp and non-pp layouts with the uninterrupted losses."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 from launch.harness import LAYOUTS, final_weights, losses, run_layout
 from model.config import ModelArgs
 from tests.conftest import PINNED_SCHEDULE, REFERENCE_STEPS
-from trainer.parallel.config import ParallelConfig
+from trainer.parallel.config import ParallelConfig, PPSchedule
 from trainer.parallel.dims import ParallelDims
-from trainer.parallel.pipeline import stage_layers
+from trainer.parallel.pipeline import local_stages, stage_layers
 
 CUT = 4
 # As in the loss-compare test: the same arithmetic in another grouping (micro-batches, stages): fp32 rounding.
@@ -25,13 +25,32 @@ def test_blocks_split_into_balanced_consecutive_stages():
     assert stage_layers(2, 2) == [range(0, 1), range(1, 2)]
 
 
+def test_each_rank_holds_its_stages_looped_or_in_a_v():
+    assert local_stages(rank=1, pp=2, virtual=1, schedule=PPSchedule.one_f_one_b) == [1]
+    assert local_stages(rank=1, pp=4, virtual=2, schedule=PPSchedule.interleaved_1f1b) == [1, 5]
+    assert local_stages(rank=0, pp=4, virtual=2, schedule=PPSchedule.zbv) == [0, 7]  # rank 0: first and last
+    assert local_stages(rank=3, pp=4, virtual=2, schedule=PPSchedule.zbv) == [3, 4]
+    assert ParallelConfig(pp_schedule="interleaved_1f1b").pp_stages_per_rank == 2  # the schedule's own
+    assert ParallelConfig(pp_schedule="zero_bubble").pp_stages_per_rank == 1
+    assert ParallelConfig(pp_schedule="zero_bubble", pp_virtual_stages=3).pp_stages_per_rank == 3
+
+
 def test_pipeline_layouts_are_checked():
     assert ParallelDims.from_config(ParallelConfig(pp=2), world_size=4).dp == 2  # pp x FSDP
     assert ParallelDims.from_config(ParallelConfig(pp=2, tp=2), world_size=4).dp == 1  # pp x TP
-    with pytest.raises(ValueError, match="cannot fill parallel.pp=4 stages"):
+    with pytest.raises(ValueError, match="cannot fill parallel.pp=4 x 1 stages per rank"):
         ParallelDims.for_run(ParallelConfig(pp=4), world_size=4, model=ModelArgs(n_layers=2), seq_len=64)
     with pytest.raises(ValueError, match="parallel.pp=2 x parallel.dp_replicate=1 x parallel.dp_shard=1 x parallel.tp=1 = 2"):
         ParallelDims(dp_replicate=1, dp_shard=1, tp=1, world_size=3, pp=2)
+    with pytest.raises(ValueError, match="parallel.pp_schedule=1f1b runs one stage per rank"):
+        ParallelConfig(pp_virtual_stages=2)
+    with pytest.raises(ValueError, match="zbv holds exactly 2 stages per rank"):
+        ParallelConfig(pp_schedule="zbv", pp_virtual_stages=3)
+    with pytest.raises(ValueError, match="cannot fill parallel.pp=2 x 2 stages per rank"):
+        ParallelDims.for_run(ParallelConfig(pp=2, pp_schedule="interleaved_1f1b"), world_size=2, model=ModelArgs(n_layers=3),
+                             seq_len=64)  # fmt: skip
+    with pytest.raises(ValueError, match="2 pipeline stages per rank .* with FSDP/HSDP"):
+        ParallelDims.for_run(ParallelConfig(pp=2, pp_schedule="zbv"), world_size=4, model=ModelArgs(n_layers=4), seq_len=64)
 
 
 def _close(got: list[float], want: list[float]) -> None:
@@ -40,15 +59,20 @@ def _close(got: list[float], want: list[float]) -> None:
         assert abs(a - b) <= LOSS_RTOL * b, (got, want)
 
 
-@pytest.mark.parametrize("layout", ["pp2", "pp2_tp2",  # the default suite (pp2 x FSDP2 also saves in the resume test)
-                                    pytest.param("pp2_fsdp2", marks=pytest.mark.slow),
+@pytest.mark.parametrize("layout", ["pp2", "pp2_tp2", "pp2_zb", "pp2_interleaved",  # the default suite (pp2 x FSDP2
+                                    pytest.param("pp2_fsdp2", marks=pytest.mark.slow),  # also saves in the resume test)
                                     pytest.param("pp2_gpipe_m4", marks=pytest.mark.slow),
-                                    pytest.param("pp2_hsdp2", marks=pytest.mark.slow)])
+                                    pytest.param("pp2_hsdp2", marks=pytest.mark.slow),
+                                    pytest.param("pp2_zb_fsdp2", marks=pytest.mark.slow),
+                                    pytest.param("pp2_zb_tp2", marks=pytest.mark.slow),
+                                    pytest.param("pp2_zbv", marks=pytest.mark.slow)])
 def test_pipelined_training_equals_one_process(layout, reference_run):
     """pp = 2 with 1F1B over 2 micro-batches, GPipe over 4, and 1F1B with each stage sharded by FSDP over 2
-    ranks (4 processes), replicated (HSDP), or split by TP 2 with sequence parallelism: ten steps, the
-    single-process losses and final weights (gathered from every stage) to fp32 rounding."""
-    reference = reference_run("single")
+    ranks (4 processes), replicated (HSDP), or split by TP 2 with sequence parallelism; the zero-bubble ZB1P
+    (weight gradients deferred, model/ops/deferred.py) alone, with FSDP 2 and with TP 2; two stages per rank
+    (interleaved 1F1B, ZBV) on the four-block model: ten steps, the single-process losses and final weights
+    (gathered from every stage) to fp32 rounding."""
+    reference = reference_run(LAYOUTS[layout].reference)
     run = run_layout(LAYOUTS[layout], workdir=reference_run.workdir, steps=REFERENCE_STEPS, extra=PINNED_SCHEDULE)
     _close(losses(run), losses(reference))
     ref_weights, weights = final_weights(reference), final_weights(run)
@@ -57,11 +81,13 @@ def test_pipelined_training_equals_one_process(layout, reference_run):
         assert ((weights[name] - value).norm() / value.norm()).item() <= WEIGHT_RTOL, name
 
 
-def test_pipelined_bf16_tracks_fp32(reference_run):
+@pytest.mark.parametrize("layout", ["pp2", pytest.param("pp2_zb", marks=pytest.mark.slow),
+                                    pytest.param("pp2_interleaved", marks=pytest.mark.slow)])
+def test_pipelined_bf16_tracks_fp32(layout, reference_run):
     """bf16 under pp = 2 (autocast) against the fp32 single process: test_bf16.py's loss bound."""
-    run = run_layout(LAYOUTS["pp2"], workdir=reference_run.workdir, steps=REFERENCE_STEPS, run_name="pp2_bf16",
+    run = run_layout(LAYOUTS[layout], workdir=reference_run.workdir, steps=REFERENCE_STEPS, run_name=f"{layout}_bf16",
                      extra=(*PINNED_SCHEDULE, "trainer.precision=bf16"))  # fmt: skip
-    got, want = losses(run), losses(reference_run("single"))
+    got, want = losses(run), losses(reference_run(LAYOUTS[layout].reference))
     assert got != want and all(abs(a - b) <= 3e-3 * b for a, b in zip(got, want)), (got, want)
 
 
