@@ -94,7 +94,7 @@ eval: $(STAMP)  ## evaluate the newest checkpoint under outputs/ (make train's) 
 plan: $(STAMP)  ## plan a cluster run without a GPU: memory per GPU, step time, GPU-hours, carbon (docs/planner.md); ARGS='model=llama1_65b cluster.gpus=2048 parallel.tp=8 [--search]'
 	$(PY) -m launch.plan $(ARGS)
 
-plan-validate: $(STAMP)  ## the planner against published LLaMA runs: calibrate, predict, table of errors (~11 min)
+plan-validate: $(STAMP)  ## the planner against published runs (LLaMA, and pipelined torchtitan, Llama 3, Megatron-LM): calibrate, predict, table of errors (~8-11 min)
 	$(PY) -m planner.validate --json bench/results/planner_validation.json
 
 loss-compare: $(STAMP)  ## train the debug model under every parallel layout (1-4 processes) and compare losses/weights
@@ -112,7 +112,7 @@ bench-overlap: $(STAMP)  ## benchmark: communication overlap on vs off at 2 proc
 bench-guards: $(STAMP)  ## benchmark: wall time per step with every run guard (spike, watchdog, straggler, goodput) on vs off (~5 min)
 	$(PY) -m bench.guards $(ARGS)
 
-bench-pp: $(STAMP)  ## benchmark: pipeline bubble measured vs theory per schedule (GPipe, 1F1B) at pp 2 and 4, and step time vs one process (~3 min; docs/pipeline.md)
+bench-pp: $(STAMP)  ## benchmark: pipeline bubble measured vs theory per schedule (GPipe, 1F1B, interleaved, zero-bubble ZB1P and ZBV; compile on/off) at pp 2 and 4, and step time vs one process (~10 min; docs/pipeline.md)
 	$(PY) -m bench.pipeline $(ARGS)
 
 bench-tokenize: $(STAMP)  ## benchmark: our shard writer vs sentencepiece's raw encode, tokens/s per core (~1 min; docs/data.md)

@@ -58,10 +58,10 @@ def build_language_model(cfg: EvaluateConfig, *, env: Optional[DistEnv] = None) 
     if env.world_size > 1:
         args = CheckpointMeta.read(step_dir).model_args(path=step_dir)
         tokenizer = checkpoint_tokenizer(step_dir, given=cfg.tokenizer, vocab_size=args.vocab_size)
-        model, dims = build_sharded(args, step_dir=step_dir, parallel=cfg.parallel, world_size=env.world_size,
-                                    device=device, dtype=dtype)  # fmt: skip
+        model, dims, pipeline = build_sharded(args, step_dir=step_dir, parallel=cfg.parallel, world_size=env.world_size,
+                                              device=device, dtype=dtype)  # fmt: skip
         return sharded_language_model(model, dims, args=args, tokenizer=tokenizer, batch_size=cfg.eval.batch_size,
-                                      device=device, dtype=dtype), step_dir  # fmt: skip
+                                      device=device, dtype=dtype, pipeline=pipeline), step_dir  # fmt: skip
     model, args = load_model_from_checkpoint(step_dir)
     tokenizer = checkpoint_tokenizer(step_dir, given=cfg.tokenizer, vocab_size=args.vocab_size)
     lm = sharded_language_model(model.to(device).eval(), ParallelDims.single(), args=args, tokenizer=tokenizer,

@@ -10,6 +10,9 @@ data-parallel ranks take interleaved shares, padded with copies of a request to 
 every rank runs the same number of forwards, which FSDP's all-gathers need. Greedy decoding stops only
 when every rank is done (one all-reduce per token). Under TP the logits, split over the vocabulary, are
 gathered whole; a tensor-parallel model decodes without the key/value cache (its attention takes none).
+Under pipeline parallelism (``parallel.pp``) every stage of a pipeline takes the same requests, each forward
+runs through the pipeline's forward-only schedule and the last stage's logits are broadcast to the others
+(trainer/parallel/pipeline.py ``Pipeline.logits``); it decodes without the cache too.
 """
 
 from __future__ import annotations
@@ -31,27 +34,34 @@ from trainer.checkpoint.dcp import load_tensors
 from trainer.parallel.build import build_model
 from trainer.parallel.config import ACConfig, ACMode, ParallelConfig
 from trainer.parallel.dims import ParallelDims
+from trainer.parallel.pipeline import Pipeline
 from trainer.parallel.distributed import agree
+from trainer.run.step import cross_entropy_sum
 
 T = TypeVar("T")
 
 
 def build_sharded(args: ModelArgs, *, step_dir, parallel: ParallelConfig, world_size: int, device: torch.device,
-                  dtype: torch.dtype) -> tuple[torch.nn.Module, ParallelDims]:  # fmt: skip
+                  dtype: torch.dtype) -> tuple[torch.nn.Module, ParallelDims, Optional[Pipeline]]:  # fmt: skip
     """The checkpoint's model laid out as ``parallel`` says over ``world_size`` processes (no recomputation:
-    nothing is kept for backward anyway)."""
+    nothing is kept for backward anyway), and its pipeline where ``parallel.pp`` > 1 (forward only)."""
     parallel = dataclasses.replace(parallel, ac=ACConfig(mode=ACMode.none))
     dims = ParallelDims.for_run(parallel, world_size=world_size, model=args, seq_len=args.max_seq_len)
     dims = dims.with_meshes(device_type=device.type)
     model = build_model(args, device=device, seed=0, dims=dims, parallel=parallel, compute_dtype=dtype)
     load_tensors(step_dir, model=model, optimizer=None, args=args)
-    return model.eval(), dims
+    pipeline = (Pipeline(model, dims, schedule=parallel.pp_schedule, microbatches=parallel.pp_microbatches, device=device,
+                         loss=cross_entropy_sum, virtual_stages=parallel.pp_virtual_stages)
+                if dims.pp_enabled else None)  # fmt: skip
+    return model.eval(), dims, pipeline
 
 
 def sharded_language_model(model: torch.nn.Module, dims: ParallelDims, *, args: ModelArgs, tokenizer: Tokenizer,
-                           batch_size: int, device: torch.device, dtype: torch.dtype) -> ShardedLanguageModel:  # fmt: skip
+                           batch_size: int, device: torch.device, dtype: torch.dtype,
+                           pipeline: Optional[Pipeline] = None) -> ShardedLanguageModel:  # fmt: skip
     """``model`` (laid out as ``dims`` says; ``ParallelDims.single()`` for one process, where nothing is
-    split) behind the three requests."""
+    split) behind the three requests; under pipeline parallelism each forward runs through ``pipeline``'s
+    forward-only schedule and every stage gets the logits."""
     autocast = dtype != torch.float32 and not dims.fsdp_enabled  # under FSDP the parameters are already bf16
 
     def forward(tokens: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
@@ -60,7 +70,10 @@ def sharded_language_model(model: torch.nn.Module, dims: ParallelDims, *, args: 
             # the right, where causal attention lets no padding reach the real positions
             tokens = F.pad(tokens, (0, -length % dims.tp), value=tokenizer.bos_id)
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-            logits = model(tokens) if cache is None else model(tokens, cache=cache)
+            if pipeline is not None:
+                logits = pipeline.logits(tokens, vocab_size=args.vocab_size)
+            else:
+                logits = model(tokens) if cache is None else model(tokens, cache=cache)
         logits = logits.full_tensor() if isinstance(logits, DTensor) else logits  # TP: (B, T, V/t) shards
         return logits[:, :length]
 
@@ -71,7 +84,8 @@ def sharded_language_model(model: torch.nn.Module, dims: ParallelDims, *, args: 
         return agree({"value": value}, op=op, device=device)["value"]
 
     lm = LanguageModel(forward, tokenizer, max_len=args.max_seq_len, batch_size=batch_size, device=device,
-                       make_cache=None if dims.tp_enabled else make_cache, agree=agree_over_ranks)  # fmt: skip
+                       make_cache=None if dims.tp_enabled or dims.pp_enabled else make_cache,  # a stage's cache: later
+                       agree=agree_over_ranks)  # fmt: skip
     return ShardedLanguageModel(lm, rank=dims.dp_rank(), size=dims.dp)
 
 

@@ -31,7 +31,7 @@ class TaskEvaluation(Component):
         self.examples = {name: load_task(task, seed=cfg.seed) for name, task in self.tasks.items()}
         self.lm = sharded_language_model(built.model, built.ctx.dims, args=built.args,
                                          tokenizer=Tokenizer(str(built.tokenizer_path)), batch_size=cfg.batch_size,
-                                         device=built.ctx.device, dtype=built.ctx.dtype)  # fmt: skip
+                                         device=built.ctx.device, dtype=built.ctx.dtype, pipeline=built.pipeline)  # fmt: skip
 
     def step_end(self, outcome: StepOutcome, control: Control) -> None:
         step = outcome.step

@@ -51,12 +51,14 @@ LAYOUTS = {
         Layout("pp2_hsdp2", nproc=4, overrides=("parallel.pp=2", "parallel.dp_replicate=2"), dp=2),
         Layout("pp2_tp2", nproc=4, overrides=("parallel.pp=2", "parallel.tp=2")),
         Layout("pp2_zb", nproc=2, overrides=("parallel.pp=2", "parallel.pp_schedule=zero_bubble", "parallel.pp_microbatches=4")),
+        Layout("pp2_zb_compiled", nproc=2, overrides=("parallel.pp=2", "parallel.pp_schedule=zero_bubble",
+                                                      "parallel.pp_microbatches=4", "parallel.compile=true")),  # fmt: skip
         Layout("pp2_zb_fsdp2", nproc=4, overrides=("parallel.pp=2", "parallel.pp_schedule=zero_bubble",
                                                    "parallel.pp_microbatches=4"), dp=2),  # fmt: skip
         Layout("pp2_zb_tp2", nproc=4, overrides=("parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=zero_bubble",
                                                  "parallel.pp_microbatches=4")),  # fmt: skip
         # Two stages per rank need four blocks: against the same four-block model in one process.
-        Layout("single_l4", nproc=1, overrides=(L4,)),
+        Layout("single_l4", nproc=1, overrides=(L4,), reference="single_l4"),
         Layout("pp2_interleaved", nproc=2, overrides=(L4, "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b",
                                                       "parallel.pp_microbatches=4"), reference="single_l4"),  # fmt: skip
         Layout("pp2_zbv", nproc=2, overrides=(L4, "parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_microbatches=4"),

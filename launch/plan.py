@@ -27,6 +27,7 @@ from model.flops import param_counts
 from planner.estimate import budget
 from planner.report import describe, plot_memory, ranking
 from planner.search import plan_one, search
+from trainer.parallel.dims import ParallelDims
 from trainer.run.device import resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def run_plan(cfg: PlanConfig, *, out_dir: Path) -> str:
     seq_len = cfg.data.seq_len
     global_tokens = cfg.plan.global_batch_tokens
     if global_tokens is None:
-        dp = cfg.cluster.gpus // cfg.parallel.tp
+        dp = ParallelDims.from_config(cfg.parallel, world_size=cfg.cluster.gpus).dp  # pp and tp ranks share data
         global_tokens = cfg.trainer.micro_batch_size * cfg.trainer.grad_accum_steps * dp * seq_len
     chosen = plan_one(cfg.model, parallel=cfg.parallel, cluster=cfg.cluster, seq_len=seq_len,
                       global_batch_tokens=global_tokens, micro_batch=cfg.trainer.micro_batch_size,
@@ -51,7 +52,8 @@ def run_plan(cfg: PlanConfig, *, out_dir: Path) -> str:
     if cfg.plan.search:
         found = search(cfg.model, base=cfg.parallel, cluster=cfg.cluster, seq_len=seq_len,
                        global_batch_tokens=global_tokens, compute_dtype=dtype)  # fmt: skip
-        text += "\n\nsearch (tp x dp_replicate x activation checkpointing x micro-batch x reshard):\n"
+        text += ("\n\nsearch (tp x pp and its schedule x dp_replicate x activation checkpointing x micro-batch x "
+                 "reshard):\n")
         text += ranking(found, top=cfg.plan.top)
         shown += found[: cfg.plan.top]
     else:

@@ -94,7 +94,7 @@ def write_oom_prediction(cfg: Config, *, path: Path, world_size: int) -> Path:
             note = f"no CUDA device here: priced on the planner's default cluster, {cluster.gpu}"
         dtype = resolve_dtype(cfg.trainer.precision, device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         global_tokens = (cfg.trainer.micro_batch_size * cfg.trainer.grad_accum_steps * cfg.data.seq_len
-                         * (world_size // cfg.parallel.tp))  # fmt: skip
+                         * (world_size // (cfg.parallel.tp * cfg.parallel.pp)))  # the data-parallel ranks  # fmt: skip
         chosen = plan_one(cfg.model, parallel=cfg.parallel, cluster=cluster, seq_len=cfg.data.seq_len,
                           global_batch_tokens=global_tokens, micro_batch=cfg.trainer.micro_batch_size,
                           compute_dtype=dtype)  # fmt: skip

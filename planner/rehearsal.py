@@ -13,6 +13,12 @@ What is read from each parameter's local tensor (``DTensor.to_local()``):
 - its storage size: FSDP2 pads every rank's shard to the same length (ceil(dim0 / dp_shard) rows), so
   the storage is what the parameter and its gradient occupy, and the padded shard times ``dp_shard`` is
   what its all-gather produces.
+
+Pipelining (``parallel.pp`` > 1): each rank builds only its stage, with the trainer's own split (stage 0 the
+embedding, the last stage the final norm and the head, the blocks as ``stage_layers`` cuts them), so a
+rehearsal is of one stage; ``rehearse_stages`` rehearses the stages that bound a layout (the first and the
+last: no middle stage has more blocks than the first, nor the embedding, the head or as many micro-batches
+in flight), and the planner takes the worst of them.
 """
 
 from __future__ import annotations
@@ -55,11 +61,19 @@ class Rehearsal:
     """The layout (without meshes: the fake world is gone)."""
     rank: int
     param_count: int
-    """Parameters of the whole model (global shapes)."""
+    """Parameters of the model this rank built (global shapes): the whole model, or its pipeline stage."""
     blocks: tuple[UnitShards, ...]
     root: UnitShards
     param_dtype: torch.dtype
     """Dtype of the sharded (master) parameters."""
+    layers: tuple[int, ...]
+    """The model's indices of this rank's blocks (all of them without pipelining)."""
+    embedding: bool
+    """Whether this rank holds the token embedding (pipeline stage 0)."""
+    head: bool
+    """Whether this rank holds the final norm and the output head, and so computes the loss (the last stage)."""
+    stage: int = 0
+    """This rank's pipeline stage (0 without pipelining); the stages are ``dims.pp``."""
 
     @property
     def local_numel(self) -> int:
@@ -101,6 +115,10 @@ def read_rehearsal(model: nn.Module, *, dims: ParallelDims, rank: int) -> Rehear
         blocks=tuple(blocks),
         root=_unit(root, dims=dims),
         param_dtype=_local(every[0]).dtype,
+        layers=tuple(int(name) for name in model.layers.keys()),
+        embedding=model.tok_embeddings is not None,
+        head=model.output is not None,
+        stage=dims.pp_rank(),
     )
 
 
@@ -125,6 +143,23 @@ def rehearse(args: ModelArgs, *, parallel: ParallelConfig, world_size: int, seq_
     with fake_world_model(args, parallel=parallel, world_size=world_size, seq_len=seq_len, rank=rank,
                           compute_dtype=compute_dtype) as (model, dims):  # fmt: skip
         return read_rehearsal(model, dims=dims, rank=rank)
+
+
+def stage_ranks(*, world_size: int, stages: int) -> list[int]:
+    """The first rank of the first and of the last pipeline stage: ``pp`` is the outermost mesh axis, so
+    stage s is ranks s * world / pp onwards (one rank, 0, without pipelining)."""
+    return sorted({0, (stages - 1) * (world_size // stages)})
+
+
+def rehearse_stages(args: ModelArgs, *, parallel: ParallelConfig, world_size: int, seq_len: int,
+                    compute_dtype: torch.dtype = torch.bfloat16) -> tuple[Rehearsal, ...]:  # fmt: skip
+    """``rehearse`` for every stage that bounds the layout's memory and step time: the first (embedding, the
+    most blocks, the most micro-batches in flight) and the last (head, logits, loss); one rehearsal
+    without pipelining."""
+    stages = ParallelDims.from_config(parallel, world_size=world_size).pp
+    return tuple(rehearse(args, parallel=parallel, world_size=world_size, seq_len=seq_len, rank=rank,
+                          compute_dtype=compute_dtype)
+                 for rank in stage_ranks(world_size=world_size, stages=stages))  # fmt: skip
 
 
 def every_rank_local_numel(args: ModelArgs, *, parallel: ParallelConfig, world_size: int,

@@ -8,6 +8,7 @@ from model.config import ModelArgs
 from model.flops import param_counts
 from planner.config import ClusterConfig
 from planner.estimate import Budget
+from planner.pipeline import microbatches
 from planner.search import Candidate
 
 GIB = 2**30
@@ -34,6 +35,9 @@ def describe(candidate: Candidate, *, args: ModelArgs, cluster: ClusterConfig, b
         "memory per GPU (rehearsed shards; activations from the checkpointing policy):",
     ]
     lines += [f"  {name:<20} {_gib(value)}" for name, value in mem.items()]
+    if candidate.parallel.pp > 1:
+        lines.append(f"  (pipeline stage {est.memory_stage}, the fullest: {est.in_flight:g} micro-batches' activations in "
+                     "flight)")  # fmt: skip
     verdict = "fits" if est.fits else "DOES NOT FIT"
     lines += [
         f"  {'total':<20} {_gib(mem.total)}  of {cluster.memory_gib:.1f} GiB: {verdict} "
@@ -44,9 +48,11 @@ def describe(candidate: Candidate, *, args: ModelArgs, cluster: ClusterConfig, b
         f"  FSDP reduce-scatter  {comm.fsdp_reduce_scatter / 1e9:10.2f} GB",
         f"  HSDP all-reduce      {comm.hsdp_all_reduce / 1e9:10.2f} GB",
         f"  TP/SP gather+scatter {comm.tp / 1e9:10.2f} GB",
+        f"  PP send/receive      {comm.pp / 1e9:10.2f} GB",
         "",
         f"step: {t.total:.3f} s = compute {t.compute:.3f} + TP exposed {t.tp_exposed:.3f} + FSDP exposed "
-        f"{t.fsdp_exposed:.3f} + optimizer {t.optimizer:.4f}",
+        f"{t.fsdp_exposed:.3f} + optimizer {t.optimizer:.4f} + PP bubble {t.pp_bubble:.3f} + PP transfers "
+        f"{t.pp_exposed:.3f}",
         f"  model FLOPs per GPU per step {est.model_flops_per_gpu:.3e}; {est.tokens_per_sec_per_gpu:,.0f} tokens/s "
         f"per GPU; MFU {100 * est.mfu:.1f}%",
         "",
@@ -58,7 +64,17 @@ def describe(candidate: Candidate, *, args: ModelArgs, cluster: ClusterConfig, b
         f"every {budget.checkpoint_interval_s / 60:.1f} min (Young/Daly; checkpoint.every_minutes); expected goodput "
         f"{budget.expected_goodput:.1%} with {cluster.restart_minutes:g} min restarts: {budget.days_with_failures:.1f} days",
     ]
+    if candidate.parallel.pp > 1:
+        lines.insert(lines.index("") + 1, _pipeline_line(candidate))
     return "\n".join(lines)
+
+
+def _pipeline_line(candidate: Candidate) -> str:
+    p, est = candidate.parallel, candidate.estimate
+    m = microbatches(p)
+    return (f"pipeline: {p.pp} stages, {candidate.schedule.label()}, {m} micro-batches of "
+            f"{candidate.work.micro_batch // m} sequences per schedule run; bubble {100 * est.bubble:.1f}% of each run; "
+            f"the step is stage {est.stage}'s (the slowest)\n")
 
 
 def ranking(found: list[Candidate], *, top: int) -> str:

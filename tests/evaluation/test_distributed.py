@@ -25,6 +25,7 @@ LIMITS = {"stdlib_next_line": 5, "stdlib_import": 3, "stdlib_text": 3, "demo_mml
           "demo_winogender": 5, "demo_truthfulqa_mc2": 3, "demo_gsm8k_maj": 3, "demo_humaneval": 3,
           "demo_realtoxicityprompts": 3}  # fmt: skip
 LAYOUTS = {"fsdp2": ParallelConfig(), "tp2": ParallelConfig(tp=2)}
+ALL_LAYOUTS = {**LAYOUTS, "pp2": ParallelConfig(pp=2)}
 
 
 def tasks(demo_dir: Path) -> tuple[dict[str, TaskConfig], EvalConfig]:
@@ -47,12 +48,26 @@ def evaluate(checkpoint: Path, demo_dir: Path, *, env: DistEnv, parallel: Parall
             {"task": "sampled", "format": "sampled", "outputs": sampled}]  # fmt: skip
 
 
-def _worker(rank: int, world_size: int, checkpoint: str, demo_dir: str, out: str) -> None:
+def _worker(rank: int, world_size: int, checkpoint: str, demo_dir: str, out: str, layouts: tuple[str, ...] = ()) -> None:
     env = DistEnv(rank=rank, local_rank=rank, world_size=world_size)
-    results = {name: evaluate(Path(checkpoint), Path(demo_dir), env=env, parallel=parallel)
-               for name, parallel in LAYOUTS.items()}  # fmt: skip
+    results = {name: evaluate(Path(checkpoint), Path(demo_dir), env=env, parallel=ALL_LAYOUTS[name])
+               for name in layouts or LAYOUTS}  # fmt: skip
     if rank == 0:
         Path(out).write_text(json.dumps(results))
+
+
+def test_pipelined_evaluation_gives_one_process_numbers(reference_run, tmp_path):
+    """pp = 2 (the forward-only schedule, the last stage's logits broadcast to the first): every task's numbers
+    as one process's; both stages take the same requests."""
+    checkpoint = reference_run("single") / "checkpoints" / "step_00000010"
+    write_demo_tasks(tmp_path / "demo", n=8)
+    write_report_demo_tasks(tmp_path / "demo")
+    single = evaluate(checkpoint, tmp_path / "demo", env=DistEnv(rank=0, local_rank=0, world_size=1),
+                      parallel=ParallelConfig())  # fmt: skip
+    run_workers(_worker, world_size=2, args=(str(checkpoint), str(tmp_path / "demo"), str(tmp_path / "out.json"), ("pp2",)))
+    sharded = json.loads((tmp_path / "out.json").read_text())["pp2"]
+    assert [r["task"] for r in sharded] == [*LIMITS, "sampled"]
+    _assert_same(single, sharded)
 
 
 def test_fsdp_and_tp_on_two_processes_give_one_process_numbers(reference_run, tmp_path):

@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -44,12 +45,30 @@ def single_process_dcp() -> Iterator[None]:
 
 
 
-def tensor_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict[str, Any]:
+def tensor_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], *,
+                 flat_optimizer: bool = True) -> dict[str, Any]:  # fmt: skip
+    """The model's and the optimizer's state dicts, keyed by parameter name.
+
+    ``flat_optimizer``: the optimizer's hyperparameters keyed per parameter (``param_groups.<name>.lr``), as
+    every checkpoint is saved since pipeline parallelism: nested, its param_groups are a list (group 0, 1)
+    whose entries name the rank's parameters, and the ranks of different pipeline stages, which hold
+    different parameters, would write the same keys (DCP keeps one rank's), so a stage would load another
+    stage's groups. False reads checkpoints saved before (``load_tensors`` tells which a checkpoint is)."""
     state = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         # On a fresh optimizer this first creates its state (a zero-lr step), so DCP has tensors to load into.
-        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+        options = StateDictOptions(flatten_optimizer_state_dict=flat_optimizer)
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=options)
     return state
+
+
+def _flat_optimizer(path: Path) -> bool:
+    """Whether the checkpoint at ``path`` keys its optimizer hyperparameters per parameter (see
+    ``tensor_state``) rather than per group (``optimizer.param_groups.0.lr``: checkpoints of 2026-12-05 and
+    before)."""
+    with single_process_dcp():
+        keys = SafeFileSystemReader(path).read_metadata().state_dict_metadata
+    return not any(key.startswith("optimizer.param_groups.") and key.split(".")[2].isdigit() for key in keys)
 
 
 def load_tensors(path: Path, *, model, optimizer: Optional[torch.optim.Optimizer], args: ModelArgs) -> CheckpointMeta:
@@ -58,11 +77,13 @@ def load_tensors(path: Path, *, model, optimizer: Optional[torch.optim.Optimizer
     Works with and without a process group (one process: a plain model; several: sharded DTensors)."""
     meta = CheckpointMeta.read(path)
     meta.check_model_matches(args, path=path)
-    state = tensor_state(model, optimizer)
+    flat = optimizer is None or _flat_optimizer(path)
+    state = tensor_state(model, optimizer, flat_optimizer=flat)
     dcp_load(state, path=path)
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                                 options=StateDictOptions(flatten_optimizer_state_dict=flat))  # fmt: skip
     return meta
 
 

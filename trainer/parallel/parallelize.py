@@ -20,7 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from compat import set_unshard_async_op
-from model.llama import Transformer
+from model.llama import RMSNorm, Transformer
 from trainer.parallel.activation_checkpointing import ACPolicy
 from trainer.parallel.config import FSDPConfig, ParallelConfig, ReduceDtype
 from trainer.parallel.dims import ParallelDims
@@ -35,7 +35,8 @@ def parallelize_llama(model: Transformer, *, dims: ParallelDims, cfg: ParallelCo
         apply_tensor_parallel(model, tp_mesh=dims.tp_mesh, overlap=cfg.tp_overlap)
     ac.wrap(model)
     if cfg.compile:
-        apply_compile(model)
+        # Zero-bubble schedules defer weight gradients from Python in backward, which a compiled graph cannot.
+        apply_compile(model, defers_weight_grads=dims.pp_enabled and cfg.pp_schedule.splits_backward)
     if dims.fsdp_enabled:
         # Replicate x shard = HSDP when dp_replicate > 1; with dp_replicate == 1 the first axis has size 1
         # and this is plain FSDP.
@@ -43,16 +44,26 @@ def parallelize_llama(model: Transformer, *, dims: ParallelDims, cfg: ParallelCo
     return model
 
 
-def apply_compile(model: Transformer) -> None:
+def apply_compile(model: Transformer, *, defers_weight_grads: bool = False) -> None:
     """``torch.compile`` each block in place (``nn.Module.compile``), after TP and AC and before FSDP.
 
     Per block rather than the whole model: the blocks are identical, so one compiled graph serves them all,
     and FSDP's hooks stay outside the compiled code. In place, so parameter names (and checkpoints) are
     unchanged. The hand-written autograd Functions are traced with their backward; a TP block breaks the
     graph at its collectives, which then run eagerly.
+
+    ``defers_weight_grads`` (zero-bubble pipeline schedules): the matmul Functions queue their weight
+    gradients from Python in backward (model/ops/deferred.py), which a traced backward cannot hold, so they
+    stay eager and what lies between them is compiled: the two norms of each block. (A matmul gains nothing
+    from compile; the fusions lost are SwiGLU's gate and RoPE's rotations, which the Functions and the
+    attention run eagerly.) torch's own zero-bubble schedules refuse compiled stages outright (#161904).
     """
     for block in model.layers.values():
-        block.compile()
+        if defers_weight_grads:
+            for norm in (module for module in block.modules() if isinstance(module, RMSNorm)):
+                norm.compile()
+        else:
+            block.compile()
 
 
 def apply_fsdp(model: nn.Module, *, dp_mesh: DeviceMesh, cfg: FSDPConfig, param_dtype: torch.dtype) -> None:

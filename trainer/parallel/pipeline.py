@@ -111,6 +111,9 @@ class Pipeline:
         total = dims.pp * virtual
         ids = local_stages(rank=dims.pp_rank(), pp=dims.pp, virtual=virtual, schedule=self.schedule)
         self.first, self.last = 0 in ids, total - 1 in ids
+        self._owners = {stage: r for r in range(dims.pp)
+                        for stage in local_stages(rank=r, pp=dims.pp, virtual=virtual, schedule=self.schedule)}  # fmt: skip
+        self.last_rank = self._owners[total - 1]  # the pipeline rank holding the logits: pp - 1, or 0 in a V
         # Zero-bubble: the Functions queue weight gradients here; each stage's dw_builder takes one
         # micro-batch's backward's worth for the schedule's weight step.
         self.store = WeightGradStore() if self.schedule.splits_backward else None
@@ -121,6 +124,10 @@ class Pipeline:
                        for module, index in zip(modules, ids)]  # fmt: skip
         self._factor = torch.ones((), device=device)  # the step's loss scale, read by the schedule's loss_fn
         self._built: Optional[tuple[tuple, object]] = None
+
+    def _owner(self, stage: int) -> int:
+        """The pipeline rank holding ``stage``."""
+        return self._owners[stage]
 
     def _loss_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.loss(logits, target) * self._factor
@@ -135,6 +142,40 @@ class Pipeline:
             self._built = (key, cls(stages, self.microbatches, loss_fn=self._loss_fn, scale_grads=False))
         return self._built[1]
 
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor, *, vocab_size: int) -> torch.Tensor:
+        """Forward only (evaluation): tokens (B, T), the same on every rank of the pipeline, -> fp32 logits
+        (B, T, V) on every rank.
+
+        Not a torch schedule: a schedule fixes its micro-batches' shapes when it is built (inferring them with
+        a forward of its own), and evaluation's lengths change with every request and every decoded token.
+        Here each activation travels with a small header (dtype and shape), the batch runs as up to
+        ``pp_microbatches`` micro-batches in the stages' order (sends do not wait, so a stage works on the
+        next micro-batch while the one after it works on this one: GPipe's forward), and the last stage
+        broadcasts the logits."""
+        rows = tokens.shape[0]
+        count = max(k for k in range(1, min(rows, self.microbatches) + 1) if rows % k == 0)
+        outs, sends = [], []
+        for chunk in tokens.chunk(count):
+            for index, (stage, module) in enumerate(zip(self.stages, (s.submod for s in self.stages))):
+                x = chunk if stage.is_first else (outs.pop() if index and self.stages[index - 1].stage_index == stage.stage_index - 1
+                                                  else _recv(self.group, src=self._owner(stage.stage_index - 1), device=self.device))  # fmt: skip
+                out = module(x)
+                if stage.is_last:
+                    outs.append(out)
+                elif index + 1 < len(self.stages) and self.stages[index + 1].stage_index == stage.stage_index + 1:
+                    outs.append(out)  # the next stage is this rank's too
+                else:
+                    sends += _send(out, self.group, dst=self._owner(stage.stage_index + 1))
+        for work in sends:
+            work.wait()
+        if self.last:
+            out = torch.cat([(o.full_tensor() if isinstance(o, DTensor) else o).float() for o in outs]).contiguous()
+        else:
+            out = torch.empty(*tokens.shape, vocab_size, dtype=torch.float32, device=self.device)
+        dist.broadcast(out, group=self.group, group_src=self.last_rank)
+        return out
+
     def loss_sum(self, batch: dict[str, torch.Tensor], *, scale: Optional[torch.Tensor]) -> torch.Tensor:
         """Sum of cross-entropy over the batch's valid labels (fp32), on every stage. With ``scale`` the
         schedule backpropagates each micro-batch's sum times ``scale`` (training); without, forward only."""
@@ -145,6 +186,7 @@ class Pipeline:
         if rows % self.microbatches:
             raise ValueError(f"parallel.pp_microbatches={self.microbatches} does not divide the {rows} sequences of a "
                              "micro-batch (trainer.micro_batch_size): choose a divisor")  # fmt: skip
+        queued_before = self.store.total if self.store is not None else 0
         self._factor = scale if scale is not None else torch.ones((), device=self.device)
         schedule = self._schedule(training=scale is not None, shape=tuple(batch["inputs"].shape))
         run = schedule.step if scale is not None else schedule.eval
@@ -153,11 +195,34 @@ class Pipeline:
         losses: list[torch.Tensor] = []
         run(*inputs, **({"target": batch["labels"], "losses": losses} if self.last else {}))
         if self.store is not None and scale is not None:
-            _check_split(self.store)
+            _check_split(self.store, queued_before=queued_before)
         plain = [(l.full_tensor() if isinstance(l, DTensor) else l).detach() for l in losses]  # TP: loss_parallel's
         local = torch.stack(plain).sum() / self._factor if plain else torch.zeros((), device=self.device)
         dist.all_reduce(local, group=self.group)  # the sum lives on the last stage; every stage reports it
         return local
+
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_HEADER = 8  # dtype index, ndim, up to six sizes
+
+
+def _send(x: torch.Tensor, group: dist.ProcessGroup, *, dst: int) -> list:
+    """Send ``x`` to pipeline rank ``dst``, preceded by its dtype and shape; the pending works."""
+    header = torch.zeros(_HEADER, dtype=torch.int64, device=x.device)
+    header[0], header[1] = _DTYPES.index(x.dtype), x.dim()
+    header[2:2 + x.dim()] = torch.tensor(x.shape)
+    payload = x.contiguous()
+    return [dist.isend(header, group=group, group_dst=dst), dist.isend(payload, group=group, group_dst=dst)]
+
+
+def _recv(group: dist.ProcessGroup, *, src: int, device: torch.device) -> torch.Tensor:
+    """What ``_send`` sent from pipeline rank ``src``."""
+    header = torch.empty(_HEADER, dtype=torch.int64, device=device)
+    dist.recv(header, group=group, group_src=src)
+    shape = header[2:2 + int(header[1])].tolist()
+    x = torch.empty(shape, dtype=_DTYPES[int(header[0])], device=device)
+    dist.recv(x, group=group, group_src=src)
+    return x
 
 
 class _Stage(PipelineStage):
@@ -180,11 +245,11 @@ class _Stage(PipelineStage):
             return super().forward_maybe_with_nosync(*args, **kwargs)
 
 
-def _check_split(store: WeightGradStore) -> None:
+def _check_split(store: WeightGradStore, *, queued_before: int) -> None:
     """After a training step of a zero-bubble schedule: every queued weight gradient ran, and some were
     queued at all (otherwise the schedule ran unsplit backwards: a torch that no longer calls the override)."""
     if len(store):
         raise RuntimeError(f"the pipeline schedule left {len(store)} weight gradients uncomputed")
-    if store.total == 0:
+    if store.total == queued_before:
         raise RuntimeError("a zero-bubble pipeline step deferred no weight gradient: this torch's PipelineStage no "
                            "longer runs forwards through forward_maybe_with_nosync (trainer/parallel/pipeline.py)")

@@ -76,6 +76,8 @@ class Built:
     result: TrainResult
     """The run's summary, which components add their results to."""
     run_dir: Path
+    pipeline: Optional[Pipeline] = None
+    """This rank's pipeline stages and schedule, where ``parallel.pp`` > 1: forwards go through it."""
 
 
 ComponentFactory = Callable[[Built], Component]
@@ -238,7 +240,7 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
         try:
             peak = _log_start(model=model, data=data, trainer=trainer, ctx=ctx, env=env, run_dir=run_dir)
             built = Built(model=net, args=model, ctx=ctx, tokenizer_path=Path(sources.tokenizer_path), metrics=metrics,
-                          result=result, run_dir=run_dir)  # fmt: skip
+                          result=result, run_dir=run_dir, pipeline=pipeline)  # fmt: skip
 
             def validate() -> float:
                 # A fresh loader with a fixed seed: every evaluation scores exactly the same sequences.

@@ -172,7 +172,7 @@ def _load_full_optimizer_state(rank: int, world_size: int, path: str, out: str, 
     """Load ``path`` with the trainer's own code under TP=``tp`` and write the full optimizer state."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    from trainer.checkpoint.dcp import dcp_load, tensor_state
+    from trainer.checkpoint.dcp import load_tensors
     from trainer.parallel.config import ParallelConfig
     from trainer.run.config import OptimConfig
     from trainer.run.optim import build_optimizer
@@ -185,11 +185,7 @@ def _load_full_optimizer_state(rank: int, world_size: int, path: str, out: str, 
     dims = ParallelDims.from_config(parallel, world_size=world_size).with_meshes(device_type="cpu")
     model = build_model(args, device=torch.device("cpu"), seed=0, dims=dims, parallel=parallel)
     optimizer = build_optimizer(model, OptimConfig())
-    state = tensor_state(model, optimizer)
-    dcp_load(state, path=Path(path))
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    load_tensors(Path(path), model=model, optimizer=optimizer, args=args)
     full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         torch.save(full["state"], out)
@@ -209,6 +205,51 @@ def test_resharded_load_restores_the_same_optimizer_values(reference_run, tmp_pa
         assert moments["exp_avg_sq"].abs().max() > 0, name  # real state, not a freshly zeroed one
         for key, value in moments.items():
             assert torch.equal(tp2[name][key], value), (name, key)
+
+
+def test_checkpoints_with_per_group_optimizer_hyperparameters_still_load(reference_run, tmp_path):
+    """Checkpoints saved before pipeline parallelism keyed the optimizer's hyperparameters per group
+    (``optimizer.param_groups.0.lr``); they load as they did, to the same optimizer state as today's."""
+    import shutil
+
+    from trainer.checkpoint.dcp import load_tensors, single_process_dcp, tensor_state
+    from trainer.run.config import OptimConfig
+    from trainer.run.optim import build_optimizer
+
+    saved = reference_run("single") / "checkpoints" / f"step_{REFERENCE_STEPS:08d}"
+    args = ModelArgs(**json.loads((saved / "meta.json").read_text())["config"]["model"])
+
+    def loaded(path: Path) -> tuple[dict, list]:
+        model = Transformer(args)
+        optimizer = build_optimizer(model, OptimConfig())
+        load_tensors(path, model=model, optimizer=optimizer, args=args)
+        return optimizer.state_dict()["state"], optimizer.state_dict()["param_groups"]
+
+    want_state, want_groups = loaded(saved)
+    old = tmp_path / "old_format"
+    shutil.copytree(saved, old)
+    for item in old.iterdir():  # the tensors again, nested as before; meta.json and the rest kept
+        if item.suffix in (".distcp", ".metadata") or item.name == ".metadata":
+            item.unlink()
+    model = Transformer(args)
+    optimizer = build_optimizer(model, OptimConfig())
+    load_tensors(saved, model=model, optimizer=optimizer, args=args)
+    with single_process_dcp():
+        dcp.save(tensor_state(model, optimizer, flat_optimizer=False), checkpoint_id=str(old))
+    (old / "meta.json").unlink()
+    CheckpointMeta.read(saved).write(old)  # its record of the files' sizes, as the trainer writes it last
+    assert any(".param_groups.0." in line for line in _metadata_keys(old))  # really the old layout
+    got_state, got_groups = loaded(old)
+    assert [{k: v for k, v in g.items()} for g in got_groups] == want_groups
+    for index, moments in want_state.items():
+        for key, value in moments.items():
+            assert torch.equal(got_state[index][key], value), (index, key)
+
+
+def _metadata_keys(path: Path) -> list[str]:
+    from trainer.checkpoint.dcp import SafeFileSystemReader
+
+    return list(SafeFileSystemReader(path).read_metadata().state_dict_metadata)
 
 
 def test_waiting_for_a_background_save_is_a_collective_on_every_rank(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import torch
 from launch.harness import LAYOUTS, final_weights, losses, run_layout
 from model.config import ModelArgs
 from tests.conftest import PINNED_SCHEDULE, REFERENCE_STEPS
-from trainer.parallel.config import ParallelConfig, PPSchedule
+from trainer.parallel.config import ACConfig, ParallelConfig, PPSchedule
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.pipeline import local_stages, stage_layers
 
@@ -49,6 +49,9 @@ def test_pipeline_layouts_are_checked():
     with pytest.raises(ValueError, match="cannot fill parallel.pp=2 x 2 stages per rank"):
         ParallelDims.for_run(ParallelConfig(pp=2, pp_schedule="interleaved_1f1b"), world_size=2, model=ModelArgs(n_layers=3),
                              seq_len=64)  # fmt: skip
+    with pytest.raises(ValueError, match="parallel.pp_schedule=zero_bubble with parallel.ac.mode=full"):
+        ParallelDims.for_run(ParallelConfig(pp=2, pp_schedule="zero_bubble", ac=ACConfig(mode="full")), world_size=2,
+                             model=ModelArgs(n_layers=2), seq_len=64)  # fmt: skip
     with pytest.raises(ValueError, match="2 pipeline stages per rank .* with FSDP/HSDP"):
         ParallelDims.for_run(ParallelConfig(pp=2, pp_schedule="zbv"), world_size=4, model=ModelArgs(n_layers=4), seq_len=64)
 
@@ -65,11 +68,12 @@ def _close(got: list[float], want: list[float]) -> None:
                                     pytest.param("pp2_hsdp2", marks=pytest.mark.slow),
                                     pytest.param("pp2_zb_fsdp2", marks=pytest.mark.slow),
                                     pytest.param("pp2_zb_tp2", marks=pytest.mark.slow),
+                                    pytest.param("pp2_zb_compiled", marks=pytest.mark.slow),
                                     pytest.param("pp2_zbv", marks=pytest.mark.slow)])
 def test_pipelined_training_equals_one_process(layout, reference_run):
     """pp = 2 with 1F1B over 2 micro-batches, GPipe over 4, and 1F1B with each stage sharded by FSDP over 2
     ranks (4 processes), replicated (HSDP), or split by TP 2 with sequence parallelism; the zero-bubble ZB1P
-    (weight gradients deferred, model/ops/deferred.py) alone, with FSDP 2 and with TP 2; two stages per rank
+    (weight gradients deferred, model/ops/deferred.py) alone, compiled, with FSDP 2 and with TP 2; two stages per rank
     (interleaved 1F1B, ZBV) on the four-block model: ten steps, the single-process losses and final weights
     (gathered from every stage) to fp32 rounding."""
     reference = reference_run(LAYOUTS[layout].reference)
@@ -92,13 +96,43 @@ def test_pipelined_bf16_tracks_fp32(layout, reference_run):
 
 
 def test_checkpoints_resume_across_pipelined_and_unpipelined_layouts(reference_run):
-    """Saved by pp = 2 at step 4, resumed by one process; saved by one process, resumed by pp = 2; saved by
-    pp 2 x FSDP 2, resumed by TP 2: the uninterrupted single-process losses from step 5 on (DCP reshards the
-    stages' names like any layout)."""
-    workdir, reference = reference_run.workdir, losses(reference_run("single"))
-    for saver, resumer in (("pp2", "single"), ("single", "pp2"), ("pp2_fsdp2", "tp2")):
+    """Saved by pp = 2 at step 4, resumed by one process and by pp = 2 again; saved by one process, resumed by
+    pp = 2; saved by pp 2 x FSDP 2, resumed by TP 2: the uninterrupted single-process losses from step 5 on
+    (DCP reshards the stages' names like any layout; the optimizer's hyperparameters are keyed per parameter,
+    so each stage finds its own, trainer/checkpoint/dcp.py)."""
+    _resume_each(reference_run, (("pp2", "single"), ("pp2", "pp2"), ("single", "pp2"), ("pp2_fsdp2", "tp2")))
+
+
+def _resume_each(reference_run, pairs) -> None:
+    """Each (saver, resumer): saved by the one at step ``CUT``, resumed by the other: the saver's reference's
+    uninterrupted losses from there on."""
+    workdir = reference_run.workdir
+    for saver, resumer in pairs:
+        reference = losses(reference_run(LAYOUTS[saver].reference))
         saved = run_layout(LAYOUTS[saver], workdir=workdir, steps=CUT, run_name=f"pp_save_{saver}",
                            extra=PINNED_SCHEDULE) / "checkpoints" / f"step_{CUT:08d}"  # fmt: skip
-        resumed = run_layout(LAYOUTS[resumer], workdir=workdir, steps=REFERENCE_STEPS, run_name=f"pp_resume_{resumer}",
+        resumed = run_layout(LAYOUTS[resumer], workdir=workdir, steps=REFERENCE_STEPS,
+                             run_name=f"pp_resume_{saver}_to_{resumer}",
                              extra=(*PINNED_SCHEDULE, f"checkpoint.resume={saved}"))  # fmt: skip
         _close(losses(resumed), reference[CUT:])
+
+
+@pytest.mark.slow
+def test_other_schedules_resume_across_layouts(reference_run):
+    """Saved under the zero-bubble schedule, resumed by pp 2 x TP 2 (the debug model); saved by interleaved
+    1F1B (two stages per rank, views over one model per rank), resumed by one process, and back into ZBV
+    (the four-block model): the uninterrupted losses."""
+    _resume_each(reference_run, (("pp2_zb", "pp2_tp2"), ("pp2_interleaved", "single_l4"), ("single_l4", "pp2_zbv")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["none", "full", "every_k", "selective_ffn"])
+def test_pipelines_compose_with_every_activation_checkpointing_policy(mode, reference_run):
+    """1F1B under the AC policies besides the default selective one, and the zero-bubble schedule under
+    those without block checkpoints (the others are refused, test_pipeline_layouts_are_checked): the
+    one-process losses."""
+    want = losses(reference_run("single"))
+    for layout in ("pp2",) if mode in ("full", "every_k") else ("pp2", "pp2_zb"):
+        run = run_layout(LAYOUTS[layout], workdir=reference_run.workdir, steps=REFERENCE_STEPS, run_name=f"{layout}_ac_{mode}",
+                         extra=(*PINNED_SCHEDULE, f"parallel.ac.mode={mode}"))  # fmt: skip
+        _close(losses(run), want)
