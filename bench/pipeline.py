@@ -115,8 +115,7 @@ def _worker(rank: int, world: int, schedule: str, microbatches: int, compile_: b
     cfg = ParallelConfig(pp=world, pp_schedule=schedule, pp_microbatches=microbatches, compile=compile_)
     dims = ParallelDims.from_config(cfg, world_size=world).with_meshes(device_type="cpu")
     model = build_model(ARGS, device=torch.device("cpu"), seed=0, dims=dims, parallel=cfg)
-    pipeline = Pipeline(model, dims, schedule=cfg.pp_schedule, microbatches=microbatches, device=torch.device("cpu"),
-                        loss=cross_entropy_sum, virtual_stages=cfg.pp_virtual_stages)  # fmt: skip
+    pipeline = Pipeline(model, dims, cfg=cfg, device=torch.device("cpu"), loss=cross_entropy_sum)
     busy = [0.0]
     for stage in pipeline.stages:  # per-stage timers: the compute of every forward, backward and weight step
         for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):

@@ -50,8 +50,7 @@ def build_sharded(args: ModelArgs, *, step_dir, parallel: ParallelConfig, world_
     dims = dims.with_meshes(device_type=device.type)
     model = build_model(args, device=device, seed=0, dims=dims, parallel=parallel, compute_dtype=dtype)
     load_tensors(step_dir, model=model, optimizer=None, args=args)
-    pipeline = (Pipeline(model, dims, schedule=parallel.pp_schedule, microbatches=parallel.pp_microbatches, device=device,
-                         loss=cross_entropy_sum, virtual_stages=parallel.pp_virtual_stages)
+    pipeline = (Pipeline(model, dims, cfg=parallel, device=device, loss=cross_entropy_sum)
                 if dims.pp_enabled else None)  # fmt: skip
     return model.eval(), dims, pipeline
 

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from conf.schema import PlanConfig, to_config
 from model.flops import param_counts
-from planner.estimate import budget
+from planner.budget import budget
 from planner.report import describe, plot_memory, ranking
 from planner.search import plan_one, search
 from trainer.parallel.dims import ParallelDims

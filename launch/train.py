@@ -76,7 +76,7 @@ def write_oom_prediction(cfg: Config, *, path: Path, world_size: int) -> Path:
     import torch
 
     from planner.config import ClusterConfig
-    from planner.estimate import budget
+    from planner.budget import budget
     from planner.report import describe
     from planner.search import plan_one
     from model.flops import param_counts

@@ -54,9 +54,9 @@ class PipelineSchedule:
         if self.name not in SCHEDULES:
             raise ValueError(f"parallel.pp_schedule={self.name!r} has no planner model: the planner prices "
                              f"{', '.join(SCHEDULES)} (planner/pipeline.py)")  # fmt: skip
-        if self.virtual < 1 or (self.name in SINGLE and self.virtual != 1) or (self.name == "zbv" and self.virtual != 2):
-            raise ValueError(f"parallel.pp_virtual_stages={self.virtual} does not fit parallel.pp_schedule={self.name}: "
-                             "1 for gpipe and 1f1b, 2 for zbv, >= 1 for interleaved_1f1b and zero_bubble")  # fmt: skip
+        if self.virtual < 1:
+            raise ValueError(f"parallel.pp_virtual_stages={self.virtual}: a rank holds at least one stage")
+        ParallelConfig(pp_schedule=self.name, pp_virtual_stages=self.virtual)  # the trainer's rule, and its error
 
     @classmethod
     def of(cls, parallel: ParallelConfig) -> PipelineSchedule:

@@ -7,7 +7,7 @@ from pathlib import Path
 from model.config import ModelArgs
 from model.flops import param_counts
 from planner.config import ClusterConfig
-from planner.estimate import Budget
+from planner.budget import Budget
 from planner.pipeline import microbatches
 from planner.search import Candidate
 

@@ -24,7 +24,7 @@ import yaml
 from model.config import ModelArgs
 from model.flops import flops_per_token, param_counts
 from planner.config import ClusterConfig
-from planner.estimate import budget
+from planner.budget import budget
 from planner.pipeline import PipelineSchedule
 from planner.search import Candidate, plan_one, search
 from trainer.parallel.config import ACConfig, ACMode, FSDPConfig, ParallelConfig

@@ -14,7 +14,8 @@ import torch
 from model.config import ModelArgs
 from model.flops import param_counts
 from planner.config import ClusterConfig
-from planner.estimate import Workload, budget, estimate
+from planner.budget import budget
+from planner.estimate import Workload, estimate
 from planner.rehearsal import rehearse
 from planner.search import candidates, plan_one, search
 from tests.planner.conftest import PRESETS

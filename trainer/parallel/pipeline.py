@@ -98,16 +98,15 @@ class StageChunk(nn.Module):
 class Pipeline:
     """This rank's stages and how a batch runs through the pipeline."""
 
-    def __init__(self, model: Transformer, dims: ParallelDims, *, schedule: PPSchedule, microbatches: int,
-                 device: torch.device, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 virtual_stages: int = 0):  # fmt: skip
-        """``loss``: (logits, labels) -> the sum of their cross-entropy, the trainer's (trainer/run/step.py).
-        ``virtual_stages``: ``parallel.pp_virtual_stages`` (0: the schedule's own)."""
+    def __init__(self, model: Transformer, dims: ParallelDims, *, cfg: ParallelConfig, device: torch.device,
+                 loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):  # fmt: skip
+        """``cfg``: its ``pp_*`` settings. ``loss``: (logits, labels) -> the sum of their cross-entropy, the
+        trainer's (trainer/run/step.py)."""
         self.loss, self.device = loss, device
-        self.schedule = PPSchedule(schedule)
+        self.schedule = cfg.pp_schedule
         self.group = dims.pp_mesh.get_group()
-        self.microbatches = microbatches or dims.pp
-        virtual = ParallelConfig(pp_schedule=self.schedule, pp_virtual_stages=virtual_stages).pp_stages_per_rank
+        self.microbatches = cfg.pp_microbatches or dims.pp
+        virtual = cfg.pp_stages_per_rank
         total = dims.pp * virtual
         ids = local_stages(rank=dims.pp_rank(), pp=dims.pp, virtual=virtual, schedule=self.schedule)
         self.first, self.last = 0 in ids, total - 1 in ids
@@ -124,10 +123,6 @@ class Pipeline:
                        for module, index in zip(modules, ids)]  # fmt: skip
         self._factor = torch.ones((), device=device)  # the step's loss scale, read by the schedule's loss_fn
         self._built: Optional[tuple[tuple, object]] = None
-
-    def _owner(self, stage: int) -> int:
-        """The pipeline rank holding ``stage``."""
-        return self._owners[stage]
 
     def _loss_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.loss(logits, target) * self._factor
@@ -156,17 +151,21 @@ class Pipeline:
         rows = tokens.shape[0]
         count = max(k for k in range(1, min(rows, self.microbatches) + 1) if rows % k == 0)
         outs, sends = [], []
+        mine = {stage.stage_index for stage in self.stages}
         for chunk in tokens.chunk(count):
-            for index, (stage, module) in enumerate(zip(self.stages, (s.submod for s in self.stages))):
-                x = chunk if stage.is_first else (outs.pop() if index and self.stages[index - 1].stage_index == stage.stage_index - 1
-                                                  else _recv(self.group, src=self._owner(stage.stage_index - 1), device=self.device))  # fmt: skip
-                out = module(x)
-                if stage.is_last:
-                    outs.append(out)
-                elif index + 1 < len(self.stages) and self.stages[index + 1].stage_index == stage.stage_index + 1:
-                    outs.append(out)  # the next stage is this rank's too
+            for stage in self.stages:
+                index = stage.stage_index
+                if stage.is_first:
+                    x = chunk
+                elif index - 1 in mine:  # the stage before is this rank's too (a V's turn)
+                    x = outs.pop()
                 else:
-                    sends += _send(out, self.group, dst=self._owner(stage.stage_index + 1))
+                    x = _recv(self.group, src=self._owners[index - 1], device=self.device)
+                out = stage.submod(x)
+                if stage.is_last or index + 1 in mine:
+                    outs.append(out)
+                else:
+                    sends += _send(out, self.group, dst=self._owners[index + 1])
         for work in sends:
             work.wait()
         if self.last:

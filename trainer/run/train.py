@@ -216,9 +216,8 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
                                 init_from=checkpoint.init_from)  # fmt: skip
         net = build_model(model, device=device, seed=trainer.seed, dims=ctx.dims, parallel=parallel,
                           compute_dtype=ctx.dtype)  # fmt: skip
-        pipeline = (Pipeline(net, ctx.dims, schedule=parallel.pp_schedule, microbatches=parallel.pp_microbatches,
-                             virtual_stages=parallel.pp_virtual_stages,
-                             device=device, loss=cross_entropy_sum) if ctx.dims.pp_enabled else None)  # fmt: skip
+        pipeline = (Pipeline(net, ctx.dims, cfg=parallel, device=device, loss=cross_entropy_sum)
+                    if ctx.dims.pp_enabled else None)  # fmt: skip
         optimizer = build_optimizer(net, optim)
         scheduler = build_lr_scheduler(optimizer, optim, max_steps=trainer.max_steps)
         train_loader = sources.train
