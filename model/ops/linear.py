@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from model.ops.amp import autocast_off, matmul_inputs, no_autocast_backward
-from model.ops.deferred import WeightGradStore, current_store
+from model.ops.deferred import Deferral, deferral
 
 
 def input_grad(dy: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -36,13 +36,13 @@ def weight_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
 
 
-def weight_grad_or_defer(dy: torch.Tensor, x: torch.Tensor, *, weight: torch.Tensor,
-                         store: Optional[WeightGradStore]) -> Optional[torch.Tensor]:  # fmt: skip
-    """For a Function's backward: dW = dy^T x now (no store), or queued on ``store`` for ``weight`` and
-    None returned to autograd (model/ops/deferred.py)."""
-    if store is None:
+def weight_grad_or_defer(dy: torch.Tensor, x: torch.Tensor, *, defer: Optional[Deferral],
+                         index: int) -> Optional[torch.Tensor]:  # fmt: skip
+    """For a Function's backward: dW = dy^T x now (``defer`` None), or queued for the ``index``-th weight the
+    forward gave ``deferral`` and None returned to autograd (model/ops/deferred.py)."""
+    if defer is None:
         return weight_grad(dy, x)
-    store.put(weight, lambda: weight_grad(dy, x))
+    defer.put(index, lambda: weight_grad(dy, x))
     return None
 
 
@@ -50,7 +50,7 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.store = current_store()  # zero-bubble pipelines: dW later (model/ops/deferred.py)
+        ctx.defer = deferral(weight)  # zero-bubble pipelines: dW later (model/ops/deferred.py)
         # F.linear, as nn.Linear calls it, so swapping this op in changes no bits of the forward.
         return F.linear(x, weight)
 
@@ -59,7 +59,7 @@ class _Linear(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x, weight = ctx.saved_tensors
         dx = input_grad(dy, weight) if ctx.needs_input_grad[0] else None
-        dw = weight_grad_or_defer(dy, x, weight=weight, store=ctx.store) if ctx.needs_input_grad[1] else None
+        dw = weight_grad_or_defer(dy, x, defer=ctx.defer, index=0) if ctx.needs_input_grad[1] else None
         return dx, dw
 
 

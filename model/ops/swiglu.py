@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from typing import Callable
 
 from model.ops.amp import autocast_off, matmul_inputs, no_autocast_backward
-from model.ops.deferred import current_store
+from model.ops.deferred import deferral
 from model.ops.keep import Keep
 from model.ops.linear import input_grad, weight_grad_or_defer
 
@@ -87,7 +87,7 @@ class _SwiGLU(torch.autograd.Function):
         s, h = gate(a, b)
         y = F.linear(h, w2)  # (..., d)
         ctx.keep = keep
-        ctx.store = current_store()  # zero-bubble pipelines: dW1, dW2, dW3 later (model/ops/deferred.py)
+        ctx.defer = deferral(w1, w3, w2)  # zero-bubble pipelines: dW1, dW3, dW2 later (model/ops/deferred.py)
         ctx.save_for_backward(x, w1, w3, w2, *kept_activations(keep, a=a, b=b, s=s, h=h))
         return y
 
@@ -98,14 +98,14 @@ class _SwiGLU(torch.autograd.Function):
         a, b, s, h = backward_activations(ctx.keep, kept, rerun_up=lambda: (F.linear(x, w1), F.linear(x, w3)))
         del kept
         need_x, need_w1, need_w3, need_w2 = ctx.needs_input_grad[:4]
-        dw2 = weight_grad_or_defer(dy, h, weight=w2, store=ctx.store) if need_w2 else None
+        dw2 = weight_grad_or_defer(dy, h, defer=ctx.defer, index=2) if need_w2 else None
         del h
         da, db = gate_backward(input_grad(dy, w2), a=a, b=b, s=s)  # dh = dy W2, (..., F)
         del a, b, s
         dx = input_grad(da, w1) + input_grad(db, w3) if need_x else None
-        dw1 = weight_grad_or_defer(da, x, weight=w1, store=ctx.store) if need_w1 else None
+        dw1 = weight_grad_or_defer(da, x, defer=ctx.defer, index=0) if need_w1 else None
         del da
-        dw3 = weight_grad_or_defer(db, x, weight=w3, store=ctx.store) if need_w3 else None
+        dw3 = weight_grad_or_defer(db, x, defer=ctx.defer, index=1) if need_w3 else None
         return dx, dw1, dw3, dw2, None
 
 

@@ -189,12 +189,6 @@ def _check_pipeline(cfg: ParallelConfig, *, dims: ParallelDims, n_layers: int) -
     if n_layers < dims.pp * virtual:
         raise ValueError(f"model.n_layers={n_layers} cannot fill parallel.pp={dims.pp} x {virtual} stages per rank: each "
                          "stage needs at least one block")  # fmt: skip
-    if cfg.pp_schedule.splits_backward and cfg.ac.mode.value in ("full", "every_k"):
-        # Measured: under ZB1P, the first stage's SwiGLU weight gradients of checkpointed blocks come out
-        # short (1F1B with the same blocks, and ZB1P without block checkpoints, are exact); not understood yet.
-        raise ValueError(f"parallel.pp_schedule={cfg.pp_schedule.value} with parallel.ac.mode={cfg.ac.mode.value} (block "
-                         "checkpoints) is not supported yet: use parallel.ac.mode=selective, selective_ffn or none "
-                         "(they recompute inside the ops instead), or pp_schedule=1f1b / interleaved_1f1b")  # fmt: skip
     if virtual > 1 and dims.fsdp_enabled:
         raise ValueError(f"{virtual} pipeline stages per rank (parallel.pp_schedule={cfg.pp_schedule.value}) "
                          "with FSDP/HSDP (data parallelism) is not supported yet: each stage would need its own FSDP "

@@ -43,7 +43,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from compat import all_gather_single, reduce_scatter_single
 from model.llama import Attention, FeedForward, RMSNorm, Transformer
 from model.ops.amp import autocast_off, matmul_inputs, no_autocast_backward
-from model.ops.deferred import current_store
+from model.ops.deferred import deferral
 from model.ops.keep import Keep
 from model.ops.linear import input_grad, weight_grad_or_defer
 from model.ops.swiglu import backward_activations, gate, gate_backward, kept_activations
@@ -149,7 +149,7 @@ class _ColumnParallelFromSequence(torch.autograd.Function):
         x_full = gather_sequence(x, group).wait()
         outs = tuple(F.linear(x_full, w) for w in weights)
         del x_full
-        ctx.group, ctx.overlap, ctx.store = group, overlap, current_store()  # store: model/ops/deferred.py
+        ctx.group, ctx.overlap, ctx.defer = group, overlap, deferral(*weights)  # model/ops/deferred.py
         ctx.save_for_backward(x, *weights)
         return outs
 
@@ -162,7 +162,8 @@ class _ColumnParallelFromSequence(torch.autograd.Function):
         x_full = gathering.wait()
         scattering = _launched(scatter_sequence(dx_full, ctx.group), overlap=ctx.overlap)
         del dx_full
-        dweights = [weight_grad_or_defer(dy, x_full, weight=w, store=ctx.store) for dy, w in zip(douts, weights)]  # overlaps the reduce-scatter
+        # overlaps the reduce-scatter
+        dweights = [weight_grad_or_defer(dy, x_full, defer=ctx.defer, index=i) for i, dy in enumerate(douts)]
         del x_full
         return (scattering.wait(), None, None, *dweights)
 
@@ -183,7 +184,7 @@ class _RowParallelToSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
         y = scatter_sequence(F.linear(h, weight), group).wait()
-        ctx.group, ctx.store = group, current_store()
+        ctx.group, ctx.defer = group, deferral(weight)
         ctx.save_for_backward(h, weight)
         return y
 
@@ -192,7 +193,7 @@ class _RowParallelToSequence(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         h, weight = ctx.saved_tensors
         dy_full = gather_sequence(dy, ctx.group).wait()
-        return input_grad(dy_full, weight), weight_grad_or_defer(dy_full, h, weight=weight, store=ctx.store), None
+        return input_grad(dy_full, weight), weight_grad_or_defer(dy_full, h, defer=ctx.defer, index=0), None
 
 
 class _SequenceParallelSwiGLU(torch.autograd.Function):
@@ -222,7 +223,7 @@ class _SequenceParallelSwiGLU(torch.autograd.Function):
         del x_full
         s, h = gate(a, b)
         y = scatter_sequence(F.linear(h, w2), group).wait()
-        ctx.group, ctx.keep, ctx.overlap, ctx.store = group, keep, overlap, current_store()
+        ctx.group, ctx.keep, ctx.overlap, ctx.defer = group, keep, overlap, deferral(w1, w3, w2)
         ctx.save_for_backward(x, w1, w3, w2, *kept_activations(keep, a=a, b=b, s=s, h=h))
         return y
 
@@ -242,7 +243,7 @@ class _SequenceParallelSwiGLU(torch.autograd.Function):
         a, b, s, h = backward_activations(ctx.keep, kept, rerun_up=rerun_up)
         del kept
         dy_full = dy_gathering.wait()
-        dw2 = weight_grad_or_defer(dy_full, h, weight=w2, store=ctx.store)
+        dw2 = weight_grad_or_defer(dy_full, h, defer=ctx.defer, index=2)
         del h
         da, db = gate_backward(input_grad(dy_full, w2), a=a, b=b, s=s)
         del dy_full, a, b, s
@@ -251,8 +252,8 @@ class _SequenceParallelSwiGLU(torch.autograd.Function):
             x_full = x_gathering.wait()
         scattering = _launched(scatter_sequence(dx_full, ctx.group), overlap=ctx.overlap)
         del dx_full
-        dw1 = weight_grad_or_defer(da, x_full, weight=w1, store=ctx.store)
-        dw3 = weight_grad_or_defer(db, x_full, weight=w3, store=ctx.store)
+        dw1 = weight_grad_or_defer(da, x_full, defer=ctx.defer, index=0)
+        dw3 = weight_grad_or_defer(db, x_full, defer=ctx.defer, index=1)
         return scattering.wait(), dw1, dw3, dw2, None, None, None
 
 
