@@ -47,7 +47,7 @@ import torch.multiprocessing as mp
 from bench.common import summarize, write_results
 from model.config import ModelArgs
 from model.ops.deferred import WeightGradStore, deferring
-from trainer.parallel.build import build_model
+from trainer.parallel.build import build_model, build_stages
 from trainer.parallel.config import ParallelConfig, PPSchedule
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.parallelize import apply_compile
@@ -114,8 +114,8 @@ def _worker(rank: int, world: int, schedule: str, microbatches: int, compile_: b
     dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = ParallelConfig(pp=world, pp_schedule=schedule, pp_microbatches=microbatches, compile=compile_)
     dims = ParallelDims.from_config(cfg, world_size=world).with_meshes(device_type="cpu")
-    model = build_model(ARGS, device=torch.device("cpu"), seed=0, dims=dims, parallel=cfg)
-    pipeline = Pipeline(model, dims, cfg=cfg, device=torch.device("cpu"), loss=cross_entropy_sum)
+    model, stages = build_stages(ARGS, device=torch.device("cpu"), seed=0, dims=dims, parallel=cfg)
+    pipeline = Pipeline(stages, dims, cfg=cfg, device=torch.device("cpu"), loss=cross_entropy_sum)
     busy = [0.0]
     for stage in pipeline.stages:  # per-stage timers: the compute of every forward, backward and weight step
         for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):

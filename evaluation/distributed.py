@@ -3,7 +3,7 @@ gathered on every rank (rank 0 writes them).
 
     torchrun --nproc-per-node 8 -m launch.evaluate checkpoint=<dir> parallel.tp=2 eval.tasks=[hellaswag]
 
-The model is built by the trainer's own path (``trainer.parallel.build.build_model`` under ``ParallelDims.for_run``:
+The model is built by the trainer's own path (``trainer.parallel.build.build_stages`` under ``ParallelDims.for_run``:
 TP/SP, FSDP) and the checkpoint loaded into it with DCP, which reshards it to the layout. Every rank of a
 tensor-parallel group takes the same requests (their collectives need the same inputs); the
 data-parallel ranks take interleaved shares, padded with copies of a request to the same count, so
@@ -31,7 +31,7 @@ from evaluation.sampling import GREEDY, Sampling
 from model.config import ModelArgs
 from model.kv_cache import KVCache
 from trainer.checkpoint.dcp import load_tensors
-from trainer.parallel.build import build_model
+from trainer.parallel.build import build_stages
 from trainer.parallel.config import ACConfig, ACMode, ParallelConfig
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.pipeline import Pipeline
@@ -48,9 +48,9 @@ def build_sharded(args: ModelArgs, *, step_dir, parallel: ParallelConfig, world_
     parallel = dataclasses.replace(parallel, ac=ACConfig(mode=ACMode.none))
     dims = ParallelDims.for_run(parallel, world_size=world_size, model=args, seq_len=args.max_seq_len)
     dims = dims.with_meshes(device_type=device.type)
-    model = build_model(args, device=device, seed=0, dims=dims, parallel=parallel, compute_dtype=dtype)
+    model, stages = build_stages(args, device=device, seed=0, dims=dims, parallel=parallel, compute_dtype=dtype)
     load_tensors(step_dir, model=model, optimizer=None, args=args)
-    pipeline = (Pipeline(model, dims, cfg=parallel, device=device, loss=cross_entropy_sum)
+    pipeline = (Pipeline(stages, dims, cfg=parallel, device=device, loss=cross_entropy_sum)
                 if dims.pp_enabled else None)  # fmt: skip
     return model.eval(), dims, pipeline
 

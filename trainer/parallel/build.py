@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch import nn
 
 from model.config import ModelArgs
 from model.llama import Transformer
@@ -34,6 +35,11 @@ def build_meta_model(
     """The model of ``args`` parallelised for ``dims`` (with its meshes, where it needs them) and ``parallel``
     (default ``ParallelConfig()``), still on the meta device: every parameter is its final (sharded) local
     tensor, with no memory behind it. ``build_model`` materialises it; the planner reads its shards."""
+    return _build_meta(args, dims=dims, parallel=parallel, compute_dtype=compute_dtype)[0]
+
+
+def _build_meta(args: ModelArgs, *, dims: ParallelDims, parallel: Optional[ParallelConfig],
+                compute_dtype: torch.dtype) -> tuple[Transformer, list[nn.Module]]:  # fmt: skip
     if dims.needs_meshes and dims.meshes is None:
         raise ValueError("build_model needs the layout's meshes: pass dims.with_meshes(device_type=...)")
     parallel = parallel if parallel is not None else ParallelConfig()
@@ -44,8 +50,8 @@ def build_meta_model(
         virtual = parallel.pp_stages_per_rank
         split_stage(model, stages=local_stages(rank=dims.pp_rank(), pp=dims.pp, virtual=virtual, schedule=parallel.pp_schedule),
                     total=dims.pp * virtual)  # fmt: skip
-    parallelize_llama(model, dims=dims, cfg=parallel, ac=ac, compute_dtype=compute_dtype)
-    return model
+    stages = parallelize_llama(model, dims=dims, cfg=parallel, ac=ac, compute_dtype=compute_dtype)
+    return model, stages
 
 
 def build_model(
@@ -63,9 +69,18 @@ def build_model(
     Args:
         compute_dtype: FSDP's parameter dtype (bf16 runs); without FSDP, autocast applies it instead.
     """
+    return build_stages(args, device=device, seed=seed, dims=dims, parallel=parallel, compute_dtype=compute_dtype)[0]
+
+
+def build_stages(args: ModelArgs, *, device: torch.device, seed: int, dims: Optional[ParallelDims] = None,
+                 parallel: Optional[ParallelConfig] = None,
+                 compute_dtype: torch.dtype = torch.float32) -> tuple[Transformer, list[nn.Module]]:  # fmt: skip
+    """``build_model``'s model and this rank's pipeline stage modules, for ``Pipeline``: ``[model]``, or
+    views over it where the rank holds several stages (under FSDP each its own root, so they must be these
+    objects and not views made afterwards)."""
     dims = dims if dims is not None else ParallelDims.single()
-    model = build_meta_model(args, dims=dims, parallel=parallel, compute_dtype=compute_dtype)
+    model, stages = _build_meta(args, dims=dims, parallel=parallel, compute_dtype=compute_dtype)
     model.to_empty(device=device)
     model.init_buffers(device=device)
     init_parameters(model, seed=seed)
-    return model
+    return model, stages

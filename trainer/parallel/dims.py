@@ -189,7 +189,3 @@ def _check_pipeline(cfg: ParallelConfig, *, dims: ParallelDims, n_layers: int) -
     if n_layers < dims.pp * virtual:
         raise ValueError(f"model.n_layers={n_layers} cannot fill parallel.pp={dims.pp} x {virtual} stages per rank: each "
                          "stage needs at least one block")  # fmt: skip
-    if virtual > 1 and dims.fsdp_enabled:
-        raise ValueError(f"{virtual} pipeline stages per rank (parallel.pp_schedule={cfg.pp_schedule.value}) "
-                         "with FSDP/HSDP (data parallelism) is not supported yet: each stage would need its own FSDP "
-                         "root; use one stage per rank (1f1b, gpipe, zero_bubble with pp_virtual_stages=1) with dp > 1")  # fmt: skip

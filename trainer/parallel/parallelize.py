@@ -5,7 +5,8 @@
    so they must see the TP-transformed modules; what each module keeps the policy already gave the model
    when it was built);
 3. ``torch.compile`` per block (compiles what 1-2 produced);
-4. FSDP2 ``fully_shard`` per block, then the root (shards the DTensor parameters of 1 over the ``dp`` axes).
+4. FSDP2 ``fully_shard`` per block, then the root (shards the DTensor parameters of 1 over the ``dp`` axes);
+   where a rank holds several pipeline stages, each stage's view is a root (``pipeline.stage_modules``).
 
 FSDP comes last because it shards whatever parameters the earlier steps left, and because each block
 must already be its final module when it becomes an FSDP unit. The model is still on the meta device
@@ -24,24 +25,27 @@ from model.llama import RMSNorm, Transformer
 from trainer.parallel.activation_checkpointing import ACPolicy
 from trainer.parallel.config import FSDPConfig, ParallelConfig, ReduceDtype
 from trainer.parallel.dims import ParallelDims
+from trainer.parallel.pipeline import stage_modules
 from trainer.parallel.tensor_parallel import apply_tensor_parallel
 
 
 def parallelize_llama(model: Transformer, *, dims: ParallelDims, cfg: ParallelConfig, ac: ACPolicy,
-                      compute_dtype: torch.dtype) -> Transformer:  # fmt: skip
+                      compute_dtype: torch.dtype) -> list[nn.Module]:  # fmt: skip
     """Apply the configured parallelism and ``ac``'s block wrappers (``dims`` with its meshes built); each
-    step receives only its own part of ``cfg``."""
+    step receives only its own part of ``cfg``. Returns this rank's pipeline stage modules
+    (``pipeline.stage_modules``: ``[model]``, or views over it where the rank holds several stages)."""
     if dims.tp_enabled:
         apply_tensor_parallel(model, tp_mesh=dims.tp_mesh, overlap=cfg.tp_overlap)
     ac.wrap(model)
     if cfg.compile:
         # Zero-bubble schedules defer weight gradients from Python in backward, which a compiled graph cannot.
         apply_compile(model, defers_weight_grads=dims.pp_enabled and cfg.pp_schedule.splits_backward)
+    stages = stage_modules(model, dims=dims, cfg=cfg)  # views hold the blocks as wrapped above
     if dims.fsdp_enabled:
         # Replicate x shard = HSDP when dp_replicate > 1; with dp_replicate == 1 the first axis has size 1
         # and this is plain FSDP.
-        apply_fsdp(model, dp_mesh=dims.fsdp_mesh, cfg=cfg.fsdp, param_dtype=compute_dtype)
-    return model
+        apply_fsdp(stages, dp_mesh=dims.fsdp_mesh, cfg=cfg.fsdp, param_dtype=compute_dtype)
+    return stages
 
 
 def apply_compile(model: Transformer, *, defers_weight_grads: bool = False) -> None:
@@ -66,8 +70,10 @@ def apply_compile(model: Transformer, *, defers_weight_grads: bool = False) -> N
             block.compile()
 
 
-def apply_fsdp(model: nn.Module, *, dp_mesh: DeviceMesh, cfg: FSDPConfig, param_dtype: torch.dtype) -> None:
-    """One FSDP unit per transformer block, then the root (embedding, final norm, output head).
+def apply_fsdp(roots: list[nn.Module], *, dp_mesh: DeviceMesh, cfg: FSDPConfig, param_dtype: torch.dtype) -> None:
+    """One FSDP unit per transformer block, then each root (embedding, final norm, output head, where it has
+    them): the model, or each of a rank's pipeline stages (a root's forward is where FSDP gathers its own
+    parameters and, in backward, reduces them; a stage run without the model's forward needs its own).
 
     With ``cfg.prefetch``, block i asks for block i+1's all-gather as it starts its forward and for block
     i-1's as it starts its backward, and those all-gathers are issued asynchronously: the gather of the
@@ -84,16 +90,17 @@ def apply_fsdp(model: nn.Module, *, dp_mesh: DeviceMesh, cfg: FSDPConfig, param_
     reduce_dtype = torch.float32 if cfg.reduce_dtype == ReduceDtype.fp32 else torch.bfloat16
     block_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     root_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    blocks = list(model.layers.values())
-    for index, block in enumerate(blocks):
-        # The last block's parameters are needed again at once by backward: freeing them after its
-        # forward would only make FSDP gather them straight back.
-        last = index == len(blocks) - 1
-        fully_shard(block, mesh=dp_mesh, mp_policy=block_policy,
-                    reshard_after_forward=cfg.reshard_after_forward and not last)  # fmt: skip
-    fully_shard(model, mesh=dp_mesh, mp_policy=root_policy, reshard_after_forward=False)
-    if cfg.prefetch:
-        _set_explicit_prefetch(blocks, async_op=dp_mesh.device_type == "cpu")
+    for root in roots:
+        blocks = list(root.layers.values())
+        for index, block in enumerate(blocks):
+            # The last block's parameters are needed again at once by backward: freeing them after its
+            # forward would only make FSDP gather them straight back.
+            last = index == len(blocks) - 1
+            fully_shard(block, mesh=dp_mesh, mp_policy=block_policy,
+                        reshard_after_forward=cfg.reshard_after_forward and not last)  # fmt: skip
+        fully_shard(root, mesh=dp_mesh, mp_policy=root_policy, reshard_after_forward=False)
+        if cfg.prefetch:  # within a root: another root's blocks run in an order of the schedule's
+            _set_explicit_prefetch(blocks, async_op=dp_mesh.device_type == "cpu")
 
 
 def _set_explicit_prefetch(blocks: list, *, async_op: bool) -> None:

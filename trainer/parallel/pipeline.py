@@ -9,7 +9,9 @@ r, r + pp, ... (looped: interleaved 1F1B, ZB1P), or r and 2 pp - 1 - r (V: zbv) 
 rank's model is the whole model with what none of its stages owns removed (``split_stage``:
 ``Transformer.forward`` maps tokens or hidden states to hidden states or logits), built on the meta device
 before it is parallelised, so parameter names, initialisation (by name) and checkpoints are those of the
-whole model. With several stages per rank each is a view (``StageChunk``) over the rank's model's modules.
+whole model. With several stages per rank each is a view (``StageChunk``) over the rank's model's modules,
+and under FSDP each view is an FSDP root of its own (its blocks and its share of embedding, norm and head):
+torch's schedules drive each stage's gradient synchronisation through its module.
 
 A step: the local batch is cut into ``m`` micro-batches; the schedule runs each through the stages
 (activations sent forward, their gradients back, point to point), calling ``loss_fn`` on the last stage
@@ -95,12 +97,26 @@ class StageChunk(nn.Module):
         return self.output(h) if self.output is not None else h
 
 
+def stage_modules(model: Transformer, *, dims: ParallelDims, cfg: ParallelConfig) -> list[nn.Module]:
+    """This rank's stage modules in ``local_stages`` order: ``[model]`` where it holds one stage (or there is no
+    pipeline), else one ``StageChunk`` view per stage. Built after the blocks are wrapped (a view holds the
+    modules it is given) and before FSDP, whose roots they are (trainer/parallel/parallelize.py)."""
+    virtual = cfg.pp_stages_per_rank
+    if not dims.pp_enabled or virtual == 1:
+        return [model]
+    total = dims.pp * virtual
+    per_stage = stage_layers(model.args.n_layers, total)
+    ids = local_stages(rank=dims.pp_rank(), pp=dims.pp, virtual=virtual, schedule=cfg.pp_schedule)
+    return [StageChunk(model, layers=per_stage[i], first=i == 0, last=i == total - 1) for i in ids]
+
+
 class Pipeline:
     """This rank's stages and how a batch runs through the pipeline."""
 
-    def __init__(self, model: Transformer, dims: ParallelDims, *, cfg: ParallelConfig, device: torch.device,
+    def __init__(self, modules: Sequence[nn.Module], dims: ParallelDims, *, cfg: ParallelConfig, device: torch.device,
                  loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):  # fmt: skip
-        """``cfg``: its ``pp_*`` settings. ``loss``: (logits, labels) -> the sum of their cross-entropy, the
+        """``modules``: this rank's stage modules, as ``build_stages`` returns them (trainer/parallel/build.py).
+        ``cfg``: its ``pp_*`` settings. ``loss``: (logits, labels) -> the sum of their cross-entropy, the
         trainer's (trainer/run/step.py)."""
         self.loss, self.device = loss, device
         self.schedule = cfg.pp_schedule
@@ -116,9 +132,9 @@ class Pipeline:
         # Zero-bubble: the Functions queue weight gradients here; each stage's dw_builder takes one
         # micro-batch's backward's worth for the schedule's weight step.
         self.store = WeightGradStore() if self.schedule.splits_backward else None
-        per_stage = stage_layers(model.args.n_layers, total)
-        modules = [model] if virtual == 1 else [StageChunk(model, layers=per_stage[i], first=i == 0, last=i == total - 1)
-                                                for i in ids]  # fmt: skip
+        if len(modules) != len(ids):
+            raise ValueError(f"{len(modules)} stage modules for the {len(ids)} stages this rank holds: build them with "
+                             "trainer.parallel.build.build_stages")  # fmt: skip
         self.stages = [_Stage(module, index, total, device, group=self.group, store=self.store)
                        for module, index in zip(modules, ids)]  # fmt: skip
         self._factor = torch.ones((), device=device)  # the step's loss scale, read by the schedule's loss_fn

@@ -33,7 +33,7 @@ from model.flops import flops_per_token, param_counts
 from trainer.checkpoint.checkpointer import Checkpointer, resolve_checkpoint
 from trainer.checkpoint.config import CheckpointConfig
 from trainer.checkpoint.meta import CheckpointMeta
-from trainer.parallel.build import build_model
+from trainer.parallel.build import build_stages
 from trainer.parallel.config import ParallelConfig
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.distributed import DistEnv, init_distributed, shutdown_distributed
@@ -214,9 +214,9 @@ def run_training(*, model: ModelArgs, data: DataConfig, optim: OptimConfig, trai
                              dims=dims.with_meshes(device_type=device.type))  # fmt: skip
         sources = training_data(data, model=model, trainer=trainer, dims=ctx.dims, env=env,
                                 init_from=checkpoint.init_from)  # fmt: skip
-        net = build_model(model, device=device, seed=trainer.seed, dims=ctx.dims, parallel=parallel,
-                          compute_dtype=ctx.dtype)  # fmt: skip
-        pipeline = (Pipeline(net, ctx.dims, cfg=parallel, device=device, loss=cross_entropy_sum)
+        net, stages = build_stages(model, device=device, seed=trainer.seed, dims=ctx.dims, parallel=parallel,
+                                   compute_dtype=ctx.dtype)  # fmt: skip
+        pipeline = (Pipeline(stages, ctx.dims, cfg=parallel, device=device, loss=cross_entropy_sum)
                     if ctx.dims.pp_enabled else None)  # fmt: skip
         optimizer = build_optimizer(net, optim)
         scheduler = build_lr_scheduler(optimizer, optim, max_steps=trainer.max_steps)
