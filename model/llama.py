@@ -242,18 +242,14 @@ class Transformer(nn.Module):
         start = 0 if cache is None else cache.pos
         if start + seq_len > self.args.max_seq_len:
             raise ValueError(f"sequence length {start + seq_len} exceeds model.max_seq_len={self.args.max_seq_len}")
-        if documents is not None and (cache is not None or documents.shape != tokens.shape[:2]):
+        # A later pipeline stage's input may be a sequence shard (sequence parallelism): only B is checked there.
+        length = tokens.shape[1] if self.tok_embeddings is not None else None
+        if documents is not None and (cache is not None or documents.dim() != 2 or documents.shape[0] != tokens.shape[0]
+                                      or length not in (None, documents.shape[1])):  # fmt: skip
             raise ValueError(f"documents must be (B, T) = {tuple(tokens.shape[:2])} ids, without a cache; got "
                              f"{tuple(documents.shape)}{' with a cache' if cache is not None else ''}")  # fmt: skip
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # (B, T, d)
-        if cache is not None:
-            rope = self.rope[start:start + seq_len]
-        elif documents is not None:
-            rope = self.rope[document_positions(documents)]  # (B, T, D/2, 2): each document from position 0
-        else:
-            # The whole table: each attention cuts it to the sequence it attends over, which under sequence
-            # parallelism, in a later pipeline stage, is longer than this module's (sharded) input.
-            rope = self.rope
+        rope = self.rope[start:start + seq_len] if cache is not None else self.block_rope(documents)
         for name, layer in self.layers.items():
             if cache is not None:
                 h = layer(h, rope, cache=cache.layer(int(name)))
@@ -263,6 +259,13 @@ class Transformer(nn.Module):
             cache.advance(seq_len)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h  # (B, T, V), or (B, T, d) before the last stage
+
+    def block_rope(self, documents: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The RoPE table the blocks take without a cache: the whole table (each attention cuts it to the
+        sequence it attends over, which under sequence parallelism, in a later pipeline stage, is longer than
+        the stage's sharded input), or with ``documents`` (B, T) each document's own positions from 0,
+        (B, T, D/2, 2)."""
+        return self.rope if documents is None else self.rope[document_positions(documents)]
 
     @torch.no_grad()
     def init_buffers(self, *, device: Optional[torch.device] = None) -> None:

@@ -88,11 +88,11 @@ class StageChunk(nn.Module):
         self.norm, self.output = (model.norm, model.output) if last else (None, None)
         self._model = [model]  # a list: not a submodule (its parameters are not this view's)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, documents: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
-        rope = self._model[0].rope  # the whole table: each attention cuts it (Transformer.forward)
+        rope = self._model[0].block_rope(documents)
         for layer in self.layers.values():
-            h = layer(h, rope)
+            h = layer(h, rope) if documents is None else layer(h, rope, documents=documents)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 
@@ -143,7 +143,7 @@ class Pipeline:
     def _loss_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.loss(logits, target) * self._factor
 
-    def _schedule(self, *, training: bool, shape: tuple[int, ...]):
+    def _schedule(self, *, training: bool, shape: tuple):
         """The schedule for this kind of step, built once: a new one infers every stage's shapes again, with a
         forward and backward of its own (rebuilt only when the batch's shape or the kind of step changes)."""
         key = (training, shape)
@@ -194,21 +194,21 @@ class Pipeline:
     def loss_sum(self, batch: dict[str, torch.Tensor], *, scale: Optional[torch.Tensor]) -> torch.Tensor:
         """Sum of cross-entropy over the batch's valid labels (fp32), on every stage. With ``scale`` the
         schedule backpropagates each micro-batch's sum times ``scale`` (training); without, forward only."""
-        if "documents" in batch:
-            raise ValueError("packed documents (data.document_mask, finetuning) do not run under parallel.pp yet: "
-                             "the document ids would have to travel with the activations; use pp=1")  # fmt: skip
         rows = batch["inputs"].shape[0]
         if rows % self.microbatches:
             raise ValueError(f"parallel.pp_microbatches={self.microbatches} does not divide the {rows} sequences of a "
                              "micro-batch (trainer.micro_batch_size): choose a divisor")  # fmt: skip
         queued_before = self.store.total if self.store is not None else 0
         self._factor = scale if scale is not None else torch.ones((), device=self.device)
-        schedule = self._schedule(training=scale is not None, shape=tuple(batch["inputs"].shape))
+        schedule = self._schedule(training=scale is not None, shape=(*batch["inputs"].shape, "documents" in batch))
         run = schedule.step if scale is not None else schedule.eval
         inputs = (batch["inputs"],) if self.first else ()
         # The schedule's own list of each micro-batch's loss (loss_fn may also run while it infers shapes).
         losses: list[torch.Tensor] = []
-        run(*inputs, **({"target": batch["labels"], "losses": losses} if self.last else {}))
+        # Packed documents: every stage's blocks need the ids; the schedule cuts them into micro-batches as
+        # it cuts the inputs, and hands each stage's forward its share.
+        documents = {"documents": batch["documents"]} if "documents" in batch else {}
+        run(*inputs, **documents, **({"target": batch["labels"], "losses": losses} if self.last else {}))
         if self.store is not None and scale is not None:
             _check_split(self.store, queued_before=queued_before)
         plain = [(l.full_tensor() if isinstance(l, DTensor) else l).detach() for l in losses]  # TP: loss_parallel's

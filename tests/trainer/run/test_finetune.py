@@ -53,6 +53,16 @@ def test_finetuning_resumed_under_another_layout_reproduces_the_uninterrupted_lo
     assert reference[-1] < reference[0]
 
 
+@pytest.mark.slow
+def test_pipelined_finetuning_gives_the_unpipelined_losses(reference_run, instructions):
+    """pp 2 finetunes the packed, document-masked records (the document ids travel to both stages with the
+    schedule's micro-batches): FSDP 2's losses, to fp32 rounding."""
+    want = losses(finetune("fsdp2", reference_run, instructions, steps=REFERENCE_STEPS, run_name="ft_fsdp2"))
+    got = losses(finetune("pp2", reference_run, instructions, steps=REFERENCE_STEPS, run_name="ft_pp2"))
+    for a, b in zip(got, want, strict=True):
+        assert abs(a - b) <= 1e-5 * b, (got, want)
+
+
 def held_out_exact_match(checkpoint: Path, held_out: Path) -> dict[str, float]:
     from evaluation.checkpoints import build_language_model
     from evaluation.config import EvaluateConfig, TaskConfig
