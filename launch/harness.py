@@ -66,6 +66,8 @@ LAYOUTS = {
         # Several stages per rank with data parallelism: each stage's view is an FSDP root of its own.
         Layout("pp2_interleaved_fsdp2", nproc=4, overrides=(L4, "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b",
                                                             "parallel.pp_microbatches=4"), dp=2, reference="single_l4"),  # fmt: skip
+        Layout("pp2_interleaved_tp2", nproc=4, overrides=(L4, "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b",
+                                                          "parallel.pp_microbatches=4", "parallel.tp=2"), reference="single_l4"),  # fmt: skip
         Layout("pp2_zbv_hsdp2", nproc=4, overrides=(L4, "parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_microbatches=4",
                                                     "parallel.dp_replicate=2"), dp=2, reference="single_l4"),  # fmt: skip
     )

@@ -30,7 +30,7 @@ WEIGHT_RTOL = 1e-4
 BF16_LOSS_RTOL, BF16_WEIGHT_RTOL = 3e-3, 3e-2
 DEFAULT_LAYOUTS = ("single", "fsdp2", "tp2", "fsdp2_tp2", "hsdp2x2", "pp2", "pp2_gpipe_m4", "pp2_fsdp2", "pp2_hsdp2", "pp2_tp2",
                    "pp2_zb", "pp2_zb_fsdp2", "pp2_zb_tp2", "pp2_interleaved", "pp2_zbv", "pp2_interleaved_fsdp2",
-                   "pp2_zbv_hsdp2")  # fmt: skip
+                   "pp2_interleaved_tp2", "pp2_zbv_hsdp2")  # fmt: skip
 
 
 def compare(run_dirs: dict[str, Path], *, references: dict[str, Path] | None = None, loss_rtol: float = LOSS_RTOL,

@@ -66,13 +66,14 @@ def _close(got: list[float], want: list[float]) -> None:
                                     pytest.param("pp2_zb_compiled", marks=pytest.mark.slow),
                                     pytest.param("pp2_zbv", marks=pytest.mark.slow),
                                     pytest.param("pp2_interleaved_fsdp2", marks=pytest.mark.slow),
+                                    pytest.param("pp2_interleaved_tp2", marks=pytest.mark.slow),
                                     pytest.param("pp2_zbv_hsdp2", marks=pytest.mark.slow)])
 def test_pipelined_training_equals_one_process(layout, reference_run):
     """pp = 2 with 1F1B over 2 micro-batches, GPipe over 4, and 1F1B with each stage sharded by FSDP over 2
     ranks (4 processes), replicated (HSDP), or split by TP 2 with sequence parallelism; the zero-bubble ZB1P
     (weight gradients deferred, model/ops/deferred.py) alone, compiled, with FSDP 2 and with TP 2; two stages per rank
-    (interleaved 1F1B, ZBV) on the four-block model, alone and with FSDP 2 / HSDP 2 (each stage's view its own
-    FSDP root): ten steps, the single-process losses and final weights
+    (interleaved 1F1B, ZBV) on the four-block model, alone, with FSDP 2 / HSDP 2 (each stage's view its own
+    FSDP root) and with TP 2: ten steps, the single-process losses and final weights
     (gathered from every stage) to fp32 rounding."""
     reference = reference_run(LAYOUTS[layout].reference)
     run = run_layout(LAYOUTS[layout], workdir=reference_run.workdir, steps=REFERENCE_STEPS, extra=PINNED_SCHEDULE)
@@ -128,11 +129,11 @@ def test_other_schedules_resume_across_layouts(reference_run):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["none", "full", "every_k", "selective_ffn"])
 def test_pipelines_compose_with_every_activation_checkpointing_policy(mode, reference_run):
-    """1F1B and the zero-bubble schedule under the AC policies besides the default selective one: the
-    one-process losses. Under block checkpoints (full, every_k) the deferred weight gradients go to the
-    parameters through edges noted at forward, not through the recomputed weights backward unpacks."""
-    want = losses(reference_run("single"))
-    for layout in ("pp2", "pp2_zb"):
+    """1F1B, the zero-bubble schedule and ZBV (two stages per rank: views over checkpointed blocks) under
+    the AC policies besides the default selective one: the one-process losses. Under block checkpoints
+    (full, every_k) the deferred weight gradients go to the parameters through edges noted at forward, not
+    through the recomputed weights backward unpacks."""
+    for layout in ("pp2", "pp2_zb", "pp2_zbv"):
         run = run_layout(LAYOUTS[layout], workdir=reference_run.workdir, steps=REFERENCE_STEPS, run_name=f"{layout}_ac_{mode}",
                          extra=(*PINNED_SCHEDULE, f"parallel.ac.mode={mode}"))  # fmt: skip
-        _close(losses(run), want)
+        _close(losses(run), losses(reference_run(LAYOUTS[layout].reference)))
