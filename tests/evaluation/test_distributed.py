@@ -25,7 +25,11 @@ LIMITS = {"stdlib_next_line": 5, "stdlib_import": 3, "stdlib_text": 3, "demo_mml
           "demo_winogender": 5, "demo_truthfulqa_mc2": 3, "demo_gsm8k_maj": 3, "demo_humaneval": 3,
           "demo_realtoxicityprompts": 3}  # fmt: skip
 LAYOUTS = {"fsdp2": ParallelConfig(), "tp2": ParallelConfig(tp=2)}
-ALL_LAYOUTS = {**LAYOUTS, "pp2": ParallelConfig(pp=2)}
+# Pipelines: (config, processes, the one-process run whose checkpoint they evaluate); two stages per rank
+# need the four-block model.
+PIPELINES = {"pp2": (ParallelConfig(pp=2), 2, "single"),
+             "pp2_interleaved_fsdp2": (ParallelConfig(pp=2, pp_schedule="interleaved_1f1b"), 4, "single_l4")}  # fmt: skip
+ALL_LAYOUTS = {**LAYOUTS, **{name: cfg for name, (cfg, _, _) in PIPELINES.items()}}
 
 
 def tasks(demo_dir: Path) -> tuple[dict[str, TaskConfig], EvalConfig]:
@@ -56,16 +60,19 @@ def _worker(rank: int, world_size: int, checkpoint: str, demo_dir: str, out: str
         Path(out).write_text(json.dumps(results))
 
 
-def test_pipelined_evaluation_gives_one_process_numbers(reference_run, tmp_path):
-    """pp = 2 (the forward-only schedule, the last stage's logits broadcast to the first): every task's numbers
-    as one process's; both stages take the same requests."""
-    checkpoint = reference_run("single") / "checkpoints" / "step_00000010"
+@pytest.mark.parametrize("layout", ["pp2", pytest.param("pp2_interleaved_fsdp2", marks=pytest.mark.slow)])
+def test_pipelined_evaluation_gives_one_process_numbers(layout, reference_run, tmp_path):
+    """pp = 2 (the forward-only schedule, the last stage's logits broadcast to the first), and two stages per
+    rank, each view an FSDP root over 2 ranks (4 processes): every task's numbers as one process's; the
+    stages of a pipeline take the same requests."""
+    _, world, reference = PIPELINES[layout]
+    checkpoint = reference_run(reference) / "checkpoints" / "step_00000010"
     write_demo_tasks(tmp_path / "demo", n=8)
     write_report_demo_tasks(tmp_path / "demo")
     single = evaluate(checkpoint, tmp_path / "demo", env=DistEnv(rank=0, local_rank=0, world_size=1),
                       parallel=ParallelConfig())  # fmt: skip
-    run_workers(_worker, world_size=2, args=(str(checkpoint), str(tmp_path / "demo"), str(tmp_path / "out.json"), ("pp2",)))
-    sharded = json.loads((tmp_path / "out.json").read_text())["pp2"]
+    run_workers(_worker, world_size=world, args=(str(checkpoint), str(tmp_path / "demo"), str(tmp_path / "out.json"), (layout,)))
+    sharded = json.loads((tmp_path / "out.json").read_text())[layout]
     assert [r["task"] for r in sharded] == [*LIMITS, "sampled"]
     _assert_same(single, sharded)
 
