@@ -70,20 +70,21 @@ def sharded_language_model(model: torch.nn.Module, dims: ParallelDims, *, args: 
             tokens = F.pad(tokens, (0, -length % dims.tp), value=tokenizer.bos_id)
         with torch.autocast(device.type, dtype=dtype, enabled=autocast):
             if pipeline is not None:
-                logits = pipeline.logits(tokens, vocab_size=args.vocab_size)
+                logits = pipeline.logits(tokens, vocab_size=args.vocab_size, cache=cache)
             else:
                 logits = model(tokens) if cache is None else model(tokens, cache=cache)
         logits = logits.full_tensor() if isinstance(logits, DTensor) else logits  # TP: (B, T, V/t) shards
         return logits[:, :length]
 
-    def make_cache(batch: int, positions: int) -> KVCache:
-        return KVCache(args, batch=batch, max_len=positions, dtype=dtype, device=device)
+    def make_cache(batch: int, positions: int) -> KVCache:  # a pipeline stage's: its own blocks' layers only
+        return KVCache(args, batch=batch, max_len=positions, dtype=dtype, device=device,
+                       layers=[int(name) for name in model.layers])  # fmt: skip
 
     def agree_over_ranks(value: int, op: str) -> int:  # LanguageModel's ``agree``: min or max over all ranks
         return agree({"value": value}, op=op, device=device)["value"]
 
     lm = LanguageModel(forward, tokenizer, max_len=args.max_seq_len, batch_size=batch_size, device=device,
-                       make_cache=None if dims.tp_enabled or dims.pp_enabled else make_cache,  # a stage's cache: later
+                       make_cache=None if dims.tp_enabled else make_cache,  # TP decodes without it (docs/evaluation.md)
                        agree=agree_over_ranks)  # fmt: skip
     return ShardedLanguageModel(lm, rank=dims.dp_rank(), size=dims.dp)
 

@@ -249,22 +249,21 @@ class Transformer(nn.Module):
             raise ValueError(f"documents must be (B, T) = {tuple(tokens.shape[:2])} ids, without a cache; got "
                              f"{tuple(documents.shape)}{' with a cache' if cache is not None else ''}")  # fmt: skip
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # (B, T, d)
-        rope = self.rope[start:start + seq_len] if cache is not None else self.block_rope(documents)
-        for name, layer in self.layers.items():
-            if cache is not None:
-                h = layer(h, rope, cache=cache.layer(int(name)))
-            else:
-                h = layer(h, rope) if documents is None else layer(h, rope, documents=documents)
+        h = run_blocks(self.layers, h, rope=self.block_rope(documents, cache=cache, length=seq_len), cache=cache,
+                       documents=documents)  # fmt: skip
         if cache is not None:
             cache.advance(seq_len)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h  # (B, T, V), or (B, T, d) before the last stage
 
-    def block_rope(self, documents: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The RoPE table the blocks take without a cache: the whole table (each attention cuts it to the
-        sequence it attends over, which under sequence parallelism, in a later pipeline stage, is longer than
-        the stage's sharded input), or with ``documents`` (B, T) each document's own positions from 0,
-        (B, T, D/2, 2)."""
+    def block_rope(self, documents: Optional[torch.Tensor] = None, *, cache: Optional[KVCache] = None,
+                   length: int = 0) -> torch.Tensor:  # fmt: skip
+        """The RoPE table the blocks take: with ``cache``, the ``length`` positions from the cache's on; with
+        ``documents`` (B, T) each document's own positions from 0, (B, T, D/2, 2); else the whole table (each
+        attention cuts it to the sequence it attends over, which under sequence parallelism, in a later
+        pipeline stage, is longer than the stage's sharded input)."""
+        if cache is not None:
+            return self.rope[cache.pos:cache.pos + length]
         return self.rope if documents is None else self.rope[document_positions(documents)]
 
     @torch.no_grad()
@@ -316,6 +315,18 @@ class Transformer(nn.Module):
 
 
 _INPUT_PROJECTIONS = tuple(f"{m}.weight" for m in ("wq", "wk", "wv", "w1", "w3"))
+
+
+def run_blocks(layers: nn.ModuleDict, h: torch.Tensor, *, rope: torch.Tensor, cache: Optional[KVCache] = None,
+               documents: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
+    """``h`` (B, T, d) through ``layers`` (blocks keyed by layer index, as ``Transformer.layers``), each with
+    its own layer of ``cache`` or the document ids; the cache is advanced by the caller."""
+    for name, layer in layers.items():
+        if cache is not None:
+            h = layer(h, rope, cache=cache.layer(int(name)))
+        else:
+            h = layer(h, rope) if documents is None else layer(h, rope, documents=documents)
+    return h
 
 
 def parameter_seed(*, seed: int, name: str) -> int:

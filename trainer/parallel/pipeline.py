@@ -34,7 +34,8 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleG
                                           ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble)  # fmt: skip
 from torch.distributed.tensor import DTensor
 
-from model.llama import Transformer
+from model.kv_cache import KVCache
+from model.llama import Transformer, run_blocks
 from model.ops.deferred import WeightGradStore, deferring
 from trainer.parallel.config import ParallelConfig, PPSchedule
 from trainer.parallel.dims import ParallelDims
@@ -81,18 +82,24 @@ class StageChunk(nn.Module):
     """One of a rank's several stages: the rank's model's own modules for it (shared, not copied), run as
     ``Transformer.forward`` runs its stage: tokens or hidden states in, hidden states or logits out."""
 
-    def __init__(self, model: Transformer, *, layers: range, first: bool, last: bool):
+    def __init__(self, model: Transformer, *, layers: range, first: bool, last: bool, advances_cache: bool):
+        """``advances_cache``: this is the rank's last stage of a forward, which moves a decoding cache on once
+        every one of the rank's blocks has written its positions."""
         super().__init__()
         self.tok_embeddings = model.tok_embeddings if first else None
         self.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layers})
         self.norm, self.output = (model.norm, model.output) if last else (None, None)
+        self.advances_cache = advances_cache
         self._model = [model]  # a list: not a submodule (its parameters are not this view's)
 
-    def forward(self, x: torch.Tensor, documents: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, documents: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None) -> torch.Tensor:  # fmt: skip
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
-        rope = self._model[0].block_rope(documents)
-        for layer in self.layers.values():
-            h = layer(h, rope) if documents is None else layer(h, rope, documents=documents)
+        length = h.shape[1]
+        rope = self._model[0].block_rope(documents, cache=cache, length=length)
+        h = run_blocks(self.layers, h, rope=rope, cache=cache, documents=documents)
+        if cache is not None and self.advances_cache:
+            cache.advance(length)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 
@@ -107,7 +114,8 @@ def stage_modules(model: Transformer, *, dims: ParallelDims, cfg: ParallelConfig
     total = dims.pp * virtual
     per_stage = stage_layers(model.args.n_layers, total)
     ids = local_stages(rank=dims.pp_rank(), pp=dims.pp, virtual=virtual, schedule=cfg.pp_schedule)
-    return [StageChunk(model, layers=per_stage[i], first=i == 0, last=i == total - 1) for i in ids]
+    return [StageChunk(model, layers=per_stage[i], first=i == 0, last=i == total - 1, advances_cache=i == ids[-1])
+            for i in ids]  # fmt: skip
 
 
 class Pipeline:
@@ -154,9 +162,11 @@ class Pipeline:
         return self._built[1]
 
     @torch.no_grad()
-    def logits(self, tokens: torch.Tensor, *, vocab_size: int) -> torch.Tensor:
+    def logits(self, tokens: torch.Tensor, *, vocab_size: int, cache: Optional[KVCache] = None) -> torch.Tensor:
         """Forward only (evaluation): tokens (B, T), the same on every rank of the pipeline, -> fp32 logits
-        (B, T, V) on every rank.
+        (B, T, V) on every rank. ``cache``: this rank's decoding cache (its own blocks' layers), which its
+        stages write and advance as ``Transformer.forward`` does; the batch then runs whole, as the cache's
+        rows are the batch's.
 
         Not a torch schedule: a schedule fixes its micro-batches' shapes when it is built (inferring them with
         a forward of its own), and evaluation's lengths change with every request and every decoded token.
@@ -165,7 +175,7 @@ class Pipeline:
         next micro-batch while the one after it works on this one: GPipe's forward), and the last stage
         broadcasts the logits."""
         rows = tokens.shape[0]
-        count = max(k for k in range(1, min(rows, self.microbatches) + 1) if rows % k == 0)
+        count = 1 if cache is not None else max(k for k in range(1, min(rows, self.microbatches) + 1) if rows % k == 0)
         outs, sends = [], []
         mine = {stage.stage_index for stage in self.stages}
         for chunk in tokens.chunk(count):
@@ -177,7 +187,7 @@ class Pipeline:
                     x = outs.pop()
                 else:
                     x = _recv(self.group, src=self._owners[index - 1], device=self.device)
-                out = stage.submod(x)
+                out = stage.submod(x) if cache is None else stage.submod(x, cache=cache)
                 if stage.is_last or index + 1 in mine:
                     outs.append(out)
                 else:
