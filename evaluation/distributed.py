@@ -12,7 +12,7 @@ when every rank is done (one all-reduce per token). Under TP the logits, split o
 gathered whole; a tensor-parallel model decodes without the key/value cache (its attention takes none).
 Under pipeline parallelism (``parallel.pp``) every stage of a pipeline takes the same requests, each forward
 runs through the pipeline's forward-only schedule and the last stage's logits are broadcast to the others
-(trainer/parallel/pipeline.py ``Pipeline.logits``); it decodes without the cache too.
+(trainer/parallel/pipeline.py ``Pipeline.logits``); each rank's decoding cache holds its own blocks' layers.
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ LAYOUTS = {
                                                       "parallel.pp_microbatches=4"), reference="single_l4"),  # fmt: skip
         Layout("pp2_zbv", nproc=2, overrides=(L4, "parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_microbatches=4"),
                reference="single_l4"),  # fmt: skip
-        # Several stages per rank with data parallelism: each stage's view is an FSDP root of its own.
+        # Several stages per rank with FSDP / HSDP (each stage's view an FSDP root of its own) and with TP.
         Layout("pp2_interleaved_fsdp2", nproc=4, overrides=(L4, "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b",
                                                             "parallel.pp_microbatches=4"), dp=2, reference="single_l4"),  # fmt: skip
         Layout("pp2_interleaved_tp2", nproc=4, overrides=(L4, "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b",

@@ -17,7 +17,7 @@ is decoded from its shortest prompt on, and a longer prompt's own tokens are fed
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -27,13 +27,15 @@ from model.config import ModelArgs
 class KVCache:
     def __init__(self, args: ModelArgs, *, batch: int, max_len: Optional[int] = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 layers: Optional[Iterable[int]] = None):  # fmt: skip
+                 layers: Optional[Sequence[int]] = None):  # fmt: skip
         """``layers``: the indices of the layers that will write it (default all; a pipeline stage's own)."""
         self.max_len = args.max_seq_len if max_len is None else max_len
         if self.max_len > args.max_seq_len:
             raise ValueError(f"a cache of {self.max_len} positions exceeds model.max_seq_len={args.max_seq_len}")
         shape = (batch, self.max_len, args.n_kv_heads, args.head_dim)
-        indices = range(args.n_layers) if layers is None else layers
+        indices = list(range(args.n_layers) if layers is None else layers)
+        if not set(indices) <= set(range(args.n_layers)):
+            raise ValueError(f"layers {indices} are not all layers of a {args.n_layers}-layer model")
         self.keys = {i: torch.zeros(shape, dtype=dtype, device=device) for i in indices}
         self.values = {i: torch.zeros(shape, dtype=dtype, device=device) for i in indices}
         self.pos = 0

@@ -257,8 +257,8 @@ class Transformer(nn.Module):
         return self.output(h) if self.output is not None else h  # (B, T, V), or (B, T, d) before the last stage
 
     def block_rope(self, documents: Optional[torch.Tensor] = None, *, cache: Optional[KVCache] = None,
-                   length: int = 0) -> torch.Tensor:  # fmt: skip
-        """The RoPE table the blocks take: with ``cache``, the ``length`` positions from the cache's on; with
+                   length: int) -> torch.Tensor:  # fmt: skip
+        """The RoPE table the blocks take over ``length`` new positions: with ``cache``, those from the cache's on; with
         ``documents`` (B, T) each document's own positions from 0, (B, T, D/2, 2); else the whole table (each
         attention cuts it to the sequence it attends over, which under sequence parallelism, in a later
         pipeline stage, is longer than the stage's sharded input)."""

@@ -171,8 +171,8 @@ def _sum(units: Sequence[UnitShards]) -> UnitShards:
 
 def placed(rehearsals: Sequence[Rehearsal], *, args: ModelArgs, schedule: PipelineSchedule) -> tuple[Rehearsal, ...]:
     """``rehearsals`` (``rehearse_stages``: the first and the last pipeline rank) as ranks running
-    ``schedule``: as rehearsed where the trainer built the schedule's stages; otherwise (a schedule the
-    trainer does not build for this layout yet, e.g. several stages per rank with FSDP) assembled from the
+    ``schedule``: as rehearsed where the trainer built the schedule's stages; otherwise (a schedule priced on
+    a rehearsal of another placement, e.g. one the trainer's config does not offer) assembled from the
     rehearsed shards: every block has the same shapes, so the same shards, and the embedding's and the
     head's shards are those rehearsed on the first and the last rank, moved to the rank that runs stage 0
     and the last stage (an assembled rank's ``param_count`` stays the rehearsed one's)."""

@@ -88,7 +88,7 @@ def deferring(store: Optional[WeightGradStore]) -> Iterator[None]:
         _STORE.reset(token)
 
 
-def current_store() -> Optional[WeightGradStore]:
+def _current_store() -> Optional[WeightGradStore]:
     """The store forwards defer to: None outside ``deferring`` and under compile."""
     if torch.compiler.is_compiling():
         return None
@@ -113,5 +113,5 @@ class Deferral:
 def deferral(*weights: torch.Tensor) -> Optional[Deferral]:
     """For a Function's forward, given the weights as it received them: where its backward defers their
     gradients, or None (compute them at once: outside ``deferring`` or under compile)."""
-    store = current_store()
+    store = _current_store()
     return None if store is None else Deferral(store, weights)

@@ -69,7 +69,11 @@ def build_model(
     Args:
         compute_dtype: FSDP's parameter dtype (bf16 runs); without FSDP, autocast applies it instead.
     """
-    return build_stages(args, device=device, seed=seed, dims=dims, parallel=parallel, compute_dtype=compute_dtype)[0]
+    model, stages = build_stages(args, device=device, seed=seed, dims=dims, parallel=parallel, compute_dtype=compute_dtype)
+    if stages != [model]:  # several stages per rank: the views (FSDP's roots there) are what runs the model
+        raise ValueError("this layout holds several pipeline stages per rank: build it with build_stages and run "
+                         "it through trainer.parallel.pipeline.Pipeline")  # fmt: skip
+    return model
 
 
 def build_stages(args: ModelArgs, *, device: torch.device, seed: int, dims: Optional[ParallelDims] = None,

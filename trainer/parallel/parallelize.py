@@ -86,7 +86,8 @@ def apply_fsdp(roots: list[nn.Module], *, dp_mesh: DeviceMesh, cfg: FSDPConfig, 
     # The blocks take (h, rope). FSDP's default casts every floating-point forward input to param_dtype,
     # which would round the fp32 RoPE table to bf16 before apply_rope (16 bits of cos/sin lost at every
     # position). h needs no cast: it comes out of the embedding, whose parameters FSDP already casts. So
-    # the blocks cast nothing; the root's only input is integer tokens.
+    # the blocks cast nothing. A root's input is integer tokens, or, for a later pipeline stage, hidden
+    # states already in param_dtype (the cast changes nothing).
     reduce_dtype = torch.float32 if cfg.reduce_dtype == ReduceDtype.fp32 else torch.bfloat16
     block_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     root_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)

@@ -92,7 +92,7 @@ class StageChunk(nn.Module):
         self.advances_cache = advances_cache
         self._model = [model]  # a list: not a submodule (its parameters are not this view's)
 
-    def forward(self, x: torch.Tensor, documents: Optional[torch.Tensor] = None,
+    def forward(self, x: torch.Tensor, *, documents: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None) -> torch.Tensor:  # fmt: skip
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
         length = h.shape[1]
@@ -151,10 +151,10 @@ class Pipeline:
     def _loss_fn(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.loss(logits, target) * self._factor
 
-    def _schedule(self, *, training: bool, shape: tuple):
+    def _schedule(self, *, training: bool, shape: tuple[int, int], documents: bool):
         """The schedule for this kind of step, built once: a new one infers every stage's shapes again, with a
         forward and backward of its own (rebuilt only when the batch's shape or the kind of step changes)."""
-        key = (training, shape)
+        key = (training, shape, documents)
         if self._built is None or self._built[0] != key:
             cls = SCHEDULES[self.schedule]
             stages = self.stages[0] if self.schedule in SINGLE_STAGE else self.stages
@@ -210,7 +210,8 @@ class Pipeline:
                              "micro-batch (trainer.micro_batch_size): choose a divisor")  # fmt: skip
         queued_before = self.store.total if self.store is not None else 0
         self._factor = scale if scale is not None else torch.ones((), device=self.device)
-        schedule = self._schedule(training=scale is not None, shape=(*batch["inputs"].shape, "documents" in batch))
+        schedule = self._schedule(training=scale is not None, shape=tuple(batch["inputs"].shape),
+                                  documents="documents" in batch)  # fmt: skip
         run = schedule.step if scale is not None else schedule.eval
         inputs = (batch["inputs"],) if self.first else ()
         # The schedule's own list of each micro-batch's loss (loss_fn may also run while it infers shapes).

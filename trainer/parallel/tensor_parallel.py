@@ -163,7 +163,8 @@ class _ColumnParallelFromSequence(torch.autograd.Function):
         scattering = _launched(scatter_sequence(dx_full, ctx.group), overlap=ctx.overlap)
         del dx_full
         # overlaps the reduce-scatter
-        dweights = [weight_grad_or_defer(dy, x_full, defer=ctx.defer, index=i) for i, dy in enumerate(douts)]
+        dweights = [weight_grad_or_defer(dy, x_full, defer=ctx.defer, index=i) if ctx.needs_input_grad[3 + i] else None
+                    for i, dy in enumerate(douts)]  # fmt: skip
         del x_full
         return (scattering.wait(), None, None, *dweights)
 
@@ -193,7 +194,8 @@ class _RowParallelToSequence(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         h, weight = ctx.saved_tensors
         dy_full = gather_sequence(dy, ctx.group).wait()
-        return input_grad(dy_full, weight), weight_grad_or_defer(dy_full, h, defer=ctx.defer, index=0), None
+        dw = weight_grad_or_defer(dy_full, h, defer=ctx.defer, index=0) if ctx.needs_input_grad[1] else None
+        return input_grad(dy_full, weight), dw, None
 
 
 class _SequenceParallelSwiGLU(torch.autograd.Function):
@@ -243,7 +245,8 @@ class _SequenceParallelSwiGLU(torch.autograd.Function):
         a, b, s, h = backward_activations(ctx.keep, kept, rerun_up=rerun_up)
         del kept
         dy_full = dy_gathering.wait()
-        dw2 = weight_grad_or_defer(dy_full, h, defer=ctx.defer, index=2)
+        need_w1, need_w3, need_w2 = ctx.needs_input_grad[1:4]
+        dw2 = weight_grad_or_defer(dy_full, h, defer=ctx.defer, index=2) if need_w2 else None
         del h
         da, db = gate_backward(input_grad(dy_full, w2), a=a, b=b, s=s)
         del dy_full, a, b, s
@@ -252,8 +255,8 @@ class _SequenceParallelSwiGLU(torch.autograd.Function):
             x_full = x_gathering.wait()
         scattering = _launched(scatter_sequence(dx_full, ctx.group), overlap=ctx.overlap)
         del dx_full
-        dw1 = weight_grad_or_defer(da, x_full, defer=ctx.defer, index=0)
-        dw3 = weight_grad_or_defer(db, x_full, defer=ctx.defer, index=1)
+        dw1 = weight_grad_or_defer(da, x_full, defer=ctx.defer, index=0) if need_w1 else None
+        dw3 = weight_grad_or_defer(db, x_full, defer=ctx.defer, index=1) if need_w3 else None
         return scattering.wait(), dw1, dw3, dw2, None, None, None
 
 

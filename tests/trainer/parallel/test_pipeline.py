@@ -37,10 +37,10 @@ def _decoding_worker(rank: int, world_size: int, schedule: str) -> None:
     assert full.abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "zbv"])
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b", "zbv"])
 def test_decoding_with_each_stage_caching_its_own_layers_gives_the_full_logits(schedule):
     """Evaluation's generation under pp: each rank's key/value cache holds only its blocks' layers and moves
-    on once per forward (for ZBV after the rank's second stage of the V); prefill and one token at a time
+    on once per forward (after the rank's later stage: looped, or the V's second); prefill and one token at a time
     give the full forward's logits on every rank."""
     run_workers(_decoding_worker, world_size=2, args=(schedule,))
 
