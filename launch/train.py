@@ -80,6 +80,7 @@ def write_oom_prediction(cfg: Config, *, path: Path, world_size: int) -> Path:
     from planner.report import describe
     from planner.search import plan_one
     from model.flops import param_counts
+    from trainer.parallel.dims import ParallelDims
     from trainer.run.device import gpu_peak, resolve_dtype
 
     try:
@@ -93,8 +94,8 @@ def write_oom_prediction(cfg: Config, *, path: Path, world_size: int) -> Path:
             cluster = ClusterConfig(gpus=world_size, gpus_per_node=world_size)
             note = f"no CUDA device here: priced on the planner's default cluster, {cluster.gpu}"
         dtype = resolve_dtype(cfg.trainer.precision, device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        global_tokens = (cfg.trainer.micro_batch_size * cfg.trainer.grad_accum_steps * cfg.data.seq_len
-                         * (world_size // (cfg.parallel.tp * cfg.parallel.pp)))  # the data-parallel ranks  # fmt: skip
+        dp = ParallelDims.from_config(cfg.parallel, world_size=world_size).dp  # pp and tp ranks share data
+        global_tokens = cfg.trainer.micro_batch_size * cfg.trainer.grad_accum_steps * cfg.data.seq_len * dp
         chosen = plan_one(cfg.model, parallel=cfg.parallel, cluster=cluster, seq_len=cfg.data.seq_len,
                           global_batch_tokens=global_tokens, micro_batch=cfg.trainer.micro_batch_size,
                           compute_dtype=dtype)  # fmt: skip

@@ -33,7 +33,7 @@ from typing import Sequence
 from model.config import ModelArgs
 from planner.rehearsal import Rehearsal, UnitShards
 from trainer.parallel.config import ParallelConfig
-from trainer.parallel.pipeline import local_stages, stage_layers
+from trainer.parallel.pipeline import local_stages, stage_layers, stage_owners
 
 SINGLE = ("gpipe", "1f1b")
 """Schedules of one stage per rank."""
@@ -131,7 +131,7 @@ def p2p_sends(schedule: PipelineSchedule, *, stages: int, stage: int) -> int:
     per stage boundary that leaves the rank (a V's turn, stage p - 1 to p, stays on one rank)."""
     if stages == 1:
         return 0
-    owner = {k: r for r in range(stages) for k in rank_stages(schedule, stages=stages, stage=r)}
+    owner = stage_owners(pp=stages, virtual=schedule.virtual, schedule=schedule.name)
     total = stages * schedule.virtual
     mine = rank_stages(schedule, stages=stages, stage=stage)
     forward = sum(1 for k in mine if k + 1 < total and owner[k + 1] != stage)

@@ -53,6 +53,12 @@ def local_stages(*, rank: int, pp: int, virtual: int, schedule: PPSchedule) -> l
     return [rank + k * pp for k in range(virtual)]
 
 
+def stage_owners(*, pp: int, virtual: int, schedule: PPSchedule) -> dict[int, int]:
+    """Every stage's pipeline rank (``local_stages`` inverted)."""
+    return {stage: rank for rank in range(pp)
+            for stage in local_stages(rank=rank, pp=pp, virtual=virtual, schedule=schedule)}  # fmt: skip
+
+
 def stage_layers(n_layers: int, stages: int) -> list[range]:
     """The block indices of each stage: consecutive, as equal as they divide (the first stages one more)."""
     per, extra = divmod(n_layers, stages)
@@ -134,8 +140,7 @@ class Pipeline:
         total = dims.pp * virtual
         ids = local_stages(rank=dims.pp_rank(), pp=dims.pp, virtual=virtual, schedule=self.schedule)
         self.first, self.last = 0 in ids, total - 1 in ids
-        self._owners = {stage: r for r in range(dims.pp)
-                        for stage in local_stages(rank=r, pp=dims.pp, virtual=virtual, schedule=self.schedule)}  # fmt: skip
+        self._owners = stage_owners(pp=dims.pp, virtual=virtual, schedule=self.schedule)
         self.last_rank = self._owners[total - 1]  # the pipeline rank holding the logits: pp - 1, or 0 in a V
         # Zero-bubble: the Functions queue weight gradients here; each stage's dw_builder takes one
         # micro-batch's backward's worth for the schedule's weight step.
